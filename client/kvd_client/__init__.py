@@ -1,0 +1,20 @@
+"""kvd_client: the thin in-worker client for kvd (grpcio + protobuf; torch only for GPU caches)."""
+
+from kvd_client.client import KvdClient
+from kvd_client.errors import KvdError, Unavailable
+from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
+from kvd_client.types import Completion, LookupResult, OpKind, Tier
+
+__all__ = [
+    "Completion",
+    "DType",
+    "KvLayout",
+    "KvdClient",
+    "KvdError",
+    "LayerLayout",
+    "LookupResult",
+    "Namespace",
+    "OpKind",
+    "Tier",
+    "Unavailable",
+]

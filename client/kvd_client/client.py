@@ -1,0 +1,427 @@
+"""The thin in-worker client.
+
+Threading: the caller's (model) thread only assigns an operation id, notes it, and enqueues; one background thread
+runs an asyncio loop with the gRPC channel and does everything else: connect, verify credentials, register,
+heartbeat, send requests, read the Watch stream, and re-register after a daemon restart. That thread never touches
+CUDA. Nothing here ever blocks the caller on the daemon: lookups return futures, saves and loads return ids, and
+finished operations are collected with `poll_finished()`.
+
+Failure model: when the daemon is unreachable, dies, or restarts (its boot id changes), every operation in flight
+completes as failed (every block listed), so the caller recomputes; the client keeps retrying and registers again
+by itself as soon as the daemon is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.credentials import allow_ptrace, fetch_token
+from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
+from kvd_client.layout import KvLayout
+from kvd_client.types import Completion, LookupResult, OpKind, Tier
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    op_id: int
+    kind: OpKind
+    blocks: tuple[tuple[int, bytes], ...]
+    ready_event: bytes
+
+
+class KvdClient:
+    def __init__(
+        self,
+        socket_path: str | Path,
+        *,
+        model_id: str,
+        layout_fingerprint: str | None = None,
+        tp_rank: int = 0,
+        tp_world_size: int = 1,
+        worker_name: str = "",
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.model_id = model_id
+        self.layout_fingerprint = layout_fingerprint
+        self.tp_rank = tp_rank
+        self.tp_world_size = tp_world_size
+        self.worker_name = worker_name or f"pid{os.getpid()}"
+        self.timeout_s = timeout_s
+        self.layout: KvLayout | None = None
+        self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
+        self._cuda = False
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Op] = {}
+        self._finished: collections.deque[Completion] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._closed = False
+        self._stub: kvd_pb2_grpc.KvdStub | None = None
+        self._session_id = ""
+        self.boot_id = ""
+        self.block_bytes = 0
+        self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
+
+    # -- set-up ----------------------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Mapping[str, Any], *, block_dim: int, block_size_tokens: int = 0) -> None:
+        """Describe the worker's KV tensors (call before start()). CPU tensors use the CPU transport (the daemon
+        reads this process's memory); CUDA tensors are exported by CUDA IPC."""
+        tensors = dict(kv_caches)
+        layout = KvLayout.from_tensors(tensors, block_dim=block_dim, block_size_tokens=block_size_tokens)
+        devices = {str(t.device) for t in tensors.values()}
+        if len(devices) != 1:
+            raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
+        if devices.pop().startswith("cuda"):
+            from kvd_client.cuda import describe_cuda_memory  # torch + CUDA only when the cache is on a GPU
+
+            self._memory = describe_cuda_memory(list(tensors.values()))
+            self._cuda = True
+        else:
+            self._memory = kvd_pb2.CpuMemory(
+                layers=[
+                    kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size())
+                    for t in tensors.values()
+                ]
+            )
+        self.layout = layout
+        self._tensors = tensors  # keep them alive as long as the daemon may copy into them
+        if self.layout_fingerprint is None:
+            self.layout_fingerprint = layout.fingerprint()
+
+    def start(self) -> None:
+        """Start the background thread; returns at once. Registration happens there, with retries."""
+        if self.layout_fingerprint is None:
+            raise InvalidArgument("a lookup-only client needs layout_fingerprint (or call register_kv_caches first)")
+        if self._thread is not None:
+            return
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until registered (for tests and tools; the serving path never calls this)."""
+        return self._ready.wait(timeout_s)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    # -- operations (called from the model / scheduler thread; none of them blocks) -------------------------------
+
+    def lookup(self, block_hashes: Sequence[bytes]) -> concurrent.futures.Future[LookupResult]:
+        """The longest stored prefix of `block_hashes`; the future fails with Unavailable when the daemon is not
+        reachable now."""
+        loop = self._loop
+        if not self.ready or loop is None:
+            failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
+            failed.set_exception(Unavailable("kvd is not connected"))
+            return failed
+        return asyncio.run_coroutine_threadsafe(self._lookup(list(block_hashes)), loop)
+
+    def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
+        """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
+        current stream, unless one is given: the daemon copies only after the work queued before it."""
+        if self._cuda and not ready_event and blocks:
+            from kvd_client.cuda import record_ready_event
+
+            ready_event = record_ready_event()
+        return self._enqueue(OpKind.SAVE, blocks, ready_event)
+
+    def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
+        """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
+        the caller's current stream (nothing queued may still be reading those blocks)."""
+        ready_event = b""
+        if self._cuda and blocks:
+            from kvd_client.cuda import record_ready_event
+
+            ready_event = record_ready_event()
+        return self._enqueue(OpKind.LOAD, blocks, ready_event)
+
+    def wait_loaded(self, completion: Completion) -> None:
+        """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
+        caches: the bytes are already in place; nothing to do."""
+        if completion.done_event:
+            from kvd_client.cuda import wait_done_event
+
+            wait_done_event(completion.done_event)
+
+    def poll_finished(self) -> list[Completion]:
+        out = []
+        while True:
+            try:
+                out.append(self._finished.popleft())
+            except IndexError:
+                return out
+
+    def close(self) -> None:
+        """Unregister (best effort) and stop the background thread; pending operations complete as failed."""
+        if self._closed:
+            return
+        self._closed = True
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(lambda: None)  # wake the loop so it sees _closed
+            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+            try:
+                fut.result(timeout=self.timeout_s)
+            except Exception as exc:  # closing must never raise into the caller
+                log.debug("kvd client shutdown: %s", exc)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=self.timeout_s)
+        self._fail_all("client closed")
+
+    def __enter__(self) -> KvdClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals: caller side ----------------------------------------------------------------------------------
+
+    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes) -> int:
+        op = _Op(next(self._ids), kind, tuple(blocks), ready_event)
+        loop = self._loop
+        if not self.ready or loop is None or self._closed:
+            self._complete_failed(op, "kvd is not connected")
+            return op.op_id
+        with self._lock:
+            self._pending[op.op_id] = op
+        loop.call_soon_threadsafe(self._submit, op)
+        return op.op_id
+
+    def _complete_failed(self, op: _Op, error: str) -> None:
+        self._finished.append(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
+
+    def _fail_all(self, error: str) -> None:
+        with self._lock:
+            ops = list(self._pending.values())
+            self._pending.clear()
+        for op in ops:
+            self._complete_failed(op, error)
+
+    # -- internals: background thread ----------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        asyncio.set_event_loop(loop)
+        self._main_task = loop.create_task(self._main())
+        try:
+            loop.run_forever()
+        finally:
+            self._main_task.cancel()
+            loop.run_until_complete(asyncio.gather(self._main_task, return_exceptions=True))
+            loop.close()
+
+    async def _main(self) -> None:
+        delay = RETRY_MIN_S
+        while not self._closed:
+            channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
+            try:
+                await self._register(channel)
+                delay = RETRY_MIN_S
+                await self._serve_session()
+                reason = "kvd session ended (daemon restarted or stopped)"
+            except (TimeoutError, grpc.aio.AioRpcError, KvdError, OSError) as exc:
+                reason = f"kvd unavailable: {_describe(exc)}"
+            finally:
+                self._ready.clear()
+                self._session_id = ""
+                self._stub = None
+                await channel.close(grace=None)
+            self._fail_all(reason)
+            if self._closed:
+                break
+            log.debug("%s; retrying in %.1fs", reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
+
+    async def _register(self, channel: grpc.aio.Channel) -> None:
+        await asyncio.wait_for(channel.channel_ready(), timeout=self.timeout_s)
+        stub = kvd_pb2_grpc.KvdStub(channel)
+        token, daemon_pid = await asyncio.get_running_loop().run_in_executor(
+            None, fetch_token, self.socket_path, self.timeout_s
+        )
+        if self._memory is not None and not self._cuda:
+            allow_ptrace(daemon_pid)
+        request = kvd_pb2.RegisterSessionRequest(
+            namespace=kvd_pb2.Namespace(
+                model_id=self.model_id,
+                layout_fingerprint=self.layout_fingerprint or "",
+                tp_rank=self.tp_rank,
+                tp_world_size=self.tp_world_size,
+            ),
+            pid=os.getpid(),
+            credential_token=token,
+            worker_name=self.worker_name,
+        )
+        if self.layout is not None:
+            request.layout.CopyFrom(_layout_message(self.layout))
+        if isinstance(self._memory, kvd_pb2.CpuMemory):
+            request.cpu.CopyFrom(self._memory)
+        elif self._memory is not None:
+            request.cuda.CopyFrom(self._memory)
+        try:
+            response = await stub.RegisterSession(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            log.warning("kvd registration refused: %s: %s", type(error).__name__, error.message)
+            raise error from None
+        self._stub = stub
+        self._session_id = response.session_id
+        self.boot_id = response.boot_id
+        self.block_bytes = response.block_bytes
+        self._lease_s = response.lease_ms / 1000
+        self.registrations += 1
+        log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
+
+    async def _serve_session(self) -> None:
+        stub = self._stub
+        if stub is None:
+            return
+        call = stub.Watch(kvd_pb2.WatchRequest(session_id=self._session_id))
+        await asyncio.wait_for(call.initial_metadata(), timeout=self.timeout_s)  # the stream is live
+        self._ready.set()
+        watch = asyncio.create_task(self._watch(call))
+        beat = asyncio.create_task(self._heartbeat(stub))
+        try:
+            done, _ = await asyncio.wait({watch, beat}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended the session
+        finally:
+            call.cancel()
+            for task in (watch, beat):
+                task.cancel()
+            await asyncio.gather(watch, beat, return_exceptions=True)
+
+    async def _watch(self, call: Any) -> None:
+        async for notice in call:
+            with self._lock:
+                op = self._pending.pop(notice.client_tag, None)
+            if op is None:
+                continue
+            self._finished.append(
+                Completion(
+                    op_id=op.op_id,
+                    kind=op.kind,
+                    ok=notice.ok,
+                    failed_hashes=frozenset(notice.failed_block_hashes),
+                    error=notice.error,
+                    nbytes=notice.bytes_moved,
+                    duration_s=notice.duration_us / 1e6,
+                    done_event=notice.done_event,
+                )
+            )
+
+    async def _heartbeat(self, stub: kvd_pb2_grpc.KvdStub) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self._lease_s / 3))
+            response = await stub.Heartbeat(
+                kvd_pb2.HeartbeatRequest(session_id=self._session_id), timeout=self.timeout_s
+            )
+            if response.boot_id != self.boot_id:
+                return  # the daemon restarted: our session and everything in flight are gone
+
+    def _submit(self, op: _Op) -> None:
+        asyncio.get_running_loop().create_task(self._send(op))
+
+    async def _send(self, op: _Op) -> None:
+        stub = self._stub
+        if stub is None:
+            self._fail_pending(op.op_id, "kvd is not connected")
+            return
+        request = kvd_pb2.TransferRequest(
+            session_id=self._session_id,
+            blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks],
+            ready_event=op.ready_event,
+            client_tag=op.op_id,
+        )
+        method = stub.Save if op.kind is OpKind.SAVE else stub.Load
+        try:
+            await method(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            self._fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
+
+    def _fail_pending(self, op_id: int, error: str) -> None:
+        with self._lock:
+            op = self._pending.pop(op_id, None)
+        if op is not None:
+            self._complete_failed(op, error)
+
+    async def _lookup(self, hashes: list[bytes]) -> LookupResult:
+        stub = self._stub
+        if stub is None:
+            raise Unavailable("kvd is not connected")
+        try:
+            response = await stub.Lookup(
+                kvd_pb2.LookupRequest(session_id=self._session_id, block_hashes=hashes), timeout=self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
+
+    async def _shutdown(self) -> None:
+        stub, session = self._stub, self._session_id
+        if stub is not None and session:
+            try:
+                await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("unregister: %s", exc.details())
+        if hasattr(self, "_main_task"):
+            self._main_task.cancel()
+
+
+def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
+    return kvd_pb2.KvLayout(
+        layers=[
+            kvd_pb2.LayerLayout(name=layer.name, shape=layer.shape, dtype=int(layer.dtype), block_dim=layer.block_dim)
+            for layer in layout.layers
+        ],
+        block_size_tokens=layout.block_size_tokens,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, KvdError):
+        return f"{type(exc).__name__}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,153 @@
+"""kvd's one typed configuration object.
+
+Built once at start from (highest first) command-line flags, `KVD_*` environment variables (nested with `__`, e.g.
+`KVD_HOST_POOL__CAPACITY_BYTES`), an optional TOML file (`--config` / `KVD_CONFIG`), then the defaults below, and
+passed down from there. Nothing below the rpc layer reads the environment.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+# The TOML file for the KvdConfig being built right now (a source needs it before the model exists).
+_config_file: ContextVar[Path | None] = ContextVar("kvd_config_file", default=None)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def default_socket_path() -> Path:
+    """/run/kvd/kvd.sock when we may write there (systemd's RuntimeDirectory), else $XDG_RUNTIME_DIR/kvd/kvd.sock."""
+    run = Path("/run/kvd")
+    if (run.is_dir() and os.access(run, os.W_OK)) or (not run.exists() and os.access("/run", os.W_OK)):
+        return run / "kvd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kvd-{os.getuid()}"
+    return Path(runtime) / "kvd" / "kvd.sock"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HostPoolConfig(_Section):
+    """L1: pinned host memory, allocated once at start."""
+
+    capacity_bytes: int = Field(default=4 * GiB, ge=1 * MiB)
+    slab_bytes: int = Field(default=64 * MiB, ge=64 * 1024)  # a block may not exceed one slab
+    pin: bool = True  # page-lock with cudaHostRegister when CUDA is present (DMA at full PCIe rate)
+    populate_threads: int = Field(default=8, ge=1)  # parallel first touch of the pool
+
+
+class DiskTierConfig(_Section):
+    """L2: a local directory. Off unless `path` is set."""
+
+    path: Path | None = None
+    capacity_bytes: int = Field(default=64 * GiB, ge=1 * MiB)
+    io_threads: int = Field(default=4, ge=1)
+
+
+class RedisTierConfig(_Section):
+    """L3: a global kvstore (Redis or Valkey). Off unless `url` is set."""
+
+    url: str | None = None  # e.g. redis://127.0.0.1:6379/0
+    key_prefix: str = "kvd:"
+    capacity_bytes: int = Field(default=0, ge=0)  # 0: the store's own maxmemory policy decides
+    timeout_ms: int = Field(default=500, ge=1)
+    reconnect_backoff_ms: int = Field(default=1000, ge=1)
+
+
+class TierWritePolicy(enum.StrEnum):
+    WRITE_THROUGH = "write_through"  # every save goes to every lower tier at once
+    WRITE_ON_EVICT = "write_on_evict"  # a block goes down only when L1 evicts it
+
+
+class TiersConfig(_Section):
+    write_policy: TierWritePolicy = TierWritePolicy.WRITE_ON_EVICT
+    promote_on_hit: bool = True  # a lookup hit below L1 starts copying the block up (prefetch for the load)
+    # Cost-aware admission: report a lower-tier hit only if loading it beats recomputing it.
+    recompute_us_per_token: float = Field(default=20.0, ge=0.0)
+    tokens_per_block: int = Field(default=16, ge=1)
+
+
+class EngineConfig(_Section):
+    cpu_copy_threads: int = Field(default=4, ge=1)  # CPU transport: process_vm_* calls in flight at once
+    max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
+    cuda_streams_per_device: int = Field(default=2, ge=1)  # copy streams each engine thread round-robins
+    cuda_chunk_bytes: int = Field(default=64 * MiB, ge=1 * MiB)  # pipelining unit between gather and PCIe copy
+    cuda_staging_bytes: int = Field(default=512 * MiB, ge=1 * MiB)  # device staging per GPU
+
+
+class MetricsConfig(_Section):
+    port: int | None = None  # Prometheus endpoint; off by default
+    host: str = "127.0.0.1"
+
+
+class LogConfig(_Section):
+    level: str = "INFO"
+    json_format: bool = False
+
+
+class KvdConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="KVD_", env_nested_delimiter="__", frozen=True, extra="forbid", toml_file=None
+    )
+
+    socket: Path = Field(default_factory=default_socket_path)
+    socket_mode: int = 0o600  # 0660 plus a shared group lets workers of other users connect
+    tcp: str | None = None  # "host:port"; off unless set (CUDA IPC and CPU transports still need a local peer)
+    lease_ms: int = Field(default=10_000, ge=100)
+    max_batch_blocks: int = Field(default=16_384, ge=1)
+    max_lookup_blocks: int = Field(default=65_536, ge=1)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    allowed_uids: tuple[int, ...] = ()  # peers besides the daemon's own uid and root that may register
+    host_pool: HostPoolConfig = HostPoolConfig()
+    disk: DiskTierConfig = DiskTierConfig()
+    redis: RedisTierConfig = RedisTierConfig()
+    tiers: TiersConfig = TiersConfig()
+    engine: EngineConfig = EngineConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        return int(value, 8) if isinstance(value, str) else value
+
+    @property
+    def credential_socket(self) -> Path:
+        """Where workers prove who they are (SO_PEERCRED) before registering; next to the gRPC socket."""
+        return self.socket.with_name(self.socket.name + ".cred")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> KvdConfig:
+        """flags (overrides) > env > TOML file > defaults. `config_file` falls back to $KVD_CONFIG."""
+        path = config_file or (Path(os.environ["KVD_CONFIG"]) if os.environ.get("KVD_CONFIG") else None)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        token = _config_file.set(path)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _config_file.reset(token)

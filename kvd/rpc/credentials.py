@@ -1,0 +1,101 @@
+"""Peer credentials for registration.
+
+grpc does not expose the connecting socket, so SO_PEERCRED cannot be read on the gRPC socket itself. Workers
+therefore first connect to a small credential socket next to it: the daemon reads the kernel's (pid, uid, gid) for
+that connection, logs them, and answers with a random single-use token. RegisterSession presents the token, and the
+session is bound to the kernel's pid, never to the pid the request claims. The CPU transport, which reads the
+worker's memory by pid, requires this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from pathlib import Path
+
+from kvd.errors import PermissionDenied
+from kvd.types import PeerIdentity
+
+log = logging.getLogger(__name__)
+
+TOKEN_BYTES = 32
+TOKEN_TTL_S = 60.0
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket, as the kernel recorded it."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class CredentialIssuer:
+    def __init__(self, path: Path, mode: int) -> None:
+        self.path = path
+        self._mode = mode
+        self._tokens: dict[bytes, tuple[PeerIdentity, float]] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        _remove_stale_socket(self.path)
+        old = os.umask(0o777 & ~self._mode)  # the socket is born with its final mode: no window where it is open
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self._mode)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.path.unlink(missing_ok=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            pid, uid, gid = peer_credentials(sock)
+            token = secrets.token_bytes(TOKEN_BYTES)
+            self._expire()
+            self._tokens[token] = (PeerIdentity(pid=pid, uid=uid, gid=gid, verified=True), time.monotonic())
+            log.info("credential socket: peer pid %d uid %d gid %d", pid, uid, gid)
+            writer.write(token)
+            await writer.drain()
+        except OSError as exc:
+            log.warning("credential socket: %s", exc)
+        finally:
+            writer.close()
+
+    def redeem(self, token: bytes) -> PeerIdentity:
+        """The identity a token was issued to. Each token works once and for TOKEN_TTL_S seconds."""
+        self._expire()
+        entry = self._tokens.pop(token, None)
+        if entry is None:
+            raise PermissionDenied("unknown, used or expired credential token: connect to the credential socket again")
+        return entry[0]
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - TOKEN_TTL_S
+        for token in [t for t, (_, at) in self._tokens.items() if at < cutoff]:
+            del self._tokens[token]
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a daemon that died, but never steal one a live daemon is serving on."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another process is serving on {path}")

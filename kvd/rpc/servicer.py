@@ -1,0 +1,252 @@
+"""The kvd.v1.Kvd servicer: protobuf in, frozen dataclasses down, protobuf out. The only module that sees both.
+
+Errors: every handler runs under `_mapped`, which turns the KvdError family into gRPC status codes (one place, via
+kvd_client.errors.status_of) and anything else into INTERNAL, logged; the daemon keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
+
+from kvd.errors import InvalidArgument, KvdError, Unavailable, status_of
+from kvd.rpc.credentials import CredentialIssuer
+from kvd.service.service import KvdService
+from kvd.types import (
+    BlockTransfer,
+    CpuMemory,
+    CpuRegion,
+    CudaAllocation,
+    CudaLayer,
+    CudaMemory,
+    PeerIdentity,
+    Registration,
+    WorkerMemory,
+)
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+IPC_HANDLE_BYTES = 64
+
+
+def _mapped(handler: Handler[R]) -> Handler[R]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await handler(self, request, context)
+        except KvdError as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+class KvdServicer(kvd_pb2_grpc.KvdServicer):
+    def __init__(self, credentials: CredentialIssuer | None) -> None:
+        self._credentials = credentials
+        self.service: KvdService | None = None  # set once the engine is ready; until then: UNAVAILABLE
+
+    def _svc(self) -> KvdService:
+        if self.service is None:
+            raise Unavailable("kvd is starting (allocating its host pool); retry shortly")
+        return self.service
+
+    @_mapped
+    async def RegisterSession(
+        self, request: kvd_pb2.RegisterSessionRequest, context: grpc.aio.ServicerContext
+    ) -> kvd_pb2.RegisterSessionResponse:
+        service = self._svc()
+        registration = Registration(
+            namespace=_namespace(request.namespace),
+            layout=_layout(request.layout) if request.layout.layers else None,
+            memory=_memory(request),
+            peer=self._peer(request),
+            worker_name=request.worker_name[:128],
+        )
+        session = await service.register(registration)
+        layout = registration.layout
+        return kvd_pb2.RegisterSessionResponse(
+            session_id=session.id,
+            lease_ms=service.config.lease_ms,
+            boot_id=service.boot_id,
+            block_bytes=layout.block_bytes if layout is not None else 0,
+            max_batch_blocks=service.config.max_batch_blocks,
+        )
+
+    def _peer(self, request: kvd_pb2.RegisterSessionRequest) -> PeerIdentity:
+        if request.credential_token:
+            if self._credentials is None:
+                raise InvalidArgument("this listener issues no credential tokens")
+            return self._credentials.redeem(request.credential_token)
+        return PeerIdentity(pid=request.pid, uid=-1, gid=-1, verified=False)
+
+    @_mapped
+    async def Heartbeat(
+        self, request: kvd_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> kvd_pb2.HeartbeatResponse:
+        service = self._svc()
+        service.heartbeat(request.session_id)
+        return kvd_pb2.HeartbeatResponse(boot_id=service.boot_id)
+
+    @_mapped
+    async def Unregister(
+        self, request: kvd_pb2.UnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> kvd_pb2.UnregisterResponse:
+        await self._svc().unregister(request.session_id)
+        return kvd_pb2.UnregisterResponse()
+
+    @_mapped
+    async def Lookup(self, request: kvd_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.LookupResponse:
+        result = await self._svc().lookup(request.session_id, request.block_hashes)
+        return kvd_pb2.LookupResponse(hit_blocks=result.hit_blocks, tiers=[int(t) for t in result.tiers])
+
+    @_mapped
+    async def Save(
+        self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> kvd_pb2.TransferAccepted:
+        op = self._svc().save(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
+        return kvd_pb2.TransferAccepted(operation_id=op)
+
+    @_mapped
+    async def Load(
+        self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> kvd_pb2.TransferAccepted:
+        op = self._svc().load(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
+        return kvd_pb2.TransferAccepted(operation_id=op)
+
+    async def Watch(
+        self, request: kvd_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kvd_pb2.CompletionNotice]:
+        try:
+            notices = self._svc().watch(request.session_id)
+        except KvdError as exc:
+            await context.abort(*status_of(exc))
+            return
+        # Headers go out now, so the client knows the stream is live before the first notice.
+        await context.send_initial_metadata(())
+        async for notice in notices:
+            yield kvd_pb2.CompletionNotice(
+                operation_id=notice.operation_id,
+                ok=notice.ok,
+                failed_block_hashes=notice.failed_hashes,
+                error=notice.error,
+                client_tag=notice.client_tag,
+                bytes_moved=notice.bytes_moved,
+                duration_us=notice.duration_us,
+                done_event=notice.done_event,
+            )
+
+    @_mapped
+    async def Stats(self, request: kvd_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.StatsResponse:
+        snap = self._svc().stats()
+        return kvd_pb2.StatsResponse(
+            boot_id=snap.boot_id,
+            version=snap.version,
+            uptime_s=snap.uptime_s,
+            sessions=[
+                kvd_pb2.SessionStats(
+                    session_id=s.session_id,
+                    worker_name=s.worker_name,
+                    namespace=kvd_pb2.Namespace(
+                        model_id=s.namespace.model_id,
+                        layout_fingerprint=s.namespace.layout_fingerprint,
+                        tp_rank=s.namespace.tp_rank,
+                        tp_world_size=s.namespace.tp_world_size,
+                    ),
+                    pid=max(0, s.pid),
+                    transport=s.transport,
+                    saves=s.saves,
+                    loads=s.loads,
+                    in_flight=s.in_flight,
+                )
+                for s in snap.sessions
+            ],
+            tiers=[
+                kvd_pb2.TierStats(
+                    tier=int(t.tier),
+                    name=t.name,
+                    capacity_bytes=t.capacity_bytes,
+                    used_bytes=t.used_bytes,
+                    blocks=t.blocks,
+                    hits=t.hits,
+                    misses=t.misses,
+                    evictions=t.evictions,
+                    corrupt=t.corrupt,
+                    healthy=t.healthy,
+                )
+                for t in snap.tiers
+            ],
+            **snap.counters,
+        )
+
+
+# -- protobuf -> value types (every field checked here or in the dataclasses' own __post_init__) ----------------
+
+
+def _namespace(ns: kvd_pb2.Namespace) -> Namespace:
+    if not ns.layout_fingerprint:
+        raise InvalidArgument("namespace.layout_fingerprint is empty")
+    return Namespace(
+        model_id=ns.model_id,
+        layout_fingerprint=ns.layout_fingerprint,
+        tp_rank=ns.tp_rank,
+        tp_world_size=ns.tp_world_size or 1,
+    )
+
+
+def _layout(layout: kvd_pb2.KvLayout) -> KvLayout:
+    layers = []
+    for layer in layout.layers:
+        try:
+            dtype = DType(layer.dtype)
+        except ValueError:
+            raise InvalidArgument(f"layer {layer.name!r}: unknown dtype {layer.dtype}") from None
+        layers.append(LayerLayout(name=layer.name, shape=tuple(layer.shape), dtype=dtype, block_dim=layer.block_dim))
+    return KvLayout(layers=tuple(layers), block_size_tokens=layout.block_size_tokens)
+
+
+def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
+    which = request.WhichOneof("memory")
+    if which == "cpu":
+        return CpuMemory(layers=tuple(CpuRegion(address=r.address, nbytes=r.nbytes) for r in request.cpu.layers))
+    if which == "cuda":
+        cuda = request.cuda
+        if not cuda.device_uuid:
+            raise InvalidArgument("cuda.device_uuid is empty")
+        allocations = []
+        for a in cuda.allocations:
+            if len(a.ipc_handle) != IPC_HANDLE_BYTES:
+                raise InvalidArgument(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, got {len(a.ipc_handle)}")
+            allocations.append(CudaAllocation(ipc_handle=a.ipc_handle, nbytes=a.nbytes))
+        layers = []
+        for i, layer in enumerate(cuda.layers):
+            if layer.allocation >= len(allocations):
+                raise InvalidArgument(f"layer {i}: allocation {layer.allocation} does not exist")
+            if layer.offset + layer.nbytes > allocations[layer.allocation].nbytes:
+                raise InvalidArgument(f"layer {i}: bytes [{layer.offset}, +{layer.nbytes}) overrun its allocation")
+            layers.append(CudaLayer(allocation=layer.allocation, offset=layer.offset, nbytes=layer.nbytes))
+        return CudaMemory(device_uuid=cuda.device_uuid, allocations=tuple(allocations), layers=tuple(layers))
+    return None
+
+
+def _blocks(request: kvd_pb2.TransferRequest) -> list[BlockTransfer]:
+    return [BlockTransfer(block_index=b.block_index, block_hash=b.block_hash) for b in request.blocks]
+
+
+def _event(handle: bytes) -> bytes:
+    if handle and len(handle) != IPC_HANDLE_BYTES:
+        raise InvalidArgument(f"an IPC event handle is {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
+    return handle

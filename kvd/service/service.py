@@ -1,0 +1,462 @@
+"""The service layer: sessions, leases, namespaces and admission. It decides what happens; the engine (through a
+session's attachment) moves the bytes and the block store keeps track of what is stored.
+
+Every public method validates its input completely (session, batch size, every block index and hash) before any
+copy starts, raises only KvdError subclasses, and returns at once: Save and Load hand back an operation id and run
+in the background; their outcome is a Completion on the session's Watch stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from kvd_client.layout import KvLayout
+
+import kvd
+from kvd.config import KvdConfig
+from kvd.engine.engine import Engine
+from kvd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    TransferError,
+    Unavailable,
+)
+from kvd.service.sessions import Session, SessionTable, open_pidfd
+from kvd.tiers.store import BlockStore
+from kvd.transports.base import SlotRef
+from kvd.types import (
+    BlockKey,
+    BlockTransfer,
+    Completion,
+    LookupResult,
+    OpKind,
+    Registration,
+    SessionSnapshot,
+    StatsSnapshot,
+)
+
+if TYPE_CHECKING:
+    from kvd.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_HASH_BYTES = 64
+
+
+class KvdService:
+    def __init__(self, config: KvdConfig, engine: Engine, store: BlockStore, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self.boot_id = secrets.token_hex(8)
+        self.started = time.monotonic()
+        self.sessions = SessionTable()
+        self._layouts: dict[str, tuple[str, ...]] = {}  # namespace key -> canonical layout every session must share
+        self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.counters = dict.fromkeys(
+            (
+                "lookups",
+                "lookup_blocks",
+                "lookup_hit_blocks",
+                "saves_ok",
+                "saves_failed",
+                "loads_ok",
+                "loads_failed",
+                "bytes_saved",
+                "bytes_loaded",
+                "load_hit_blocks",
+                "load_miss_blocks",
+            ),
+            0,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvd-lease-sweeper")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new operations, let in-flight ones finish (up to timeout_s), then close every session."""
+        self._draining = True
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            log.info("draining %d in-flight operations", len(pending))
+            _, late = await asyncio.wait(pending, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+        for session in self.sessions:
+            await self._close_session(session, "daemon shutting down")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.store.close()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- sessions ------------------------------------------------------------------------------------------------
+
+    async def register(self, registration: Registration) -> Session:
+        self._check_open()
+        peer = registration.peer
+        if peer.verified and peer.uid not in (0, os.getuid(), *self.config.allowed_uids):
+            raise PermissionDenied(f"uid {peer.uid} may not register (allowed: root, the daemon's user, allowed_uids)")
+        ns_key = registration.namespace.key
+        if self.sessions.find(peer.pid, ns_key) is not None:
+            raise AlreadyExists(f"pid {peer.pid} already has a live session for namespace {ns_key!r}")
+        layout = registration.layout
+        if layout is not None:
+            if layout.block_bytes > self.store.pool.slab_bytes:
+                raise InvalidArgument(
+                    f"a block of {layout.block_bytes} bytes exceeds the host pool's slab of"
+                    f" {self.store.pool.slab_bytes} bytes: raise host_pool.slab_bytes"
+                )
+            canonical = tuple(layer.canonical() for layer in layout.layers)
+            known = self._layouts.setdefault(ns_key, canonical)
+            if known != canonical:
+                raise InvalidArgument(
+                    f"namespace {ns_key!r} is registered with another KV layout; the fingerprint must cover the layout"
+                )
+        if (registration.memory is None) != (layout is None):
+            raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
+        attachment = None
+        if registration.memory is not None and layout is not None:
+            attachment = await self.engine.attach(registration.memory, layout, peer)
+        session = Session(
+            id=self.sessions.new_id(),
+            registration=registration,
+            attachment=attachment,
+            lease_s=self.config.lease_ms / 1000,
+        )
+        self.sessions.add(session)
+        self._watch_process(session)
+        log.info(
+            "session %s registered: worker %r pid %d uid %d (%s) namespace %r transport %s",
+            session.id[:12],
+            registration.worker_name,
+            peer.pid,
+            peer.uid,
+            "verified" if peer.verified else "unverified",
+            ns_key,
+            session.transport,
+        )
+        self._update_session_gauges()
+        return session
+
+    def heartbeat(self, session_id: str) -> None:
+        self.sessions.get(session_id)
+
+    async def unregister(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        await self._close_session(session, "unregistered")
+
+    def watch(self, session_id: str) -> AsyncIterator[Completion]:
+        return self.sessions.get(session_id).notices()
+
+    # -- lookup --------------------------------------------------------------------------------------------------
+
+    async def lookup(self, session_id: str, hashes: Sequence[bytes]) -> LookupResult:
+        session = self.sessions.get(session_id)
+        self._check_hashes(hashes, self.config.max_lookup_blocks)
+        ns = session.registration.namespace
+        # Tensor-parallel ranks store separate shards; a prefix is a hit only if every rank has it.
+        hit_blocks = len(hashes)
+        tiers: tuple = ()
+        for rank in range(ns.tp_world_size):
+            keys = self._keys(ns.key if rank == ns.tp_rank else self._rank_key(session, rank), hashes[:hit_blocks])
+            hit, rank_tiers = await self.store.lookup(keys)
+            hit_blocks = min(hit_blocks, hit)
+            if rank == ns.tp_rank:
+                tiers = rank_tiers
+        self.counters["lookups"] += 1
+        self.counters["lookup_blocks"] += len(hashes)
+        self.counters["lookup_hit_blocks"] += hit_blocks
+        if self.metrics is not None:
+            self.metrics.observe_lookup(len(hashes), hit_blocks)
+        return LookupResult(hit_blocks=hit_blocks, tiers=tuple(tiers[:hit_blocks]))
+
+    # -- save / load ---------------------------------------------------------------------------------------------
+
+    def save(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+        session, layout = self._begin_transfer(session_id, blocks)
+        op_id = session.begin_operation()
+        session.saves += 1
+        self._spawn(self._run_save(session, layout, op_id, blocks, ready_event, client_tag))
+        return op_id
+
+    def load(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+        session, layout = self._begin_transfer(session_id, blocks)
+        indices = [b.block_index for b in blocks]
+        if len(set(indices)) != len(indices):
+            raise InvalidArgument("a load writes each destination block index at most once")
+        op_id = session.begin_operation()
+        session.loads += 1
+        self._spawn(self._run_load(session, layout, op_id, blocks, ready_event, client_tag))
+        return op_id
+
+    async def _run_save(
+        self,
+        session: Session,
+        layout: KvLayout,
+        op_id: int,
+        blocks: Sequence[BlockTransfer],
+        ready_event: bytes,
+        client_tag: int,
+    ) -> None:
+        start = time.monotonic()
+        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
+        plan = self.store.plan_save(keys, layout.block_bytes)
+        failed = {blocks[i].block_hash for i in plan.no_room}
+        error = "host pool full" if plan.no_room else ""
+        moved = 0
+        entries = [entry for _, entry in plan.to_write]
+        try:
+            if entries:
+                if session.attachment is None:
+                    raise TransferError("session has no memory")
+                await session.attachment.save(
+                    [blocks[i].block_index for i, _ in plan.to_write],
+                    [SlotRef(e.address, e.nbytes) for e in entries],
+                    ready_event,
+                )
+                moved = len(entries) * layout.block_bytes
+            self.store.finish_save(entries, ok=True)
+        except (TransferError, asyncio.CancelledError) as exc:
+            self.store.finish_save(entries, ok=False)
+            failed.update(blocks[i].block_hash for i, _ in plan.to_write)
+            error = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug must fail this operation, never the daemon
+            log.exception("save %d of session %s failed", op_id, session.id[:12])
+            self.store.finish_save(entries, ok=False)
+            failed.update(blocks[i].block_hash for i, _ in plan.to_write)
+            error = f"internal error: {exc}"
+        for i, waiter in plan.in_flight:
+            if not await waiter:
+                failed.add(blocks[i].block_hash)
+                error = error or "a concurrent save of the same block failed"
+        self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks))
+
+    async def _run_load(
+        self,
+        session: Session,
+        layout: KvLayout,
+        op_id: int,
+        blocks: Sequence[BlockTransfer],
+        ready_event: bytes,
+        client_tag: int,
+    ) -> None:
+        start = time.monotonic()
+        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
+        entries = await self.store.acquire(keys)
+        present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
+        failed = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
+        error = "not stored" if failed else ""
+        done_event = b""
+        moved = 0
+        try:
+            if present:
+                if session.attachment is None:
+                    raise TransferError("session has no memory")
+                done_event = await session.attachment.load(
+                    [b.block_index for b, _ in present],
+                    [SlotRef(e.address, e.nbytes) for _, e in present],
+                    ready_event,
+                )
+                moved = len(present) * layout.block_bytes
+        except (TransferError, asyncio.CancelledError) as exc:
+            failed.update(b.block_hash for b, _ in present)
+            error = str(exc) or type(exc).__name__
+        except Exception as exc:
+            log.exception("load %d of session %s failed", op_id, session.id[:12])
+            failed.update(b.block_hash for b, _ in present)
+            error = f"internal error: {exc}"
+        finally:
+            self.store.release(entries)
+        hit = len(blocks) - len(failed)
+        self.counters["load_hit_blocks"] += hit
+        self.counters["load_miss_blocks"] += len(failed)
+        if self.metrics is not None:
+            self.metrics.observe_load_blocks(hit, len(failed))
+        self._finish(session, op_id, OpKind.LOAD, failed, error, client_tag, moved, start, len(blocks), done_event)
+
+    def _finish(
+        self,
+        session: Session,
+        op_id: int,
+        kind: OpKind,
+        failed: set[bytes],
+        error: str,
+        client_tag: int,
+        moved: int,
+        start: float,
+        nblocks: int,
+        done_event: bytes = b"",
+    ) -> None:
+        ok = not failed
+        seconds = time.monotonic() - start
+        prefix = "saves" if kind is OpKind.SAVE else "loads"
+        self.counters[f"{prefix}_{'ok' if ok else 'failed'}"] += 1
+        self.counters["bytes_saved" if kind is OpKind.SAVE else "bytes_loaded"] += moved
+        if self.metrics is not None:
+            self.metrics.observe_operation(kind.value, ok, moved, seconds, nblocks, len(failed), _reason(error))
+        if error:
+            log.debug("%s %d of session %s: %d failed: %s", kind, op_id, session.id[:12], len(failed), error)
+        session.end_operation(
+            Completion(
+                operation_id=op_id,
+                kind=kind,
+                ok=ok,
+                failed_hashes=tuple(failed),
+                error=error,
+                client_tag=client_tag,
+                bytes_moved=moved,
+                duration_us=int(seconds * 1e6),
+                done_event=done_event,
+            )
+        )
+
+    # -- stats ---------------------------------------------------------------------------------------------------
+
+    def stats(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            boot_id=self.boot_id,
+            version=kvd.__version__,
+            uptime_s=int(time.monotonic() - self.started),
+            sessions=tuple(
+                SessionSnapshot(
+                    session_id=s.id,
+                    worker_name=s.registration.worker_name,
+                    namespace=s.registration.namespace,
+                    pid=s.registration.peer.pid,
+                    transport=s.transport,
+                    saves=s.saves,
+                    loads=s.loads,
+                    in_flight=s.in_flight,
+                )
+                for s in self.sessions
+            ),
+            tiers=self.store.snapshots(),
+            counters=dict(self.counters),
+        )
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._draining:
+            raise Unavailable("kvd is shutting down")
+
+    def _check_hashes(self, hashes: Sequence[bytes], limit: int) -> None:
+        if not hashes:
+            raise InvalidArgument("empty batch")
+        if len(hashes) > limit:
+            raise ResourceExhausted(f"batch of {len(hashes)} blocks exceeds the limit of {limit}")
+        for h in hashes:
+            if not 0 < len(h) <= MAX_HASH_BYTES:
+                raise InvalidArgument(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {len(h)}")
+
+    def _begin_transfer(self, session_id: str, blocks: Sequence[BlockTransfer]) -> tuple[Session, KvLayout]:
+        self._check_open()
+        session = self.sessions.get(session_id)
+        layout = session.registration.layout
+        if layout is None or session.attachment is None:
+            raise FailedPrecondition("a lookup-only session cannot save or load: register its KV memory")
+        self._check_hashes([b.block_hash for b in blocks], self.config.max_batch_blocks)
+        num_blocks = layout.num_blocks
+        for b in blocks:
+            if not 0 <= b.block_index < num_blocks:
+                raise InvalidArgument(f"block index {b.block_index} out of range [0, {num_blocks})")
+        if session.in_flight >= self.config.engine.max_inflight_ops:
+            raise ResourceExhausted(f"{session.in_flight} operations already in flight for this session")
+        return session, layout
+
+    @staticmethod
+    def _keys(namespace_key: str, hashes: Sequence[bytes]) -> list[BlockKey]:
+        return [(namespace_key, h) for h in hashes]
+
+    @staticmethod
+    def _rank_key(session: Session, rank: int) -> str:
+        ns = session.registration.namespace
+        return type(ns)(ns.model_id, ns.layout_fingerprint, rank, ns.tp_world_size).key
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _watch_process(self, session: Session) -> None:
+        """Close the session the moment its worker exits (pidfd turns readable), not only when the lease ends."""
+        if not session.registration.peer.verified:
+            return
+        fd = open_pidfd(session.registration.peer.pid)
+        if fd is None:
+            return
+        session.pidfd = fd
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            self._spawn(self._close_session(session, "worker process exited"))
+
+        loop.add_reader(fd, exited)
+
+    async def _close_session(self, session: Session, why: str) -> None:
+        if session.closing:
+            return
+        session.closing = True
+        await session.wait_idle()  # never unmap memory under a copy in flight
+        if session.pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(session.pidfd)
+            os.close(session.pidfd)
+            session.pidfd = None
+        if session.attachment is not None:
+            try:
+                await session.attachment.close()
+            except Exception:
+                log.exception("closing the attachment of session %s", session.id[:12])
+        session.end_notices()
+        self.sessions.remove(session)
+        self._update_session_gauges()
+        log.info("session %s closed: %s", session.id[:12], why)
+
+    async def _sweep_leases(self) -> None:
+        period = max(0.05, min(1.0, self.config.lease_ms / 4000))
+        while True:
+            await asyncio.sleep(period)
+            for session in self.sessions.expired(time.monotonic()):
+                self._spawn(self._close_session(session, "lease expired"))
+
+    def _update_session_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.set_sessions(len(self.sessions))
+        by_transport: dict[str, int] = {}
+        for s in self.sessions:
+            by_transport[s.transport] = by_transport.get(s.transport, 0) + 1
+        for transport in ("cpu", "cuda_ipc", "none"):
+            self.metrics.set_transport_sessions(transport, by_transport.get(transport, 0))
+
+
+def _reason(error: str) -> str:
+    """A short, bounded label for metrics (the full text goes to the notice and the log)."""
+    if not error:
+        return ""
+    for label in ("not stored", "host pool full", "process_vm", "partial copy", "internal error", "CUDA", "cuda"):
+        if label in error:
+            return label.lower().replace(" ", "_")
+    return "other"

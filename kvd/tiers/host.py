@@ -1,0 +1,248 @@
+"""L1: the daemon's host-memory pool, allocated once at start and carved into slabs of equal-size block slots.
+
+One anonymous mapping holds every stored block, so the CUDA engine can page-lock it with a single
+cudaHostRegister and DMA straight into slots, and the CPU transport can hand slot addresses to process_vm_readv.
+Slabs are assigned to a block size on first use (namespaces with different layouts have different block sizes) and
+handed back when they empty. Eviction is LRU within a block size; a size with nothing left to evict takes the
+least-recently-used slab of another size whole.
+
+Everything here runs on the event-loop thread; copies into and out of slots run elsewhere while the slot is
+RESERVED (being written) or pinned (being read), and neither kind of slot is ever evicted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import mmap
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from kvd.config import HostPoolConfig
+from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.types import BlockKey
+
+log = logging.getLogger(__name__)
+
+
+class SlotState(enum.Enum):
+    RESERVED = "reserved"  # a save is writing it; invisible to lookups
+    READY = "ready"
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One stored block. Mutable bookkeeping, owned by the pool (identity-compared)."""
+
+    key: BlockKey
+    slab: int
+    slot: int
+    address: int
+    nbytes: int
+    state: SlotState = SlotState.RESERVED
+    pins: int = 0
+    last_use: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Slab:
+    index: int
+    block_bytes: int = 0  # 0: free slab
+    free_slots: list[int] = field(default_factory=list)
+    entries: int = 0
+    last_use: float = 0.0
+
+
+@dataclass(slots=True)
+class _SizeClass:
+    block_bytes: int
+    slabs: set[int] = field(default_factory=set)
+    lru: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # READY entries, oldest first
+
+
+EvictHook = Callable[[Entry, memoryview], None]
+
+
+class HostPool:
+    """Fixed-capacity block storage in one host mapping."""
+
+    def __init__(self, config: HostPoolConfig) -> None:
+        self.slab_bytes = config.slab_bytes
+        self.num_slabs = max(1, config.capacity_bytes // config.slab_bytes)
+        self.capacity_bytes = self.num_slabs * self.slab_bytes
+        self._map = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses and faster first touch for a large pool
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.base_address = ctypes.addressof(self._anchor)
+        self.view = memoryview(self._map)
+        self._populate_threads = config.populate_threads
+        self._slabs = [_Slab(i) for i in range(self.num_slabs)]
+        self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
+        self._classes: dict[int, _SizeClass] = {}
+        self._entries: dict[BlockKey, Entry] = {}
+        self.used_bytes = 0
+        self.evictions = 0
+        self.evict_hooks: list[EvictHook] = []
+
+    def populate(self) -> None:
+        """Touch every page once, in parallel, so the first saves do not pay for page faults (slow for GiBs)."""
+        start = time.monotonic()
+        chunk = max(self.slab_bytes, self.capacity_bytes // (self._populate_threads * 4))
+        offsets = range(0, self.capacity_bytes, chunk)
+
+        def touch(offset: int) -> None:
+            ctypes.memset(self.base_address + offset, 0, min(chunk, self.capacity_bytes - offset))
+
+        with ThreadPoolExecutor(self._populate_threads, thread_name_prefix="kvd-populate") as pool:
+            list(pool.map(touch, offsets))
+        log.info("host pool: %.2f GiB populated in %.2f s", self.capacity_bytes / 2**30, time.monotonic() - start)
+
+    def close(self) -> None:
+        self.view.release()
+        del self._anchor
+        self._map.close()
+
+    # -- lookups -------------------------------------------------------------------------------------------------
+
+    def get(self, key: BlockKey) -> Entry | None:
+        """The READY entry for `key`, or None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not SlotState.READY:
+            return None
+        return entry
+
+    def reserved(self, key: BlockKey) -> Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.state is SlotState.RESERVED else None
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def touch(self, entry: Entry) -> None:
+        entry.last_use = time.monotonic()
+        self._slabs[entry.slab].last_use = entry.last_use
+        lru = self._classes[entry.nbytes].lru
+        if entry.key in lru:
+            lru.move_to_end(entry.key)
+
+    def slot_view(self, entry: Entry) -> memoryview:
+        offset = entry.address - self.base_address
+        return self.view[offset : offset + entry.nbytes]
+
+    # -- writes --------------------------------------------------------------------------------------------------
+
+    def reserve(self, key: BlockKey, nbytes: int) -> Entry:
+        """A RESERVED slot for `key` (which must not be stored); evicts LRU blocks if the pool is full."""
+        if nbytes <= 0 or nbytes > self.slab_bytes:
+            raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
+        if key in self._entries:
+            raise InvalidArgument("block is already stored or being stored")
+        slab, slot = self._take_slot(nbytes)
+        entry = Entry(key=key, slab=slab, slot=slot, address=self._slot_address(slab, slot, nbytes), nbytes=nbytes)
+        self._entries[key] = entry
+        self._slabs[slab].entries += 1
+        self._slabs[slab].last_use = entry.last_use
+        self.used_bytes += nbytes
+        return entry
+
+    def commit(self, entry: Entry) -> None:
+        """The slot's bytes are complete: make it visible to lookups."""
+        entry.state = SlotState.READY
+        entry.last_use = time.monotonic()
+        self._classes[entry.nbytes].lru[entry.key] = entry
+
+    def discard(self, entry: Entry) -> None:
+        """Forget an entry (an aborted save, a failed verification, an explicit delete) and free its slot."""
+        if self._entries.get(entry.key) is not entry:
+            return
+        if entry.pins:
+            raise InvalidArgument("cannot discard a block that is being read")
+        self._release(entry)
+
+    def pin(self, entry: Entry) -> None:
+        entry.pins += 1
+
+    def unpin(self, entry: Entry) -> None:
+        entry.pins -= 1
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _slot_address(self, slab: int, slot: int, nbytes: int) -> int:
+        return self.base_address + slab * self.slab_bytes + slot * nbytes
+
+    def _release(self, entry: Entry) -> None:
+        del self._entries[entry.key]
+        size_class = self._classes[entry.nbytes]
+        size_class.lru.pop(entry.key, None)
+        slab = self._slabs[entry.slab]
+        slab.free_slots.append(entry.slot)
+        slab.entries -= 1
+        self.used_bytes -= entry.nbytes
+        if slab.entries == 0:
+            # An empty slab goes back to the shared free list, so another block size can use it.
+            size_class.slabs.discard(slab.index)
+            slab.block_bytes = 0
+            slab.free_slots.clear()
+            self._free_slabs.append(slab.index)
+
+    def _take_slot(self, nbytes: int) -> tuple[int, int]:
+        size_class = self._classes.setdefault(nbytes, _SizeClass(nbytes))
+        for _ in range(2):
+            for slab_index in size_class.slabs:
+                slab = self._slabs[slab_index]
+                if slab.free_slots:
+                    return slab_index, slab.free_slots.pop()
+            if self._free_slabs:
+                slab_index = self._free_slabs.pop()
+                slab = self._slabs[slab_index]
+                slab.block_bytes = nbytes
+                # Hand out low slots first: consecutive saves land in consecutive slots, so copies merge into runs.
+                slab.free_slots = list(range(self.slab_bytes // nbytes - 1, -1, -1))
+                size_class.slabs.add(slab_index)
+                return slab_index, slab.free_slots.pop()
+            if not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
+                break
+        raise ResourceExhausted("host pool is full and every block in it is in use")
+
+    def _evict(self, entry: Entry) -> None:
+        if self.evict_hooks:
+            view = self.slot_view(entry)
+            for hook in self.evict_hooks:
+                hook(entry, view)
+        self.evictions += 1
+        self._release(entry)
+
+    def _evict_one(self, size_class: _SizeClass) -> bool:
+        for entry in size_class.lru.values():
+            if entry.pins == 0:
+                self._evict(entry)
+                return True
+        return False
+
+    def _evict_slab(self, exclude: int) -> bool:
+        """Empty the least-recently-used slab of another block size whose blocks are all evictable."""
+        candidates = [
+            s
+            for s in self._slabs
+            if s.block_bytes not in (0, exclude)
+            and all(
+                e.pins == 0 and e.state is SlotState.READY
+                for e in self._classes[s.block_bytes].lru.values()
+                if e.slab == s.index
+            )
+            and s.entries == sum(1 for e in self._classes[s.block_bytes].lru.values() if e.slab == s.index)
+        ]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: s.last_use)
+        for entry in [e for e in self._classes[victim.block_bytes].lru.values() if e.slab == victim.index]:
+            self._evict(entry)
+        return True

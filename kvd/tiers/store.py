@@ -1,0 +1,130 @@
+"""The block store the service talks to: which blocks exist, where, and slots to copy them into or out of.
+
+The service layer decides (sessions, admission); the engine moves bytes; this module owns the bookkeeping of what
+is stored. L1 is the host pool (the only tier the engine copies to and from directly); lower tiers (disk, remote
+kvstore) sit behind it and are reached only through this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvd.errors import ResourceExhausted
+from kvd.tiers.host import Entry, HostPool
+from kvd.types import BlockKey, TierKind, TierSnapshot
+
+
+@dataclass(slots=True)
+class SavePlan:
+    """What a save has to do, per position in its batch."""
+
+    to_write: list[tuple[int, Entry]] = field(default_factory=list)  # reserved slots this save fills
+    in_flight: list[tuple[int, asyncio.Future[bool]]] = field(default_factory=list)  # another save is writing it
+    no_room: list[int] = field(default_factory=list)
+
+
+class BlockStore:
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self._writing: dict[BlockKey, asyncio.Future[bool]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    # -- lookups -------------------------------------------------------------------------------------------------
+
+    def prefix_length(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are stored (READY) now."""
+        pool = self.pool
+        for i, key in enumerate(keys):
+            if key not in pool:
+                return i
+        return len(keys)
+
+    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[TierKind, ...]]:
+        hit = self.prefix_length(keys)
+        for key in keys[:hit]:
+            entry = self.pool.get(key)
+            if entry is not None:
+                self.pool.touch(entry)
+        self.hits += hit
+        self.misses += len(keys) - hit
+        return hit, (TierKind.HOST_MEMORY,) * hit
+
+    # -- saves ---------------------------------------------------------------------------------------------------
+
+    def plan_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
+        """Reserve slots for the keys not stored yet. Keys already stored need nothing; keys being written by
+        another save are waited for, so this save's notice never claims a block that is not there yet."""
+        plan = SavePlan()
+        seen: set[BlockKey] = set()
+        for i, key in enumerate(keys):
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in self.pool:
+                continue
+            pending = self._writing.get(key)
+            if pending is not None:
+                plan.in_flight.append((i, pending))
+                continue
+            try:
+                entry = self.pool.reserve(key, nbytes)
+            except ResourceExhausted:
+                plan.no_room.append(i)
+                continue
+            self._writing[key] = asyncio.get_running_loop().create_future()
+            plan.to_write.append((i, entry))
+        return plan
+
+    def finish_save(self, entries: Sequence[Entry], ok: bool) -> None:
+        """Commit (bytes complete) or drop the reserved slots of a save, and wake saves waiting on them."""
+        for entry in entries:
+            if ok:
+                self.pool.commit(entry)
+            else:
+                self.pool.discard(entry)
+            waiter = self._writing.pop(entry.key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(ok)
+
+    # -- loads ---------------------------------------------------------------------------------------------------
+
+    async def acquire(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
+        """Pin the stored blocks for reading; None where a block is missing."""
+        out: list[Entry | None] = []
+        for key in keys:
+            entry = self.pool.get(key)
+            if entry is not None:
+                self.pool.pin(entry)
+                self.pool.touch(entry)
+            out.append(entry)
+        return out
+
+    def release(self, entries: Sequence[Entry | None]) -> None:
+        for entry in entries:
+            if entry is not None:
+                self.pool.unpin(entry)
+
+    # -- stats ---------------------------------------------------------------------------------------------------
+
+    def snapshots(self) -> tuple[TierSnapshot, ...]:
+        pool = self.pool
+        return (
+            TierSnapshot(
+                tier=TierKind.HOST_MEMORY,
+                name="host",
+                capacity_bytes=pool.capacity_bytes,
+                used_bytes=pool.used_bytes,
+                blocks=len(pool),
+                hits=self.hits,
+                misses=self.misses,
+                evictions=pool.evictions,
+            ),
+        )
+
+    async def close(self) -> None:
+        for waiter in self._writing.values():
+            if not waiter.done():
+                waiter.set_result(False)

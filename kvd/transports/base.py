@@ -1,0 +1,69 @@
+"""How the daemon reaches a worker's KV memory. One Transport per medium (CPU address space, CUDA IPC); a session
+gets an Attachment from the transport that matches its memory, and all its copies go through it.
+
+An attachment copies whole blocks between the worker's cache (by block index) and host-pool slots (by address);
+every index, offset and size was bounds-checked by the service before it gets here, and each attachment checks its
+own memory against the layout once, in `attach`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvd_client.layout import KvLayout
+
+from kvd.types import PeerIdentity, TransportKind, WorkerMemory
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRef:
+    """Where one block lives in the host pool."""
+
+    address: int
+    nbytes: int
+
+
+class Attachment(abc.ABC):
+    """A session's view of its worker's memory."""
+
+    kind: TransportKind
+
+    @abc.abstractmethod
+    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
+        """Copy worker blocks into slots, after the worker's `ready_event` (if any). Raises TransferError."""
+
+    @abc.abstractmethod
+    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
+        """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"")."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Drop every mapping of the worker's memory. Called once, with no copy in flight."""
+
+
+class Transport(abc.ABC):
+    kind: TransportKind
+
+    @abc.abstractmethod
+    async def attach(self, memory: WorkerMemory, layout: KvLayout, peer: PeerIdentity) -> Attachment:
+        """Check `memory` against `layout` (raise InvalidArgument / PermissionDenied) and map it."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Make the transport ready (devices, streams, pinned registration)."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Release everything; every attachment is already closed."""
+
+
+def block_segments(layout: KvLayout) -> list[tuple[int, int, int, int]]:
+    """For every (layer, segment) of a block: (layer, offset of the segment in the worker tensor for block 0,
+    its stride per block (= its size), offset inside the stored block). Block b's segment is at +b * size."""
+    out = []
+    stored = 0
+    for li, layer in enumerate(layout.layers):
+        for seg in range(layer.segments_per_block):
+            out.append((li, seg * layer.segment_stride, layer.segment_bytes, stored))
+            stored += layer.segment_bytes
+    return out

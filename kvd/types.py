@@ -1,0 +1,145 @@
+"""Value types that cross below the rpc layer. Protobuf never goes further than kvd.rpc."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvd_client.layout import KvLayout, Namespace
+
+BlockHash = bytes
+BlockKey = tuple[str, BlockHash]  # (namespace key, block hash): different models never share a key
+
+
+class OpKind(enum.StrEnum):
+    SAVE = "save"
+    LOAD = "load"
+
+
+class TierKind(enum.IntEnum):
+    """Numbered as kvd.v1.Tier."""
+
+    HOST_MEMORY = 1
+    DISK = 2
+    REMOTE = 3
+
+
+class TransportKind(enum.StrEnum):
+    CPU = "cpu"
+    CUDA_IPC = "cuda_ipc"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end, as the kernel says (SO_PEERCRED), or unverified (pid from the request)."""
+
+    pid: int
+    uid: int
+    gid: int
+    verified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CpuRegion:
+    address: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CpuMemory:
+    layers: tuple[CpuRegion, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CudaAllocation:
+    ipc_handle: bytes
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CudaLayer:
+    allocation: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CudaMemory:
+    device_uuid: str
+    allocations: tuple[CudaAllocation, ...]
+    layers: tuple[CudaLayer, ...]
+
+
+WorkerMemory = CpuMemory | CudaMemory
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    namespace: Namespace
+    layout: KvLayout | None  # None: a lookup-only session (vLLM's scheduler side)
+    memory: WorkerMemory | None
+    peer: PeerIdentity
+    worker_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTransfer:
+    block_index: int
+    block_hash: BlockHash
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    hit_blocks: int
+    tiers: tuple[TierKind, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What a Watch stream sends when an operation ends."""
+
+    operation_id: int
+    kind: OpKind
+    ok: bool
+    failed_hashes: tuple[BlockHash, ...] = ()
+    error: str = ""
+    client_tag: int = 0
+    bytes_moved: int = 0
+    duration_us: int = 0
+    done_event: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    session_id: str
+    worker_name: str
+    namespace: Namespace
+    pid: int
+    transport: str
+    saves: int
+    loads: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierSnapshot:
+    tier: TierKind
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    healthy: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    boot_id: str
+    version: str
+    uptime_s: int
+    sessions: tuple[SessionSnapshot, ...]
+    tiers: tuple[TierSnapshot, ...]
+    counters: dict[str, int] = field(default_factory=dict)
