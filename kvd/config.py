@@ -79,9 +79,8 @@ class TiersConfig(_Section):
 class EngineConfig(_Section):
     cpu_copy_threads: int = Field(default=4, ge=1)  # CPU transport: process_vm_* calls in flight at once
     max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
-    cuda_streams_per_device: int = Field(default=2, ge=1)  # copy streams each engine thread round-robins
     cuda_chunk_bytes: int = Field(default=64 * MiB, ge=1 * MiB)  # pipelining unit between gather and PCIe copy
-    cuda_staging_bytes: int = Field(default=512 * MiB, ge=1 * MiB)  # device staging per GPU
+    cuda_staging_bytes: int = Field(default=512 * MiB, ge=4 * MiB)  # device staging per GPU, half per direction
 
 
 class MetricsConfig(_Section):

@@ -412,7 +412,7 @@ class KvdClient:
 def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
     return kvd_pb2.KvLayout(
         layers=[
-            kvd_pb2.LayerLayout(name=layer.name, shape=layer.shape, dtype=int(layer.dtype), block_dim=layer.block_dim)
+            kvd_pb2.LayerLayout(name=layer.name, shape=layer.shape, dtype=kvd_pb2.DType.ValueType(layer.dtype), block_dim=layer.block_dim)
             for layer in layout.layers
         ],
         block_size_tokens=layout.block_size_tokens,

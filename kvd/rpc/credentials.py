@@ -52,9 +52,10 @@ class CredentialIssuer:
         os.chmod(self.path, self._mode)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._server is None:
+            return  # never listened: the socket file, if any, is another daemon's
+        self._server.close()
+        await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -24,6 +24,7 @@ from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
 from kvd.engine.engine import Engine
+from kvd.metrics import Metrics
 from kvd.rpc.credentials import CredentialIssuer, _remove_stale_socket
 from kvd.rpc.servicer import KvdServicer
 from kvd.service.service import KvdService
@@ -42,8 +43,20 @@ CHANNEL_OPTIONS = [
 
 
 def build_store(config: KvdConfig, pool: HostPool) -> BlockStore:
-    """The block store with every configured tier. (Lower tiers plug in here.)"""
-    return BlockStore(pool)
+    """The block store with every configured tier, fastest first. (Lower tiers plug in here.)"""
+    from kvd.tiers.base import StorageBackend
+    from kvd.tiers.chain import TieredBlockStore
+    from kvd.tiers.disk import DiskBackend
+    from kvd.tiers.kvstore import RedisBackend
+
+    backends: list[StorageBackend] = []
+    if config.disk.path is not None:
+        backends.append(DiskBackend(config.disk))
+    if config.redis.url:
+        backends.append(RedisBackend(config.redis))
+    if not backends:
+        return BlockStore(pool)
+    return TieredBlockStore(pool, backends, config.tiers)
 
 
 class KvdServer:
@@ -56,9 +69,10 @@ class KvdServer:
         self.pool: HostPool | None = None
         self.engine: Engine | None = None
         self.service: KvdService | None = None
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self._stop = asyncio.Event()
         self._stopping = False
+        self._bound = False  # only a daemon that bound the socket may remove it (never a live one's)
 
     # -- startup -------------------------------------------------------------------------------------------------
 
@@ -78,6 +92,7 @@ class KvdServer:
         old = os.umask(0o777 & ~config.socket_mode)  # born with its final mode: never briefly world-connectable
         try:
             self.server.add_insecure_port(f"unix:{socket_path}")
+            self._bound = True
         finally:
             os.umask(old)
         if config.tcp:
@@ -141,15 +156,12 @@ class KvdServer:
                 self.pool.close()
         if self.metrics is not None:
             self.metrics.stop()
-        Path(self.config.socket).unlink(missing_ok=True)
+        if self._bound:
+            Path(self.config.socket).unlink(missing_ok=True)
         log.info("stopped")
 
 
-def _start_metrics(config: KvdConfig):  # type: ignore[no-untyped-def]
-    try:
-        from kvd.metrics import Metrics
-    except ImportError:
-        return None
+def _start_metrics(config: KvdConfig) -> Metrics | None:
     metrics = Metrics()
     metrics.start(config.metrics)
     return metrics

@@ -111,7 +111,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     @_mapped
     async def Lookup(self, request: kvd_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.LookupResponse:
         result = await self._svc().lookup(request.session_id, request.block_hashes)
-        return kvd_pb2.LookupResponse(hit_blocks=result.hit_blocks, tiers=[int(t) for t in result.tiers])
+        return kvd_pb2.LookupResponse(hit_blocks=result.hit_blocks, tiers=[kvd_pb2.Tier.ValueType(t) for t in result.tiers])
 
     @_mapped
     async def Save(
@@ -176,7 +176,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             ],
             tiers=[
                 kvd_pb2.TierStats(
-                    tier=int(t.tier),
+                    tier=kvd_pb2.Tier.ValueType(t.tier),
                     name=t.name,
                     capacity_bytes=t.capacity_bytes,
                     used_bytes=t.used_bytes,

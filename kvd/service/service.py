@@ -14,8 +14,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvd_client.layout import KvLayout
 
@@ -393,7 +393,7 @@ class KvdService:
         ns = session.registration.namespace
         return type(ns)(ns.model_id, ns.layout_fingerprint, rank, ns.tp_world_size).key
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -54,7 +54,9 @@ class CpuAttachment(Attachment):
             (memory.layers[li].address + offset, size, stored) for li, offset, size, stored in block_segments(layout)
         ]
 
-    def _batches(self, block_indices: Sequence[int], slots: Sequence[SlotRef]) -> list[tuple[array.array, ...]]:
+    def _batches(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef]
+    ) -> list[tuple[array.array[int], array.array[int]]]:
         local: list[int] = []
         remote: list[int] = []
         for index, slot in zip(block_indices, slots, strict=True):

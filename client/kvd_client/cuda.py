@@ -1,0 +1,129 @@
+"""The worker's CUDA side: export KV tensors by CUDA IPC, and order the model's stream against the daemon's copies
+with interprocess events.
+
+Stream safety (the reason kvd exists): nothing here creates a stream, enters `torch.cuda.stream(...)`, or calls
+`torch.cuda.set_stream`. Events are *recorded on* the caller's current stream and the current stream *waits on* the
+daemon's events; the current stream itself is never changed, so code that tracks it (vLLM's current_stream()) and
+collectives issued on it are unaffected.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client.errors import InvalidArgument
+
+IPC_HANDLE_BYTES = 64
+READY_EVENT_RING = 64  # per device; a re-recorded event only ever makes the daemon wait for *later* work
+
+
+def device_uuid(index: int) -> str:
+    """The GPU's UUID ('GPU-…'): stable across processes and containers, unlike its ordinal."""
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def describe_cuda_memory(tensors: Sequence[torch.Tensor]) -> kvd_pb2.CudaMemory:
+    """The CUDA IPC description of the KV tensors: one handle per distinct allocation, and each tensor's byte offset
+    inside its allocation (the caching allocator rarely places a tensor at an allocation's base)."""
+    if not tensors:
+        raise InvalidArgument("no KV tensors to export")
+    index = tensors[0].device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    allocations: dict[bytes, int] = {}
+    sizes: list[int] = []
+    layers = []
+    for tensor in tensors:
+        if not tensor.is_contiguous():
+            raise InvalidArgument("kvd needs contiguous KV tensors")
+        try:
+            share = tensor.untyped_storage()._share_cuda_()
+        except RuntimeError as exc:
+            raise InvalidArgument(
+                f"this KV tensor cannot be shared by CUDA IPC ({exc}); with PYTORCH_CUDA_ALLOC_CONF="
+                "expandable_segments:True allocate the KV cache before enabling it, or turn it off"
+            ) from exc
+        handle, storage_offset = _cuda_malloc_handle(bytes(share[1])), int(share[3])
+        offset = storage_offset + int(tensor.storage_offset()) * tensor.element_size()
+        nbytes = int(tensor.numel()) * tensor.element_size()
+        slot = allocations.setdefault(handle, len(allocations))
+        if slot == len(sizes):
+            sizes.append(0)
+        sizes[slot] = max(sizes[slot], offset + nbytes)
+        layers.append(kvd_pb2.CudaLayer(allocation=slot, offset=offset, nbytes=nbytes))
+    return kvd_pb2.CudaMemory(
+        device_uuid=device_uuid(index),
+        allocations=[kvd_pb2.CudaAllocation(ipc_handle=h, nbytes=sizes[i]) for h, i in allocations.items()],
+        layers=layers,
+    )
+
+
+# torch's caching allocator versions its shareable handles: [version][type][payload]. Type 'c' carries the plain
+# cudaIpcMemHandle_t of the cudaMalloc segment; 'e' is an expandable segment (cuMem* VMM memory, shared by file
+# descriptor), which cudaIpcOpenMemHandle cannot open.
+_TYPE_CUDA_MALLOC = ord("c")
+_TYPE_EXPANDABLE = ord("e")
+
+
+def _cuda_malloc_handle(handle: bytes) -> bytes:
+    if len(handle) == IPC_HANDLE_BYTES:  # torch before handle versioning
+        return handle
+    if len(handle) == IPC_HANDLE_BYTES + 2 and handle[1] == _TYPE_CUDA_MALLOC:
+        return handle[2:]
+    if len(handle) >= 2 and handle[1] == _TYPE_EXPANDABLE:
+        raise InvalidArgument(
+            "the KV cache lives in an expandable segment (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which "
+            "CUDA IPC handles cannot share; turn expandable_segments off for the process that allocates the KV cache"
+        )
+    raise InvalidArgument(f"unrecognised CUDA shareable handle ({len(handle)} bytes) from this torch version")
+
+
+class _EventRing:
+    def __init__(self, device: int) -> None:
+        self._device = device
+        self._events: list[tuple[torch.cuda.Event, bytes]] = []
+        self._next = 0
+
+    def record(self) -> bytes:
+        """Record the next event on the current stream; its IPC handle. (Event.record() uses the current stream;
+        it does not change it.)"""
+        if len(self._events) < READY_EVENT_RING:
+            event = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+            event.record()
+            handle = bytes(event.ipc_handle())
+            self._events.append((event, handle))
+            return handle
+        event, handle = self._events[self._next]
+        self._next = (self._next + 1) % READY_EVENT_RING
+        event.record()
+        return handle
+
+
+_lock = threading.Lock()
+_rings: dict[int, _EventRing] = {}
+_opened: dict[bytes, Any] = {}
+
+
+def record_ready_event() -> bytes:
+    """An interprocess event recorded on the caller's current stream: the daemon starts copying after it."""
+    device = torch.cuda.current_device()
+    ring = _rings.get(device)
+    if ring is None:
+        with _lock:
+            ring = _rings.setdefault(device, _EventRing(device))
+    return ring.record()
+
+
+def wait_done_event(handle: bytes) -> None:
+    """Make the caller's current stream wait for the daemon's copy (a wait, never a stream switch)."""
+    event = _opened.get(handle)
+    if event is None:
+        event = torch.cuda.Event.from_ipc_handle(torch.cuda.current_device(), handle)
+        _opened[handle] = event
+    torch.cuda.current_stream().wait_event(event)

@@ -1,0 +1,5 @@
+"""`python -m kvd` is the `kvd` command."""
+
+from kvd.cli import main
+
+raise SystemExit(main())

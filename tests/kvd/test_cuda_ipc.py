@@ -1,0 +1,222 @@
+"""The GPU path: CUDA IPC transport, the per-GPU engine, stream safety and ordering. Needs a CUDA GPU (run on the
+device); skipped elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from kvd_client import Completion, KvdClient  # noqa: E402
+
+from tests.helpers.daemon import REPO_ROOT, Daemon, child_env  # noqa: E402
+from tests.helpers.kvdata import block_content, block_hash  # noqa: E402
+from tests.kvd.cuda_common import SPEC, make_gpu_caches, mismatched_blocks, write_blocks  # noqa: E402
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    with Daemon(
+        capacity_bytes=256 * MiB,
+        slab_bytes=4 * MiB,
+        lease_ms=5000,
+        env={"KVD_ENGINE__CUDA_CHUNK_BYTES": str(8 * MiB), "KVD_ENGINE__CUDA_STAGING_BYTES": str(64 * MiB)},
+    ) as d:
+        yield d
+
+
+def _client(daemon: Daemon, caches, model_id: str) -> KvdClient:
+    client = KvdClient(daemon.socket, model_id=model_id)
+    client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
+    client.start()
+    assert client.wait_ready(30), daemon.log_text()
+    return client
+
+
+def _wait(client: KvdClient, op: int, timeout: float = 30.0) -> Completion:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in client.poll_finished():
+            if c.op_id == op:
+                return c
+        time.sleep(0.0002)
+    raise TimeoutError(f"operation {op} did not finish")
+
+
+def _worker(daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kvd.cuda_worker", str(daemon.socket), *args],
+        cwd=REPO_ROOT,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"worker printed no result (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def test_save_in_one_process_load_in_another_bytes_identical(daemon: Daemon) -> None:
+    caches, _backing = make_gpu_caches(offset_elements=1000)  # layer 0 starts 2000 bytes into the allocation
+    client = _client(daemon, caches, "cuda-test")
+    try:
+        pairs = [(i, block_hash(i, "xproc")) for i in range(40)]
+        write_blocks(caches, pairs)
+        done = _wait(client, client.save(pairs))
+        assert done.ok, done.error
+        assert done.nbytes == 40 * SPEC.block_bytes
+        assert client.lookup([h for _, h in pairs]).result(10).hit_blocks == 40
+    finally:
+        client.close()
+    result = _worker(daemon, "load", "100", "40", "xproc")
+    assert result == {"ok": True, "hit": 40, "bad": 0, "untouched_nonzero": 0, "error": ""}, result
+
+
+class _StreamGuard:
+    """vLLM keeps its own current stream in a module global, updated by a patched torch.cuda.set_stream. kvd must
+    never call set_stream nor create a stream in the worker: either would fail here."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+
+    def __enter__(self) -> _StreamGuard:
+        self._set_stream = torch.cuda.set_stream
+        self._stream_init = torch.cuda.Stream.__init__
+        guard = self
+
+        def set_stream(stream):  # type: ignore[no-untyped-def]
+            guard.violations.append(f"torch.cuda.set_stream({stream})")
+            raise AssertionError("kvd called torch.cuda.set_stream in the worker")
+
+        def stream_init(self_, *args, **kwargs):  # type: ignore[no-untyped-def]
+            # torch.cuda.current_stream() wraps the existing stream (stream_id given); only a *new* stream fails.
+            if "stream_id" not in kwargs:
+                guard.violations.append("torch.cuda.Stream() created")
+                raise AssertionError("kvd created a CUDA stream in the worker")
+            return guard._stream_init(self_, *args, **kwargs)
+
+        torch.cuda.set_stream = set_stream
+        torch.cuda.Stream.__init__ = stream_init
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.set_stream = self._set_stream
+        torch.cuda.Stream.__init__ = self._stream_init
+
+
+def test_stream_safety_and_ordering_under_a_model_like_loop(daemon: Daemon) -> None:
+    """A slow kernel on the model stream writes blocks right before each save: the saved bytes must be the kernel's
+    output. A load into blocks the model stream is still writing must land after that write, and a read on the
+    model stream right after the load must see the loaded bytes. The model thread's stream never changes."""
+    caches, _backing = make_gpu_caches(offset_elements=512)
+    client = _client(daemon, caches, "cuda-order")
+    rng = random.Random(7)
+    model_stream = torch.cuda.current_stream()
+    before = (model_stream.cuda_stream, torch.cuda.current_device())
+    half = SPEC.num_blocks // 2
+    try:
+        with _StreamGuard() as guard:
+            for it in range(12):
+                # Chained hashes with a shared prefix: later iterations re-save the first blocks (deduplicated).
+                n = rng.randint(4, 24)
+                hashes = [block_hash(i, "prefix" if i < 3 else f"it{it}") for i in range(n)]
+                src = rng.sample(range(half), n)
+                dst = rng.sample(range(half, SPEC.num_blocks), n)
+                contents = {
+                    h: [block_content(h, layer, SPEC).cuda() for layer in range(SPEC.num_layers)] for h in hashes
+                }
+                torch.cuda.synchronize()
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the writes
+                for i, h in zip(src, hashes, strict=True):
+                    for layer, tensor in enumerate(caches.values()):
+                        tensor.view(torch.int16)[:, i].copy_(contents[h][layer])
+                saved = _wait(client, client.save(list(zip(src, hashes, strict=True))))
+                assert saved.ok, saved.error
+                # The model stream is still busy writing garbage into the destination blocks when the load is issued.
+                torch.cuda._sleep(20_000_000)
+                for tensor in caches.values():
+                    tensor.view(torch.int16)[:, dst] = -1
+                pairs = list(zip(dst, hashes, strict=True))
+                loaded = _wait(client, client.load(pairs))
+                assert loaded.ok, loaded.error
+                client.wait_loaded(loaded)
+                # Read on the model stream right away.
+                got = [caches[name].view(torch.int16)[:, dst].clone() for name in caches]
+                for layer, block in enumerate(got):
+                    for k, h in enumerate(hashes):
+                        assert torch.equal(block[:, k].cpu(), contents[h][layer].cpu()), (it, layer, k)
+                assert (torch.cuda.current_stream().cuda_stream, torch.cuda.current_device()) == before
+        assert guard.violations == []
+    finally:
+        client.close()
+
+
+def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon) -> None:
+    caches, _backing = make_gpu_caches(offset_elements=0)
+    client = _client(daemon, caches, "cuda-missing")
+    try:
+        stored = [(i, block_hash(i, "stored")) for i in range(4)]
+        write_blocks(caches, stored)
+        assert _wait(client, client.save(stored)).ok
+        missing = block_hash(99, "never-saved")
+        pairs = [(10, stored[0][1]), (11, missing), (12, stored[2][1])]
+        done = _wait(client, client.load(pairs))
+        assert not done.ok
+        assert done.failed_hashes == frozenset({missing})
+        client.wait_loaded(done)
+        assert mismatched_blocks(caches, [(10, stored[0][1]), (12, stored[2][1])]) == []
+    finally:
+        client.close()
+
+
+def test_expandable_segments_either_works_or_is_refused_clearly(daemon: Daemon) -> None:
+    result = _worker(daemon, "expandable", "8", "exp", env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    if result["refused"]:
+        assert "expandable" in result["error"], result
+    else:
+        assert result == {"ok": True, "refused": False, "bad": 0, "error": ""}, result
+
+
+def test_worker_crash_frees_its_session_and_mappings(daemon: Daemon) -> None:
+    code = (
+        "import sys, torch; from kvd_client import KvdClient; from tests.kvd.cuda_common import *\n"
+        "caches, b = make_gpu_caches(0)\n"
+        "c = KvdClient(sys.argv[1], model_id='cuda-crash'); c.register_kv_caches(caches, block_dim=1)\n"
+        "c.start(); assert c.wait_ready(30); print('ready', flush=True); import time; time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(daemon.socket)],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        names = lambda: {s.worker_name for s in daemon.stats().sessions}  # noqa: E731
+        assert f"pid{proc.pid}" in names()
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while f"pid{proc.pid}" in names():
+            assert time.monotonic() < deadline, "the crashed worker's session was not freed"
+            time.sleep(0.05)
+        assert "session" in daemon.log_text() and "worker process exited" in daemon.log_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.path.exists(daemon.socket)
