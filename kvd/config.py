@@ -51,6 +51,7 @@ class DiskTierConfig(_Section):
     path: Path | None = None
     capacity_bytes: int = Field(default=64 * GiB, ge=1 * MiB)
     io_threads: int = Field(default=4, ge=1)
+    fsync: bool = False  # durability across power loss; writes are atomic (rename) either way
 
 
 class RedisTierConfig(_Section):

@@ -143,3 +143,4 @@ class StatsSnapshot:
     sessions: tuple[SessionSnapshot, ...]
     tiers: tuple[TierSnapshot, ...]
     counters: dict[str, int] = field(default_factory=dict)
+    tier_counters: dict[str, float] = field(default_factory=dict)

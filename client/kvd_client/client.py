@@ -20,7 +20,8 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,10 @@ class KvdClient:
         self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
         self._cuda = False
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pending: dict[int, _Op] = {}
         self._finished: collections.deque[Completion] = collections.deque()
+        self._finished_changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -181,12 +183,29 @@ class KvdClient:
             wait_done_event(completion.done_event)
 
     def poll_finished(self) -> list[Completion]:
-        out = []
-        while True:
-            try:
-                out.append(self._finished.popleft())
-            except IndexError:
-                return out
+        """Every operation finished since the last call (never blocks)."""
+        with self._lock:
+            out = list(self._finished)
+            self._finished.clear()
+        return out
+
+    def wait(self, op_ids: Iterable[int], timeout_s: float) -> list[Completion]:
+        """Block until these operations finished or `timeout_s` passed; their completions (the others stay queued
+        for poll_finished). For shutdown and preemption flushes, never the serving path."""
+        wanted = set(op_ids)
+        found: list[Completion] = []
+        deadline = time.monotonic() + timeout_s
+        with self._finished_changed:
+            while True:
+                keep: collections.deque[Completion] = collections.deque()
+                for completion in self._finished:
+                    (found if completion.op_id in wanted else keep).append(completion)
+                self._finished = keep
+                wanted -= {c.op_id for c in found}
+                left = deadline - time.monotonic()
+                if not wanted or left <= 0:
+                    return found
+                self._finished_changed.wait(left)
 
     def close(self) -> None:
         """Unregister (best effort) and stop the background thread; pending operations complete as failed."""
@@ -226,7 +245,12 @@ class KvdClient:
         return op.op_id
 
     def _complete_failed(self, op: _Op, error: str) -> None:
-        self._finished.append(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
+        self._push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
+
+    def _push(self, completion: Completion) -> None:
+        with self._finished_changed:
+            self._finished.append(completion)
+            self._finished_changed.notify_all()
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -337,7 +361,7 @@ class KvdClient:
                 op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
-            self._finished.append(
+            self._push(
                 Completion(
                     op_id=op.op_id,
                     kind=op.kind,
@@ -396,6 +420,10 @@ class KvdClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
+            # the documented Unavailable, not a bare CancelledError outside the KvdError family.
+            raise Unavailable("kvd connection closed during the lookup") from None
         return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
 
     async def _shutdown(self) -> None:
@@ -412,7 +440,12 @@ class KvdClient:
 def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
     return kvd_pb2.KvLayout(
         layers=[
-            kvd_pb2.LayerLayout(name=layer.name, shape=layer.shape, dtype=kvd_pb2.DType.ValueType(layer.dtype), block_dim=layer.block_dim)
+            kvd_pb2.LayerLayout(
+                name=layer.name,
+                shape=layer.shape,
+                dtype=kvd_pb2.DType.ValueType(layer.dtype),
+                block_dim=layer.block_dim,
+            )
             for layer in layout.layers
         ],
         block_size_tokens=layout.block_size_tokens,

@@ -51,7 +51,7 @@ def build_store(config: KvdConfig, pool: HostPool) -> BlockStore:
 
     backends: list[StorageBackend] = []
     if config.disk.path is not None:
-        backends.append(DiskBackend(config.disk))
+        backends.append(DiskBackend(config.disk, fsync=config.disk.fsync))
     if config.redis.url:
         backends.append(RedisBackend(config.redis))
     if not backends:
@@ -72,6 +72,7 @@ class KvdServer:
         self.metrics: Metrics | None = None
         self._stop = asyncio.Event()
         self._stopping = False
+        self._monitor: asyncio.Task[None] | None = None
         self._bound = False  # only a daemon that bound the socket may remove it (never a live one's)
 
     # -- startup -------------------------------------------------------------------------------------------------
@@ -112,12 +113,29 @@ class KvdServer:
         await self.service.start()
         self.servicer.service = self.service
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.create_task(self._watch_tiers(), name="kvd-tier-monitor")
         _sd_notify("READY=1\nSTATUS=serving")
         log.info("kvd ready: boot id %s, host pool %.2f GiB", self.service.boot_id, self.pool.capacity_bytes / 2**30)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    async def _watch_tiers(self) -> None:
+        """Publish each tier's health as its own health service, `kvd.v1.Kvd/tier/<name>`: a degraded tier (Redis
+        down) is visible to probes while the daemon itself stays SERVING from the other tiers."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while self.service is not None:
+            store = self.service.store
+            degraded = set(store.degraded_tiers())
+            for tier in store.snapshots():
+                healthy = tier.name not in degraded and tier.healthy
+                await self.health.set(f"{SERVICE_NAME}/tier/{tier.name}", serving if healthy else not_serving)
+                if self.metrics is not None:
+                    self.metrics.set_tier_health(tier.name, healthy)
+            if self.metrics is not None and self.pool is not None:
+                self.metrics.set_pinned_bytes(self.pool.used_bytes, self.pool.capacity_bytes)
+            await asyncio.sleep(1.0)
 
     # -- serve ---------------------------------------------------------------------------------------------------
 
@@ -142,6 +160,10 @@ class KvdServer:
 
     async def shutdown(self) -> None:
         _sd_notify("STOPPING=1")
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: draining")
         if self.service is not None:

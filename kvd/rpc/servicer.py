@@ -111,7 +111,9 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     @_mapped
     async def Lookup(self, request: kvd_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.LookupResponse:
         result = await self._svc().lookup(request.session_id, request.block_hashes)
-        return kvd_pb2.LookupResponse(hit_blocks=result.hit_blocks, tiers=[kvd_pb2.Tier.ValueType(t) for t in result.tiers])
+        return kvd_pb2.LookupResponse(
+            hit_blocks=result.hit_blocks, tiers=[kvd_pb2.Tier.ValueType(t) for t in result.tiers]
+        )
 
     @_mapped
     async def Save(
@@ -189,6 +191,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
                 )
                 for t in snap.tiers
             ],
+            tier_counters=snap.tier_counters,
             **snap.counters,
         )
 

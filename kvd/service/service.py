@@ -117,8 +117,11 @@ class KvdService:
         if peer.verified and peer.uid not in (0, os.getuid(), *self.config.allowed_uids):
             raise PermissionDenied(f"uid {peer.uid} may not register (allowed: root, the daemon's user, allowed_uids)")
         ns_key = registration.namespace.key
-        if self.sessions.find(peer.pid, ns_key) is not None:
-            raise AlreadyExists(f"pid {peer.pid} already has a live session for namespace {ns_key!r}")
+        # One memory session and one lookup-only session per process and namespace: vLLM's scheduler (lookups) and
+        # worker (memory) share a process with a single-process executor.
+        if self.sessions.find(peer.pid, ns_key, with_memory=registration.memory is not None) is not None:
+            kind = "memory" if registration.memory is not None else "lookup-only"
+            raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
         layout = registration.layout
         if layout is not None:
             if layout.block_bytes > self.store.pool.slab_bytes:
@@ -127,16 +130,18 @@ class KvdService:
                     f" {self.store.pool.slab_bytes} bytes: raise host_pool.slab_bytes"
                 )
             canonical = tuple(layer.canonical() for layer in layout.layers)
-            known = self._layouts.setdefault(ns_key, canonical)
-            if known != canonical:
-                raise InvalidArgument(
-                    f"namespace {ns_key!r} is registered with another KV layout; the fingerprint must cover the layout"
-                )
+            self._check_layout(ns_key, self._layouts.get(ns_key, canonical), canonical)
         if (registration.memory is None) != (layout is None):
             raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
         attachment = None
         if registration.memory is not None and layout is not None:
             attachment = await self.engine.attach(registration.memory, layout, peer)
+            # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)
+            # must not lock the namespace to its layout. Re-checked, as another one may have claimed it meanwhile.
+            known = self._layouts.setdefault(ns_key, canonical)
+            if known != canonical:
+                await attachment.close()
+                self._check_layout(ns_key, known, canonical)
         session = Session(
             id=self.sessions.new_id(),
             registration=registration,
@@ -157,6 +162,13 @@ class KvdService:
         )
         self._update_session_gauges()
         return session
+
+    @staticmethod
+    def _check_layout(ns_key: str, known: tuple[str, ...], canonical: tuple[str, ...]) -> None:
+        if known != canonical:
+            raise InvalidArgument(
+                f"namespace {ns_key!r} is registered with another KV layout; the fingerprint must cover the layout"
+            )
 
     def heartbeat(self, session_id: str) -> None:
         self.sessions.get(session_id)
@@ -352,6 +364,7 @@ class KvdService:
             ),
             tiers=self.store.snapshots(),
             counters=dict(self.counters),
+            tier_counters={k: float(v) for k, v in self.store.stats_counters().items()},
         )
 
     # -- internals -----------------------------------------------------------------------------------------------

@@ -119,10 +119,15 @@ class SessionTable:
     def expired(self, now: float) -> list[Session]:
         return [s for s in self._sessions.values() if not s.closing and s.deadline < now]
 
-    def find(self, pid: int, namespace_key: str) -> Session | None:
+    def find(self, pid: int, namespace_key: str, with_memory: bool) -> Session | None:
         for session in self._sessions.values():
             reg = session.registration
-            if not session.closing and reg.peer.pid == pid and reg.namespace.key == namespace_key:
+            if (
+                not session.closing
+                and reg.peer.pid == pid
+                and reg.namespace.key == namespace_key
+                and (reg.memory is not None) == with_memory
+            ):
                 return session
         return None
 

@@ -124,6 +124,14 @@ class BlockStore:
             ),
         )
 
+    def degraded_tiers(self) -> tuple[str, ...]:
+        """Names of tiers that cannot serve now (health reports them; the daemon keeps serving). L1 never is."""
+        return ()
+
+    def stats_counters(self) -> dict[str, int]:
+        """Tier counters beyond TierSnapshot (write-downs, prefetches, admission), for StatsSnapshot.counters."""
+        return {}
+
     async def close(self) -> None:
         for waiter in self._writing.values():
             if not waiter.done():

@@ -15,9 +15,9 @@ import sys
 import time
 
 import torch
-
 from kvd_client import KvdClient
 from kvd_client.errors import InvalidArgument
+
 from tests.helpers.kvdata import block_hash
 from tests.kvd.cuda_common import SPEC, make_gpu_caches, mismatched_blocks, write_blocks
 

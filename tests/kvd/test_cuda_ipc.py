@@ -95,6 +95,7 @@ class _StreamGuard:
 
     def __enter__(self) -> _StreamGuard:
         self._set_stream = torch.cuda.set_stream
+        self._own_init = "__init__" in torch.cuda.Stream.__dict__
         self._stream_init = torch.cuda.Stream.__init__
         guard = self
 
@@ -107,7 +108,9 @@ class _StreamGuard:
             if "stream_id" not in kwargs:
                 guard.violations.append("torch.cuda.Stream() created")
                 raise AssertionError("kvd created a CUDA stream in the worker")
-            return guard._stream_init(self_, *args, **kwargs)
+            # Chain to what Stream() would run anyway; object.__init__ would reject the arguments __new__ took.
+            if guard._stream_init is not object.__init__:
+                guard._stream_init(self_, *args, **kwargs)
 
         torch.cuda.set_stream = set_stream
         torch.cuda.Stream.__init__ = stream_init
@@ -115,7 +118,10 @@ class _StreamGuard:
 
     def __exit__(self, *exc: object) -> None:
         torch.cuda.set_stream = self._set_stream
-        torch.cuda.Stream.__init__ = self._stream_init
+        if self._own_init:
+            torch.cuda.Stream.__init__ = self._stream_init
+        else:
+            del torch.cuda.Stream.__init__  # back to the inherited one
 
 
 def test_stream_safety_and_ordering_under_a_model_like_loop(daemon: Daemon) -> None:

@@ -798,6 +798,26 @@ Global___SessionStats: _TypeAlias = SessionStats  # noqa: Y015
 class StatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TierCountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BOOT_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
@@ -814,6 +834,7 @@ class StatsResponse(_message.Message):
     BYTES_LOADED_FIELD_NUMBER: _builtins.int
     LOAD_HIT_BLOCKS_FIELD_NUMBER: _builtins.int
     LOAD_MISS_BLOCKS_FIELD_NUMBER: _builtins.int
+    TIER_COUNTERS_FIELD_NUMBER: _builtins.int
     boot_id: _builtins.str
     version: _builtins.str
     uptime_s: _builtins.int
@@ -832,6 +853,12 @@ class StatsResponse(_message.Message):
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionStats]: ...
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
+    @_builtins.property
+    def tier_counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Tier chain internals (write-downs queued/dropped, prefetches, admission rejections, measured bandwidth...),
+        by name. Names may be added in any release; read them as free-form diagnostics.
+        """
+
     def __init__(
         self,
         *,
@@ -851,10 +878,11 @@ class StatsResponse(_message.Message):
         bytes_loaded: _builtins.int = ...,
         load_hit_blocks: _builtins.int = ...,
         load_miss_blocks: _builtins.int = ...,
+        tier_counters: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes_loaded", b"bytes_loaded", "bytes_saved", b"bytes_saved", "load_hit_blocks", b"load_hit_blocks", "load_miss_blocks", b"load_miss_blocks", "loads_failed", b"loads_failed", "loads_ok", b"loads_ok", "lookup_blocks", b"lookup_blocks", "lookup_hit_blocks", b"lookup_hit_blocks", "lookups", b"lookups", "saves_failed", b"saves_failed", "saves_ok", b"saves_ok", "sessions", b"sessions", "tiers", b"tiers", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes_loaded", b"bytes_loaded", "bytes_saved", b"bytes_saved", "load_hit_blocks", b"load_hit_blocks", "load_miss_blocks", b"load_miss_blocks", "loads_failed", b"loads_failed", "loads_ok", b"loads_ok", "lookup_blocks", b"lookup_blocks", "lookup_hit_blocks", b"lookup_hit_blocks", "lookups", b"lookups", "saves_failed", b"saves_failed", "saves_ok", b"saves_ok", "sessions", b"sessions", "tier_counters", b"tier_counters", "tiers", b"tiers", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

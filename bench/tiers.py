@@ -1,0 +1,225 @@
+"""Tier throughput and latency on this machine; prints one JSON object.
+
+    python bench/tiers.py [--request-mib 32] [--blocks-per-request 8] [--iterations 20] [--dir DIR]
+
+Per tier, put and get of `request-mib` MiB requests (`blocks-per-request` blocks each) through the tier's real
+backend: L1 (copy into / out of host-pool slots, what the engine does), disk (a directory under --dir, default the
+system temp dir), and Redis (a redis-server started here on loopback, skipped if absent). Then a lookup whose
+prefix crosses L1 -> disk -> Redis, through TieredBlockStore. Reported: MiB/s over the run and p50/p99 per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig, TiersConfig
+from kvd.tiers.base import StorageBackend
+from kvd.tiers.chain import TieredBlockStore
+from kvd.tiers.disk import DiskBackend
+from kvd.tiers.host import HostPool
+from kvd.tiers.kvstore import RedisBackend
+from kvd.types import BlockKey
+
+MiB = 1 << 20
+NS = "bench|fp|tp0/1"
+
+
+def key(i: int) -> BlockKey:
+    return NS, i.to_bytes(8, "big")
+
+
+def summary(latencies: list[float], nbytes: int) -> dict[str, float]:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "mib_per_s": round(nbytes * len(latencies) / MiB / sum(latencies), 1),
+        "p50_ms": round(statistics.median(latencies) * 1e3, 2),
+        "p99_ms": round(p99 * 1e3, 2),
+    }
+
+
+async def timed(n: int, op: Callable[[int], Awaitable[Any]]) -> list[float]:
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        await op(i)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+async def bench_backend(backend: StorageBackend, payloads: list[bytes], per_request: int, n: int) -> dict[str, Any]:
+    request_bytes = per_request * len(payloads[0])
+
+    async def put(r: int) -> None:
+        items = [(key(r * per_request + j), payloads[j]) for j in range(per_request)]
+        if not all(await backend.put(items)):
+            raise RuntimeError(f"{backend.name}: a put was dropped")
+
+    async def get(r: int) -> None:
+        got = await backend.get([key(r * per_request + j) for j in range(per_request)])
+        if any(g is None for g in got):
+            raise RuntimeError(f"{backend.name}: a get missed")
+
+    puts = await timed(n, put)
+    gets = await timed(n, get)
+    return {"put": summary(puts, request_bytes), "get": summary(gets, request_bytes)}
+
+
+async def bench_host(pool: HostPool, payloads: list[bytes], per_request: int, n: int) -> dict[str, Any]:
+    """L1 as the engine sees it: reserve + copy in + commit, and pin + copy out (one CPU thread each way)."""
+    store = TieredBlockStore(pool, [], TiersConfig())
+    block = len(payloads[0])
+    loop = asyncio.get_running_loop()
+    sink = bytearray(block)
+
+    async def put(r: int) -> None:
+        plan = store.plan_save([key(10_000 + r * per_request + j) for j in range(per_request)], block)
+        views = [pool.slot_view(e) for _, e in plan.to_write]
+
+        def copy() -> None:
+            for j, view in enumerate(views):
+                view[:] = payloads[j]
+                view.release()
+
+        await loop.run_in_executor(None, copy)
+        store.finish_save([e for _, e in plan.to_write], ok=True)
+
+    async def get(r: int) -> None:
+        entries = await store.acquire([key(10_000 + r * per_request + j) for j in range(per_request)])
+        views = [pool.slot_view(e) for e in entries if e is not None]
+
+        def copy() -> None:
+            for view in views:
+                sink[:] = view
+                view.release()
+
+        await loop.run_in_executor(None, copy)
+        store.release(entries)
+
+    n = min(n, pool.capacity_bytes // (block * per_request))
+    return {
+        "put": summary(await timed(n, put), block * per_request),
+        "get": summary(await timed(n, get), block * per_request),
+    }
+
+
+async def bench_lookup(pool: HostPool, disk: DiskBackend, remote: RedisBackend | None, n: int) -> dict[str, Any]:
+    """A 48-block lookup: 16 in L1, 16 only on disk, 16 only in Redis (no promotion, so every run is the same)."""
+    backends: list[StorageBackend] = [disk] if remote is None else [disk, remote]
+    store = TieredBlockStore(pool, backends, TiersConfig(promote_on_hit=False, recompute_us_per_token=1e6))
+    small = os.urandom(64 * 1024)
+    keys = [key(1_000_000 + i) for i in range(48)]
+    plan = store.plan_save(keys[:16], len(small))
+    for _, e in plan.to_write:
+        pool.slot_view(e)[:] = small
+    store.finish_save([e for _, e in plan.to_write], ok=True)
+    await disk.put([(k, small) for k in keys[16:32]])
+    if remote is not None:
+        await remote.put([(k, small) for k in keys[32:]])
+    expected = 48 if remote is not None else 32
+    lookups: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        hit, _tiers = await store.lookup(keys)
+        lookups.append(time.perf_counter() - start)
+        if hit != expected:
+            raise RuntimeError(f"lookup hit {hit} of {expected}")
+    ordered = sorted(lookups)
+    return {
+        "blocks": 48,
+        "hit": expected,
+        "p50_us": round(statistics.median(lookups) * 1e6, 1),
+        "p99_us": round(ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] * 1e6, 1),
+        "cost_model": store.cost.describe(),
+    }
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path):  # type: ignore[no-untyped-def]
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield None
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    block = args.request_mib * MiB // args.blocks_per_request
+    payloads = [os.urandom(block) for _ in range(args.blocks_per_request)]
+    result: dict[str, Any] = {
+        "request_mib": args.request_mib,
+        "blocks_per_request": args.blocks_per_request,
+        "iterations": args.iterations,
+        "cpus": os.cpu_count(),
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="kvd-bench-", dir=args.dir))
+    pool = HostPool(
+        HostPoolConfig(capacity_bytes=max(512 * MiB, 4 * args.request_mib * MiB), slab_bytes=max(block, 4 * MiB))
+    )
+    pool.populate()
+    try:
+        result["host"] = await bench_host(pool, payloads, args.blocks_per_request, args.iterations)
+        disk = DiskBackend(DiskTierConfig(path=workdir / "disk", capacity_bytes=64 << 30, io_threads=4))
+        await disk.start()
+        await disk.wait_indexed()
+        result["disk"] = await bench_backend(disk, payloads, args.blocks_per_request, args.iterations)
+        result["disk"]["note"] = "reads likely served from the page cache (files just written)"
+        with redis_server(workdir) as url:
+            remote = None
+            if url is not None:
+                remote = RedisBackend(RedisTierConfig(url=url, timeout_ms=5000))
+                await remote.start()
+                await remote.wait_healthy(5)
+                result["redis"] = await bench_backend(remote, payloads, args.blocks_per_request, args.iterations)
+            else:
+                result["redis"] = "skipped: redis-server not installed"
+            result["lookup_across_tiers"] = await bench_lookup(pool, disk, remote, 200)
+            if remote is not None:
+                await remote.close()
+        await disk.close()
+    finally:
+        with contextlib.suppress(BufferError):
+            pool.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--request-mib", type=int, default=32)
+    parser.add_argument("--blocks-per-request", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--dir", default=None, help="where the disk tier's directory goes (default: temp dir)")
+    json.dump(asyncio.run(main(parser.parse_args())), sys.stdout, indent=2)
+    print()
