@@ -15,7 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.errors import Unavailable, from_rpc_error
 
 from tests.conftest import DaemonFactory, WorkerFactory
 from tests.helpers.daemon import NOT_SERVING, SERVING, Daemon, MiB, wait_for
@@ -101,17 +102,24 @@ def test_sigterm_drains_an_operation_in_flight(daemon_factory: DaemonFactory) ->
 
 
 def test_draining_daemon_refuses_new_work(daemon: Daemon, spec: CacheSpec) -> None:
-    """Between SIGTERM and exit, new registrations are UNAVAILABLE (clients then recompute and retry later)."""
-    daemon.signal(signal.SIGSTOP)  # hold the daemon still so the signal and our call are ordered
-    try:
-        daemon.signal(signal.SIGTERM)
-    finally:
-        daemon.signal(signal.SIGCONT)
-    stub = daemon.stub()
+    """After SIGTERM (once health says so), a registration is refused as "retry later", never given a session."""
+    probe = daemon.new_channel()
+    health = health_pb2_grpc.HealthStub(probe)
+    daemon.signal(signal.SIGTERM)
+
+    def not_serving() -> bool:
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status != SERVING
+        except grpc.RpcError:
+            return True  # already gone
+
+    wait_for(not_serving, timeout=10, what="NOT_SERVING")
     with pytest.raises(grpc.RpcError) as err:
-        stub.RegisterSession(lookup_only_request("m-drain2", fingerprint(spec)), timeout=5)
-    # Refused while draining, or nobody listening any more: UNAVAILABLE either way, never a session.
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        kvd_pb2_grpc.KvdStub(probe).RegisterSession(lookup_only_request("m-drain2", fingerprint(spec)), timeout=5)
+    probe.close()
+    # Refused while draining (UNAVAILABLE), cancelled by the stopping server, or nobody listening any more: the
+    # client maps each of them to Unavailable, i.e. recompute now and retry later.
+    assert type(from_rpc_error(err.value)) is Unavailable, err.value
     assert daemon.proc is not None and daemon.proc.wait(timeout=30) == 0
 
 
@@ -225,7 +233,7 @@ def test_unverified_session_expires_after_its_lease(daemon: Daemon, spec: CacheS
     wait_for(lambda: response.session_id not in daemon.session_ids(), timeout=10, what="the lease to expire")
     elapsed = time.monotonic() - last_beat
     assert elapsed >= 0.8 * daemon.lease_ms / 1000, elapsed  # not before the lease...
-    assert elapsed < 3 * daemon.lease_ms / 1000, elapsed  # ...and not much after it
+    assert elapsed < 5 * daemon.lease_ms / 1000, elapsed  # ...and not long after it (sweeps: lease / 4)
     with pytest.raises(grpc.RpcError) as err:
         stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=response.session_id), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
