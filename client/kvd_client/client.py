@@ -81,6 +81,7 @@ class KvdClient:
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: dict[int, _Op] = {}
+        self._lookups: set[concurrent.futures.Future[LookupResult]] = set()
         self._finished: collections.deque[Completion] = collections.deque()
         self._finished_changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,7 +154,11 @@ class KvdClient:
             failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
             failed.set_exception(Unavailable("kvd is not connected"))
             return failed
-        return asyncio.run_coroutine_threadsafe(self._lookup(list(block_hashes)), loop)
+        future = asyncio.run_coroutine_threadsafe(self._lookup(list(block_hashes)), loop)
+        with self._lock:
+            self._lookups.add(future)
+        future.add_done_callback(self._lookups.discard)
+        return future
 
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
@@ -223,6 +228,11 @@ class KvdClient:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
+        with self._lock:
+            lookups = list(self._lookups)
+        for future in lookups:  # the loop is gone: nothing else would ever resolve them
+            if not future.done():
+                future.set_exception(Unavailable("kvd client closed"))
 
     def __enter__(self) -> KvdClient:
         self.start()

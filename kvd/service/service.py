@@ -136,6 +136,9 @@ class KvdService:
         attachment = None
         if registration.memory is not None and layout is not None:
             attachment = await self.engine.attach(registration.memory, layout, peer)
+            if self.sessions.find(peer.pid, ns_key, with_memory=True) is not None:
+                await attachment.close()  # a twin registration won the race during the await
+                raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
             # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)
             # must not lock the namespace to its layout. Re-checked, as another one may have claimed it meanwhile.
             known = self._layouts.setdefault(ns_key, canonical)
@@ -378,9 +381,10 @@ class KvdService:
             raise InvalidArgument("empty batch")
         if len(hashes) > limit:
             raise ResourceExhausted(f"batch of {len(hashes)} blocks exceeds the limit of {limit}")
-        for h in hashes:
-            if not 0 < len(h) <= MAX_HASH_BYTES:
-                raise InvalidArgument(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {len(h)}")
+        lengths = list(map(len, hashes))
+        if min(lengths) < 1 or max(lengths) > MAX_HASH_BYTES:
+            bad = next(n for n in lengths if not 0 < n <= MAX_HASH_BYTES)
+            raise InvalidArgument(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {bad}")
 
     def _begin_transfer(self, session_id: str, blocks: Sequence[BlockTransfer]) -> tuple[Session, KvLayout]:
         self._check_open()

@@ -161,11 +161,7 @@ class TieredBlockStore(BlockStore):
     # -- lookups -------------------------------------------------------------------------------------------------
 
     async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[TierKind, ...]]:
-        n_host = self.prefix_length(keys)
-        for key in keys[:n_host]:
-            entry = self.pool.get(key)
-            if entry is not None:
-                self.pool.touch(entry)
+        n_host = self.pool.touch_prefix(keys)
         self.hits += n_host
         self.misses += len(keys) - n_host
         tiers: list[TierKind] = [TierKind.HOST_MEMORY] * n_host

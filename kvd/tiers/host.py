@@ -18,7 +18,7 @@ import logging
 import mmap
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -125,6 +125,23 @@ class HostPool:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def touch_prefix(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are stored (READY), marking each of them used: one pass, one clock read (this is
+        the lookup hot path: a thousand keys per call)."""
+        now = time.monotonic()
+        entries, slabs, classes = self._entries, self._slabs, self._classes
+        ready = SlotState.READY
+        n = 0
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None or entry.state is not ready:
+                break
+            entry.last_use = now
+            slabs[entry.slab].last_use = now
+            classes[entry.nbytes].lru.move_to_end(key)
+            n += 1
+        return n
 
     def touch(self, entry: Entry) -> None:
         entry.last_use = time.monotonic()

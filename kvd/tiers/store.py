@@ -34,20 +34,8 @@ class BlockStore:
 
     # -- lookups -------------------------------------------------------------------------------------------------
 
-    def prefix_length(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading keys are stored (READY) now."""
-        pool = self.pool
-        for i, key in enumerate(keys):
-            if key not in pool:
-                return i
-        return len(keys)
-
     async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[TierKind, ...]]:
-        hit = self.prefix_length(keys)
-        for key in keys[:hit]:
-            entry = self.pool.get(key)
-            if entry is not None:
-                self.pool.touch(entry)
+        hit = self.pool.touch_prefix(keys)
         self.hits += hit
         self.misses += len(keys) - hit
         return hit, (TierKind.HOST_MEMORY,) * hit

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from kvd_client import Completion, KvdClient
 
 
@@ -19,14 +17,14 @@ class Completions:
             self._done[completion.op_id] = completion
 
     def wait(self, op_id: int, timeout: float = 10.0) -> Completion:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.poll()
-            if op_id in self._done:
-                return self._done.pop(op_id)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"operation {op_id} did not complete within {timeout:.1f}s")
-            time.sleep(0.0005)
+        self.poll()
+        if op_id in self._done:
+            return self._done.pop(op_id)
+        # KvdClient.wait blocks on a condition: no busy loop holding the GIL against the client's own thread.
+        for completion in self.client.wait([op_id], timeout_s=timeout):
+            if completion.op_id == op_id:
+                return completion
+        raise TimeoutError(f"operation {op_id} did not complete within {timeout:.1f}s")
 
     def done(self, op_id: int) -> Completion | None:
         """The completion if it already arrived (no waiting)."""

@@ -71,7 +71,6 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     client = KvdClient(args.socket, model_id=args.model_id, worker_name=args.worker_name or f"worker-{os.getpid()}")
     client.register_kv_caches(caches, block_dim=BLOCK_DIM, block_size_tokens=spec.block_size)
     client.start()
-    finished: dict[int, Any] = {}
 
     def info() -> dict[str, Any]:
         return {
@@ -91,14 +90,10 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         pairs = _pairs(blocks)
         started = time.perf_counter()
         op = client.save(pairs) if kind == "save" else client.load(pairs)
-        deadline = time.monotonic() + timeout
-        while op not in finished:
-            for c in client.poll_finished():
-                finished[c.op_id] = c
-            if time.monotonic() > deadline:
-                return {"timeout": True}
-            time.sleep(0.001)
-        c = finished.pop(op)
+        got = client.wait([op], timeout_s=timeout)  # blocks on a condition, no polling
+        if not got:
+            return {"timeout": True}
+        c = got[0]
         wall_s = time.perf_counter() - started  # as the worker sees it: enqueue to completion collected
         return {
             "wall_s": wall_s,
