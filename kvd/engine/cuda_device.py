@@ -357,8 +357,8 @@ class DeviceEngine:
     # -- helpers for jobs (engine thread only) -------------------------------------------------------------------
 
     def completion_event(self, stream: int) -> int:
-        event = self._spare_events.pop() if self._spare_events else self.runtime.eventCreateWithFlags(
-            EVENT_DISABLE_TIMING
+        event = (
+            self._spare_events.pop() if self._spare_events else self.runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING)
         )
         self.runtime.eventRecord(event, stream)
         return event

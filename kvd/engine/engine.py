@@ -62,9 +62,11 @@ class Engine:
 def _load_cuda_transport(config: KvdConfig, pool: HostPool) -> Transport | None:
     """The CUDA IPC transport, when torch with a CUDA device is importable; else None (a CPU-only daemon)."""
     try:
+        import cupy  # noqa: F401 - only to tell "not installed" apart from "no device"
+
         from kvd.transports.cuda_ipc import CudaTransport
     except ImportError as exc:
-        log.info("CUDA IPC transport unavailable: %s", exc)
+        log.info("CUDA IPC transport unavailable (%s): install kvd[cuda] on GPU nodes", exc)
         return None
     if not CudaTransport.available():
         log.info("CUDA IPC transport unavailable: no CUDA device")

@@ -59,6 +59,11 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--tp-rank", type=int, default=0)
+    parser.add_argument("--tp-world-size", type=int, default=1)
+    # Tensor-parallel ranks hold different shards under the same block hash: with a salt, this worker's block
+    # contents are those of (hash + salt), so a test can tell whose bytes it loaded.
+    parser.add_argument("--content-salt", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s %(name)s: %(message)s")
 
@@ -68,7 +73,18 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
 
     spec = CacheSpec(args.num_layers, args.num_blocks, args.block_size, args.kv_heads, args.head_dim)
     caches = make_caches(spec)
-    client = KvdClient(args.socket, model_id=args.model_id, worker_name=args.worker_name or f"worker-{os.getpid()}")
+    client = KvdClient(
+        args.socket,
+        model_id=args.model_id,
+        worker_name=args.worker_name or f"worker-{os.getpid()}",
+        tp_rank=args.tp_rank,
+        tp_world_size=args.tp_world_size,
+    )
+    salt = args.content_salt.encode()
+
+    def content_pairs(blocks: Pairs) -> list[tuple[int, bytes]]:
+        return [(i, h + salt) for i, h in _pairs(blocks)]
+
     client.register_kv_caches(caches, block_dim=BLOCK_DIM, block_size_tokens=spec.block_size)
     client.start()
 
@@ -109,12 +125,13 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         msg = json.loads(line)
         cmd = msg["cmd"]
         if cmd == "fill":
-            fill(caches, spec, _pairs(msg["blocks"]))
+            fill(caches, spec, content_pairs(msg["blocks"]))
             reply({"ok": True})
         elif cmd in ("save", "load"):
             reply(run(cmd, msg["blocks"], float(msg.get("timeout_s", 10.0))))
         elif cmd == "verify":
-            reply({"mismatched": [h.hex() for h in mismatches(caches, spec, _pairs(msg["blocks"]))]})
+            bad = mismatches(caches, spec, content_pairs(msg["blocks"]))
+            reply({"mismatched": [h[: len(h) - len(salt)].hex() for h in bad]})
         elif cmd == "nonzero":
             reply({"indices": nonzero_blocks(caches, msg.get("exclude", []))})
         elif cmd == "lookup":
@@ -159,6 +176,7 @@ class WorkerProcess:
         name: str = "",
         ready_timeout: float = 20.0,
         log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.spec = spec
         self.log_path = log_path
@@ -175,6 +193,7 @@ class WorkerProcess:
                         f"--worker-name={name}",
                         f"--ready-timeout={ready_timeout}",
                         *spec.to_args(),
+                        *extra_args,
                     ],
                     env=child_env(),
                     stdin=subprocess.PIPE,
