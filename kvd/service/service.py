@@ -43,6 +43,7 @@ from kvd.types import (
     Registration,
     SessionSnapshot,
     StatsSnapshot,
+    TierKind,
 )
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class KvdService:
         ns = session.registration.namespace
         # Tensor-parallel ranks store separate shards; a prefix is a hit only if every rank has it.
         hit_blocks = len(hashes)
-        tiers: tuple = ()
+        tiers: tuple[TierKind, ...] = ()
         for rank in range(ns.tp_world_size):
             keys = self._keys(ns.key if rank == ns.tp_rank else self._rank_key(session, rank), hashes[:hit_blocks])
             hit, rank_tiers = await self.store.lookup(keys)
@@ -203,6 +204,8 @@ class KvdService:
         self.counters["lookup_hit_blocks"] += hit_blocks
         if self.metrics is not None:
             self.metrics.observe_lookup(len(hashes), hit_blocks)
+            for tier in set(tiers[:hit_blocks]):
+                self.metrics.observe_tier_hit(tier.name.lower(), tiers[:hit_blocks].count(tier))
         return LookupResult(hit_blocks=hit_blocks, tiers=tuple(tiers[:hit_blocks]))
 
     # -- save / load ---------------------------------------------------------------------------------------------
