@@ -6,22 +6,11 @@ import enum
 from dataclasses import dataclass, field
 
 from kvd_client.layout import KvLayout, Namespace
+from kvd_client.types import OpKind
+from kvd_client.types import Tier as TierKind  # numbered as kvd.v1.Tier; shared with the client
 
 BlockHash = bytes
 BlockKey = tuple[str, BlockHash]  # (namespace key, block hash): different models never share a key
-
-
-class OpKind(enum.StrEnum):
-    SAVE = "save"
-    LOAD = "load"
-
-
-class TierKind(enum.IntEnum):
-    """Numbered as kvd.v1.Tier."""
-
-    HOST_MEMORY = 1
-    DISK = 2
-    REMOTE = 3
 
 
 class TransportKind(enum.StrEnum):

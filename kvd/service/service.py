@@ -254,15 +254,10 @@ class KvdService:
                 )
                 moved = len(entries) * layout.block_bytes
             self.store.finish_save(entries, ok=True)
-        except (TransferError, asyncio.CancelledError) as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             self.store.finish_save(entries, ok=False)
             failed.update(blocks[i].block_hash for i, _ in plan.to_write)
-            error = str(exc) or type(exc).__name__
-        except Exception as exc:  # a bug must fail this operation, never the daemon
-            log.exception("save %d of session %s failed", op_id, session.id[:12])
-            self.store.finish_save(entries, ok=False)
-            failed.update(blocks[i].block_hash for i, _ in plan.to_write)
-            error = f"internal error: {exc}"
+            error = _failure(exc, f"save {op_id} of session {session.id[:12]}")
         for i, waiter in plan.in_flight:
             if not await waiter:
                 failed.add(blocks[i].block_hash)
@@ -296,13 +291,9 @@ class KvdService:
                     ready_event,
                 )
                 moved = len(present) * layout.block_bytes
-        except (TransferError, asyncio.CancelledError) as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             failed.update(b.block_hash for b, _ in present)
-            error = str(exc) or type(exc).__name__
-        except Exception as exc:
-            log.exception("load %d of session %s failed", op_id, session.id[:12])
-            failed.update(b.block_hash for b, _ in present)
-            error = f"internal error: {exc}"
+            error = _failure(exc, f"load {op_id} of session {session.id[:12]}")
         finally:
             self.store.release(entries)
         hit = len(blocks) - len(failed)
@@ -470,6 +461,16 @@ class KvdService:
             by_transport[s.transport] = by_transport.get(s.transport, 0) + 1
         for transport in ("cpu", "cuda_ipc", "none"):
             self.metrics.set_transport_sessions(transport, by_transport.get(transport, 0))
+
+
+def _failure(exc: BaseException, what: str) -> str:
+    """The notice's error text for a failed copy. A transfer error (the worker's memory gone, a CUDA error) or a
+    cancelled drain is expected; anything else is a bug, logged with its traceback, that fails this operation and
+    never the daemon."""
+    if isinstance(exc, TransferError | asyncio.CancelledError):
+        return str(exc) or type(exc).__name__
+    log.error("%s failed", what, exc_info=exc)
+    return f"internal error: {exc}"
 
 
 def _reason(error: str) -> str:
