@@ -736,9 +736,10 @@ class KvdConnector(KVConnectorBase_V1):
                 self._stats.add("load_bytes", done.nbytes)
                 self._stats.add("load_time_s", done.duration_s)
                 self._stats.add("load_failed_blocks", len(failed_blocks))
-                if done.done_event and not failed_blocks:
-                    # CUDA: order the current stream after the daemon's writes. The request runs in a later step,
-                    # so its attention is queued after this wait.
+                if done.done_event:
+                    # CUDA: order the current stream after the daemon's writes, also when some blocks failed (vLLM
+                    # still uses the ones before the first failure). The request runs in a later step, so its
+                    # attention is queued after this wait.
                     self._client.wait_loaded(done)
                 self._finish_load(req_id, failed_blocks)
             else:

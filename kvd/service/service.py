@@ -120,7 +120,7 @@ class KvdService:
         ns_key = registration.namespace.key
         # One memory session and one lookup-only session per process and namespace: vLLM's scheduler (lookups) and
         # worker (memory) share a process with a single-process executor.
-        if self.sessions.find(peer.pid, ns_key, with_memory=registration.memory is not None) is not None:
+        if self.sessions.find(peer, ns_key, with_memory=registration.memory is not None) is not None:
             kind = "memory" if registration.memory is not None else "lookup-only"
             raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
         layout = registration.layout
@@ -137,7 +137,7 @@ class KvdService:
         attachment = None
         if registration.memory is not None and layout is not None:
             attachment = await self.engine.attach(registration.memory, layout, peer)
-            if self.sessions.find(peer.pid, ns_key, with_memory=True) is not None:
+            if self.sessions.find(peer, ns_key, with_memory=True) is not None:
                 await attachment.close()  # a twin registration won the race during the await
                 raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
             # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvd.errors import SessionNotFound
 from kvd.transports.base import Attachment
-from kvd.types import Completion, Registration
+from kvd.types import Completion, PeerIdentity, Registration
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,15 @@ class SessionTable:
     def expired(self, now: float) -> list[Session]:
         return [s for s in self._sessions.values() if not s.closing and s.deadline < now]
 
-    def find(self, pid: int, namespace_key: str, with_memory: bool) -> Session | None:
+    def find(self, peer: PeerIdentity, namespace_key: str, with_memory: bool) -> Session | None:
+        """A live session of the same process, namespace and kind. An unverified pid is only a claim: it never
+        matches a kernel-verified one, so a claim cannot lock a real worker out."""
         for session in self._sessions.values():
             reg = session.registration
             if (
                 not session.closing
-                and reg.peer.pid == pid
+                and reg.peer.pid == peer.pid
+                and reg.peer.verified == peer.verified
                 and reg.namespace.key == namespace_key
                 and (reg.memory is not None) == with_memory
             ):
