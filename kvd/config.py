@@ -82,6 +82,9 @@ class EngineConfig(_Section):
     max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
     cuda_chunk_bytes: int = Field(default=64 * MiB, ge=1 * MiB)  # pipelining unit between gather and PCIe copy
     cuda_staging_bytes: int = Field(default=512 * MiB, ge=4 * MiB)  # device staging per GPU, half per direction
+    # The daemon's GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep
+    # a GPU engine thread from submitting or completing copies for that long; the daemon is ours to tune.
+    gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)
 
 
 class MetricsConfig(_Section):

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import grpc
@@ -204,6 +205,7 @@ def run_server(config: KvdConfig) -> int:
     """`kvd serve`: run until stopped; exit code 0 on a clean stop."""
     import uvloop
 
+    sys.setswitchinterval(config.engine.gil_switch_interval_us / 1e6)
     server = KvdServer(config)
     try:
         uvloop.run(server.serve())
