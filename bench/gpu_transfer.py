@@ -124,6 +124,13 @@ def main() -> int:
     parser.add_argument("--big", type=int, default=512)
     parser.add_argument("--small", type=int, default=16)
     parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="use this running daemon (e.g. one bench process per GPU, CUDA_VISIBLE_DEVICES=N, against one kvd)",
+    )
+    parser.add_argument("--tp-rank", type=int, default=0, help="with --socket: this process's rank")
+    parser.add_argument("--tp-world-size", type=int, default=1)
     args = parser.parse_args()
     torch.cuda.init()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -136,21 +143,28 @@ def main() -> int:
     out.update(raw_copies(big_bytes))
     out.update(in_process_baseline(caches, args.big))
 
-    pool = int(args.pool_gib * GiB)
-    daemon = Daemon(capacity_bytes=pool, slab_bytes=max(64 * MiB, block_bytes), lease_ms=10_000, log_level="WARNING")
-    t0 = time.monotonic()
-    daemon.start(timeout=300)
-    out["daemon_start_s"] = round(time.monotonic() - t0, 2)
-    client = KvdClient(daemon.socket, model_id="bench")
+    daemon: Daemon | None = None
+    socket_path = args.socket
+    if socket_path is None:
+        pool = int(args.pool_gib * GiB)
+        daemon = Daemon(
+            capacity_bytes=pool, slab_bytes=max(64 * MiB, block_bytes), lease_ms=10_000, log_level="WARNING"
+        )
+        t0 = time.monotonic()
+        daemon.start(timeout=300)
+        out["daemon_start_s"] = round(time.monotonic() - t0, 2)
+        socket_path = daemon.socket
+    client = KvdClient(socket_path, model_id="bench", tp_rank=args.tp_rank, tp_world_size=args.tp_world_size)
     client.register_kv_caches({f"layer{i}": c for i, c in enumerate(caches)}, block_dim=1, block_size_tokens=16)
     client.start()
     if not client.wait_ready(60):
-        raise SystemExit("client did not register:\n" + daemon.log_text())
+        raise SystemExit("client did not register:\n" + (daemon.log_text() if daemon else ""))
     try:
         out.update(run_kvd(client, args, block_bytes))
     finally:
         client.close()
-        daemon.close()
+        if daemon is not None:
+            daemon.close()
     print(json.dumps(out, indent=1))
     return 0
 
