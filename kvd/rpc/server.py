@@ -29,8 +29,8 @@ from kvd.metrics import Metrics
 from kvd.rpc.credentials import CredentialIssuer, _remove_stale_socket
 from kvd.rpc.servicer import KvdServicer
 from kvd.service.service import KvdService
+from kvd.tiers.build import build_store
 from kvd.tiers.host import HostPool
-from kvd.tiers.store import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +41,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
 ]
-
-
-def build_store(config: KvdConfig, pool: HostPool) -> BlockStore:
-    """The block store with every configured tier, fastest first. (Lower tiers plug in here.)"""
-    from kvd.tiers.base import StorageBackend
-    from kvd.tiers.chain import TieredBlockStore
-    from kvd.tiers.disk import DiskBackend
-    from kvd.tiers.kvstore import RedisBackend
-
-    backends: list[StorageBackend] = []
-    if config.disk.path is not None:
-        backends.append(DiskBackend(config.disk, fsync=config.disk.fsync))
-    if config.redis.url:
-        backends.append(RedisBackend(config.redis))
-    if not backends:
-        return BlockStore(pool)
-    return TieredBlockStore(pool, backends, config.tiers)
 
 
 class KvdServer:

@@ -2,8 +2,8 @@
 
 A backend stores opaque blobs under a block key and knows nothing of sessions, layouts or vLLM: the store hands it a
 block's bytes and the key (whose namespace string carries the model, the layout fingerprint and the TP rank), and
-asks for them back. Adding a backend means subclassing `StorageBackend` and composing it in `build_store`; nothing
-else changes.
+asks for them back. Adding a backend means subclassing `StorageBackend` and composing it in
+`kvd.tiers.build.build_store`; nothing else changes.
 
 Blob format (little-endian), so that nothing read back is ever taken for a block it is not:
 
