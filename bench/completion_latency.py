@@ -1,5 +1,5 @@
-"""How a caller waits for completions matters in Python: the latency of a small save, call → completion, when the
-caller busy-polls `poll_finished()` versus blocks in `KvdClient.wait()`. CPU transport, a real daemon.
+"""What a small save costs its caller: the save() call itself, and call → completion when the caller busy-polls
+`poll_finished()` versus blocks in `KvdClient.wait()`. CPU transport, a real daemon.
 
     python bench/completion_latency.py [--blocks 16] [--reps 30]
 
@@ -43,7 +43,7 @@ def main() -> int:
             raise SystemExit("client did not register")
         try:
             for mode in ("busy_poll", "blocking_wait"):
-                latencies = []
+                latencies, calls = [], []
                 for rep in range(args.reps):
                     pairs = [
                         (i, hashlib.blake2b(f"{mode}/{rep}/{i}".encode(), digest_size=16).digest())
@@ -51,6 +51,7 @@ def main() -> int:
                     ]
                     start = time.perf_counter()
                     op = client.save(pairs)
+                    calls.append((time.perf_counter() - start) * 1e6)
                     if mode == "busy_poll":
                         while not any(c.op_id == op for c in client.poll_finished()):
                             pass
@@ -60,6 +61,8 @@ def main() -> int:
                 out[mode] = {
                     "p50_ms": round(statistics.median(latencies), 3),
                     "max_ms": round(max(latencies), 3),
+                    "save_call_us_p50": round(statistics.median(calls), 1),
+                    "save_call_us_max": round(max(calls), 1),
                 }
         finally:
             client.close()

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,13 @@ CHANNEL_OPTIONS = [
 ]
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
+
+# libc's write() called through PyDLL keeps the GIL. The model thread wakes our loop with it instead of
+# call_soon_threadsafe (a socket send that drops the GIL): once the GIL is dropped, the busy background thread can
+# keep it for the interpreter's switch interval (5 ms), which the model thread would then wait out.
+_libc_keep_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+_libc_keep_gil.write.restype = ctypes.c_ssize_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,11 @@ class KvdClient:
         self._lock = threading.RLock()
         self._pending: dict[int, _Op] = {}
         self._lookups: set[concurrent.futures.Future[LookupResult]] = set()
+        # Work handed from callers to the loop thread: appended here, then one byte on the wake pipe.
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_pending = False
+        self._wake_r = self._wake_w = -1
+        self._broken: asyncio.Event | None = None  # set when a call finds the daemon gone: ends the session
         self._finished: collections.deque[Completion] = collections.deque()
         self._finished_changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +143,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
 
@@ -150,14 +165,16 @@ class KvdClient:
         """The longest stored prefix of `block_hashes`; the future fails with Unavailable when the daemon is not
         reachable now."""
         loop = self._loop
-        if not self.ready or loop is None:
+        if not self.ready or loop is None or self._closed:
             failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
             failed.set_exception(Unavailable("kvd is not connected"))
             return failed
-        future = asyncio.run_coroutine_threadsafe(self._lookup(list(block_hashes)), loop)
+        future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)
         future.add_done_callback(self._lookups.discard)
+        hashes = list(block_hashes)
+        self._post(lambda: self._start_lookup(future, hashes))
         return future
 
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
@@ -228,6 +245,11 @@ class KvdClient:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
+        if self._wake_w >= 0:
+            # Only now, long after _closed stopped new posts: an fd closed under a late writer could be reused.
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+            os.close(wake_r)
+            os.close(wake_w)
         with self._lock:
             lookups = list(self._lookups)
         for future in lookups:  # the loop is gone: nothing else would ever resolve them
@@ -251,8 +273,15 @@ class KvdClient:
             return op.op_id
         with self._lock:
             self._pending[op.op_id] = op
-        loop.call_soon_threadsafe(self._submit, op)
+        self._post(lambda: self._submit(op))
         return op.op_id
+
+    def _post(self, work: Callable[[], None]) -> None:
+        """Run `work` on the loop thread soon, from any thread, without ever releasing the GIL here."""
+        self._inbox.append(work)
+        if not self._wake_pending and self._wake_w >= 0:
+            self._wake_pending = True
+            _libc_keep_gil.write(self._wake_w, b"\0", 1)  # at most one byte is ever pending: never EAGAIN
 
     def _complete_failed(self, op: _Op, error: str) -> None:
         self._push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
@@ -276,12 +305,14 @@ class KvdClient:
         if loop is None:
             return
         asyncio.set_event_loop(loop)
+        loop.add_reader(self._wake_r, self._drain_inbox)
         self._main_task = loop.create_task(self._main())
         try:
             loop.run_forever()
         finally:
             self._main_task.cancel()
             loop.run_until_complete(asyncio.gather(self._main_task, return_exceptions=True))
+            loop.remove_reader(self._wake_r)
             loop.close()
 
     async def _main(self) -> None:
@@ -352,18 +383,28 @@ class KvdClient:
             return
         call = stub.Watch(kvd_pb2.WatchRequest(session_id=self._session_id))
         await asyncio.wait_for(call.initial_metadata(), timeout=self.timeout_s)  # the stream is live
+        self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
         beat = asyncio.create_task(self._heartbeat(stub))
+        broken = asyncio.create_task(self._broken.wait())
         try:
-            done, _ = await asyncio.wait({watch, beat}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise what ended the session
         finally:
             call.cancel()
-            for task in (watch, beat):
+            for task in (watch, beat, broken):
                 task.cancel()
-            await asyncio.gather(watch, beat, return_exceptions=True)
+            await asyncio.gather(watch, beat, broken, return_exceptions=True)
+
+    def _connection_lost(self, error: KvdError) -> None:
+        """Any call that finds the daemon unreachable ends the session now (not when the Watch stream notices):
+        from this moment `ready` is False and new operations fail fast until the client has registered again."""
+        if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            self._ready.clear()
+            if self._broken is not None:
+                self._broken.set()
 
     async def _watch(self, call: Any) -> None:
         async for notice in call:
@@ -393,8 +434,36 @@ class KvdClient:
             if response.boot_id != self.boot_id:
                 return  # the daemon restarted: our session and everything in flight are gone
 
+    def _drain_inbox(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        self._wake_pending = False  # before draining: work posted from now on writes a new byte
+        while True:
+            try:
+                work = self._inbox.popleft()
+            except IndexError:
+                return
+            work()
+
     def _submit(self, op: _Op) -> None:
         asyncio.get_running_loop().create_task(self._send(op))
+
+    def _start_lookup(self, future: concurrent.futures.Future[LookupResult], hashes: list[bytes]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller cancelled it
+        task = asyncio.get_running_loop().create_task(self._lookup(hashes))
+
+        def finished(task: asyncio.Task[LookupResult]) -> None:
+            if future.done():  # failed by close() already
+                return
+            if task.cancelled():
+                future.set_exception(Unavailable("kvd lookup cancelled (connection closing)"))
+            elif (error := task.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(task.result())
+
+        task.add_done_callback(finished)
 
     async def _send(self, op: _Op) -> None:
         stub = self._stub
@@ -412,6 +481,7 @@ class KvdClient:
             await method(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
+            self._connection_lost(error)
             self._fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
 
     def _fail_pending(self, op_id: int, error: str) -> None:
@@ -429,7 +499,9 @@ class KvdClient:
                 kvd_pb2.LookupRequest(session_id=self._session_id, block_hashes=hashes), timeout=self.timeout_s
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            error = from_rpc_error(exc)
+            self._connection_lost(error)
+            raise error from None
         except asyncio.CancelledError:
             # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
             # the documented Unavailable, not a bare CancelledError outside the KvdError family.

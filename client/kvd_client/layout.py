@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvd_client.errors import InvalidArgument
 
@@ -141,17 +142,17 @@ class KvLayout:
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, object], block_dim: int, block_size_tokens: int = 0) -> KvLayout:
+    def from_tensors(cls, tensors: Mapping[str, Any], block_dim: int, block_size_tokens: int = 0) -> KvLayout:
         """Describe torch tensors (duck-typed: shape, dtype, is_contiguous) that all index blocks on `block_dim`."""
         layers = []
         for name, tensor in tensors.items():
-            if not tensor.is_contiguous():  # type: ignore[attr-defined]
+            if not tensor.is_contiguous():
                 raise InvalidArgument(f"layer {name!r} is not contiguous; kvd needs contiguous KV tensors")
             layers.append(
                 LayerLayout(
                     name=name,
-                    shape=tuple(int(d) for d in tensor.shape),  # type: ignore[attr-defined]
-                    dtype=DType.from_torch(tensor.dtype),  # type: ignore[attr-defined]
+                    shape=tuple(int(d) for d in tensor.shape),
+                    dtype=DType.from_torch(tensor.dtype),
                     block_dim=block_dim,
                 )
             )
