@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,19 +177,3 @@ class Namespace:
     @property
     def key(self) -> str:
         return f"{self.model_id}|{self.layout_fingerprint}|tp{self.tp_rank}/{self.tp_world_size}"
-
-
-def merge_runs(pairs: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int, int]]:
-    """Merge (source offset, destination offset) pairs of `length` bytes each into maximal contiguous runs.
-
-    Returns (source offset, destination offset, run length) triples. Sorting first keeps it correct for any order;
-    adjacent block ids in the worker mapped to adjacent slots in the pool become one copy.
-    """
-    runs: list[tuple[int, int, int]] = []
-    for src, dst in sorted(pairs):
-        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-            s, d, n = runs[-1]
-            runs[-1] = (s, d, n + length)
-        else:
-            runs.append((src, dst, length))
-    return runs

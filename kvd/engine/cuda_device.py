@@ -406,10 +406,6 @@ class DeviceEngine:
             del self._mappings[handle]
             self.runtime.ipcCloseMemHandle(mapping[0])
 
-    @property
-    def mapped_allocations(self) -> int:
-        return len(self._mappings)
-
     def register_host(self, address: int, nbytes: int) -> None:
         self.runtime.hostRegister(address, nbytes, HOST_REGISTER_PORTABLE)
 

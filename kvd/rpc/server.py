@@ -110,13 +110,10 @@ class KvdServer:
         down) is visible to probes while the daemon itself stays SERVING from the other tiers."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         while self.service is not None:
-            store = self.service.store
-            degraded = set(store.degraded_tiers())
-            for tier in store.snapshots():
-                healthy = tier.name not in degraded and tier.healthy
-                await self.health.set(f"{SERVICE_NAME}/tier/{tier.name}", serving if healthy else not_serving)
+            for tier in self.service.store.snapshots():
+                await self.health.set(f"{SERVICE_NAME}/tier/{tier.name}", serving if tier.healthy else not_serving)
                 if self.metrics is not None:
-                    self.metrics.set_tier_health(tier.name, healthy)
+                    self.metrics.set_tier_health(tier.name, tier.healthy)
             if self.metrics is not None and self.pool is not None:
                 self.metrics.set_pinned_bytes(self.pool.used_bytes, self.pool.capacity_bytes)
             await asyncio.sleep(1.0)

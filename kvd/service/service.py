@@ -9,6 +9,7 @@ in the background; their outcome is a Completion on the session's Watch stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -106,10 +107,6 @@ class KvdService:
                 await self._sweeper
         await self.store.close()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     # -- sessions ------------------------------------------------------------------------------------------------
 
     async def register(self, registration: Registration) -> Session:
@@ -202,11 +199,12 @@ class KvdService:
         self.counters["lookups"] += 1
         self.counters["lookup_blocks"] += len(hashes)
         self.counters["lookup_hit_blocks"] += hit_blocks
+        hit_tiers = tiers[:hit_blocks]
         if self.metrics is not None:
             self.metrics.observe_lookup(len(hashes), hit_blocks)
-            for tier in set(tiers[:hit_blocks]):
-                self.metrics.observe_tier_hit(tier.name.lower(), tiers[:hit_blocks].count(tier))
-        return LookupResult(hit_blocks=hit_blocks, tiers=tuple(tiers[:hit_blocks]))
+            for tier, count in collections.Counter(hit_tiers).items():
+                self.metrics.observe_tier_hit(tier.name.lower(), count)
+        return LookupResult(hit_blocks=hit_blocks, tiers=hit_tiers)
 
     # -- save / load ---------------------------------------------------------------------------------------------
 

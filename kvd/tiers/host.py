@@ -116,10 +116,6 @@ class HostPool:
             return None
         return entry
 
-    def reserved(self, key: BlockKey) -> Entry | None:
-        entry = self._entries.get(key)
-        return entry if entry is not None and entry.state is SlotState.RESERVED else None
-
     def __contains__(self, key: BlockKey) -> bool:
         return self.get(key) is not None
 

@@ -252,7 +252,3 @@ class CudaTransport(Transport):
         for engine in self._engines.values():
             engine.stop()
         self._engines.clear()
-
-    @property
-    def mapped_allocations(self) -> int:
-        return sum(e.mapped_allocations for e in self._engines.values())
