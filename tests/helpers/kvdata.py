@@ -74,10 +74,10 @@ def block_content(h: bytes, layer: int, spec: CacheSpec) -> torch.Tensor:
 
 
 def fill(caches: dict[str, torch.Tensor], spec: CacheSpec, pairs: Iterable[tuple[int, bytes]]) -> None:
-    """Write block `h`'s deterministic contents at block index `i` of every layer."""
+    """Write block `h`'s deterministic contents at block index `i` of every layer (CPU or GPU caches)."""
     for i, h in pairs:
         for layer, tensor in enumerate(caches.values()):
-            tensor.view(torch.int16)[:, i] = block_content(h, layer, spec)
+            tensor.view(torch.int16)[:, i] = block_content(h, layer, spec).to(tensor.device)
 
 
 def mismatches(caches: dict[str, torch.Tensor], spec: CacheSpec, pairs: Iterable[tuple[int, bytes]]) -> list[bytes]:
@@ -85,7 +85,7 @@ def mismatches(caches: dict[str, torch.Tensor], spec: CacheSpec, pairs: Iterable
     bad = []
     for i, h in pairs:
         for layer, tensor in enumerate(caches.values()):
-            if not torch.equal(tensor.view(torch.int16)[:, i], block_content(h, layer, spec)):
+            if not torch.equal(tensor.view(torch.int16)[:, i].cpu(), block_content(h, layer, spec)):
                 bad.append(h)
                 break
     return bad

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from tests.helpers.kvdata import CacheSpec, block_content
+from tests.helpers.kvdata import CacheSpec, fill, mismatches
 
 SPEC = CacheSpec(num_layers=4, num_blocks=256, block_size=16, kv_heads=8, head_dim=128)
 
@@ -26,16 +26,8 @@ def make_gpu_caches(offset_elements: int) -> tuple[dict[str, torch.Tensor], torc
 
 
 def write_blocks(caches: dict[str, torch.Tensor], pairs: Iterable[tuple[int, bytes]]) -> None:
-    for i, h in pairs:
-        for layer, tensor in enumerate(caches.values()):
-            tensor.view(torch.int16)[:, i] = block_content(h, layer, SPEC).to(tensor.device, non_blocking=True)
+    fill(caches, SPEC, pairs)
 
 
 def mismatched_blocks(caches: dict[str, torch.Tensor], pairs: Iterable[tuple[int, bytes]]) -> list[bytes]:
-    bad = []
-    for i, h in pairs:
-        for layer, tensor in enumerate(caches.values()):
-            if not torch.equal(tensor.view(torch.int16)[:, i].cpu(), block_content(h, layer, SPEC)):
-                bad.append(h)
-                break
-    return bad
+    return mismatches(caches, SPEC, pairs)
