@@ -73,6 +73,61 @@ def raw_copies(nbytes: int) -> dict[str, float]:
     }
 
 
+def registered_copies(nbytes: int, block_bytes: int) -> dict[str, Any]:
+    """The same copies into host memory page-locked the way kvd's pool is (anonymous mmap, first touch,
+    cudaHostRegister), whole and in block-sized pieces (one DMA per 2 MiB host slot), with and without transparent
+    huge pages: tells the pool's memory and per-copy costs apart from kvd's own."""
+    import ctypes
+    import mmap
+
+    from cupy.cuda import runtime
+
+    res: dict[str, Any] = {}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev_ptr = dev.data_ptr()
+    stream = torch.cuda.current_stream().cuda_stream
+    for huge in (True, False):
+        tag = "thp" if huge else "4k"
+        area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge:
+            area.madvise(mmap.MADV_HUGEPAGE)
+        anchor = ctypes.c_char.from_buffer(area)
+        host = ctypes.addressof(anchor)
+        ctypes.memset(host, 1, nbytes)
+        t = time.perf_counter()
+        runtime.hostRegister(host, nbytes, 1)
+        res[f"reg_{tag}_register_s_per_gib"] = round((time.perf_counter() - t) / (nbytes / GiB), 3)
+
+        def whole(kind: int, host: int = host) -> None:
+            if kind == 2:
+                runtime.memcpyAsync(host, dev_ptr, nbytes, 2, stream)
+            else:
+                runtime.memcpyAsync(dev_ptr, host, nbytes, 1, stream)
+
+        def pieces(kind: int, host: int = host) -> None:
+            for off in range(0, nbytes, block_bytes):
+                if kind == 2:
+                    runtime.memcpyAsync(host + off, dev_ptr + off, block_bytes, 2, stream)
+                else:
+                    runtime.memcpyAsync(dev_ptr + off, host + off, block_bytes, 1, stream)
+
+        res[f"reg_{tag}_d2h_gbps"] = gbps(nbytes, timed_cuda(lambda: whole(2), 5))
+        res[f"reg_{tag}_h2d_gbps"] = gbps(nbytes, timed_cuda(lambda: whole(1), 5))
+        res[f"reg_{tag}_d2h_pieces_gbps"] = gbps(nbytes, timed_cuda(lambda: pieces(2), 5))
+        res[f"reg_{tag}_h2d_pieces_gbps"] = gbps(nbytes, timed_cuda(lambda: pieces(1), 5))
+        torch.cuda.synchronize()
+        runtime.hostUnregister(host)
+        del anchor
+        area.close()
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+        res["thp_mode"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+        res["anon_huge_kib_now"] = next(int(x.split()[1]) for x in rollup.splitlines() if x.startswith("AnonHuge"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return res
+
+
 def in_process_baseline(caches: list[torch.Tensor], blocks: int) -> dict[str, float]:
     """What in-worker connectors do: a thread with its own stream, index_select per layer + one D2H."""
     block_bytes = sum(c[:, 0].numel() * c.element_size() for c in caches)
@@ -112,6 +167,11 @@ def wait_all(client: KvdClient, ops: set[int], timeout: float = 60.0) -> list[Co
     return done
 
 
+def daemon_ms(done: list[Completion]) -> list[float]:
+    """Each operation's time inside the daemon (request in to notice out), in call order."""
+    return [round(c.duration_s * 1e3, 2) for c in sorted(done, key=lambda c: c.op_id)]
+
+
 def hashes(tag: str, n: int) -> list[bytes]:
     return [hashlib.blake2b(f"{tag}:{i}".encode(), digest_size=16).digest() for i in range(n)]
 
@@ -131,6 +191,9 @@ def main() -> int:
     )
     parser.add_argument("--tp-rank", type=int, default=0, help="with --socket: this process's rank")
     parser.add_argument("--tp-world-size", type=int, default=1)
+    parser.add_argument(
+        "--daemon-env", action="append", default=[], metavar="KVD_X=V", help="configure the daemon started here"
+    )
     args = parser.parse_args()
     torch.cuda.init()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -142,14 +205,20 @@ def main() -> int:
     out["request_bytes"] = {"big": big_bytes, "small": args.small * block_bytes}
     out.update(raw_copies(big_bytes))
     out.update(in_process_baseline(caches, args.big))
+    out.update(registered_copies(big_bytes, block_bytes))
 
     daemon: Daemon | None = None
     socket_path = args.socket
     if socket_path is None:
         pool = int(args.pool_gib * GiB)
         daemon = Daemon(
-            capacity_bytes=pool, slab_bytes=max(64 * MiB, block_bytes), lease_ms=10_000, log_level="WARNING"
+            capacity_bytes=pool,
+            slab_bytes=max(64 * MiB, block_bytes),
+            lease_ms=10_000,
+            log_level="WARNING",
+            env=dict(kv.split("=", 1) for kv in args.daemon_env),
         )
+        out["daemon_env"] = args.daemon_env
         t0 = time.monotonic()
         daemon.start(timeout=300)
         out["daemon_start_s"] = round(time.monotonic() - t0, 2)
@@ -198,6 +267,7 @@ def run_kvd(client: KvdClient, args: argparse.Namespace, block_bytes: int) -> di
     done = wait_all(client, {save(f"s{r}", big, (r * big) % (n_blocks - big)) for r in range(args.reps)})
     res["kvd_save_gbps"] = gbps(args.reps * big * block_bytes, time.perf_counter() - t)
     res["kvd_save_ok"] = all(c.ok for c in done)
+    res["kvd_save_daemon_ms"] = daemon_ms(done)
 
     # Load throughput: load the last saved request `reps` times.
     tag = f"s{args.reps - 1}"
@@ -205,6 +275,7 @@ def run_kvd(client: KvdClient, args: argparse.Namespace, block_bytes: int) -> di
     done = wait_all(client, {load(tag, big, (r * big) % (n_blocks - big)) for r in range(args.reps)})
     res["kvd_load_gbps"] = gbps(args.reps * big * block_bytes, time.perf_counter() - t)
     res["kvd_load_ok"] = all(c.ok for c in done)
+    res["kvd_load_daemon_ms"] = daemon_ms(done)
 
     # Both directions at once, equal bytes each way. Loads go first so their blocks are pinned before the saves
     # need room; two new 1 GiB saves evict only the two oldest requests, never the one being loaded.
@@ -213,21 +284,35 @@ def run_kvd(client: KvdClient, args: argparse.Namespace, block_bytes: int) -> di
     done = wait_all(client, ops)
     res["kvd_both_gbps"] = gbps(4 * big * block_bytes, time.perf_counter() - t)
     res["kvd_both_ok"] = all(c.ok for c in done)
+    res["kvd_both_daemon_ms"] = daemon_ms(done)
+
+    # The floor under a small request's latency: one round trip through the client's thread and the daemon.
+    lookups = []
+    for r in range(100):
+        t = time.perf_counter()
+        client.lookup(hashes(f"small{r % 8}", args.small)).result(timeout=10)
+        lookups.append((time.perf_counter() - t) * 1e3)
+    res["lookup_ms_p50"] = round(statistics.median(lookups), 3)
 
     # Small requests: latency from the call to the completion notice, one at a time.
     small = args.small
-    lat_save, lat_load = [], []
+    lat_save, lat_load, inside_save, inside_load = [], [], [], []
     for r in range(40):
         t = time.perf_counter()
-        wait_all(client, {save(f"small{r}", small, 0)})
+        (saved,) = wait_all(client, {save(f"small{r}", small, 0)})
         lat_save.append((time.perf_counter() - t) * 1e3)
         t = time.perf_counter()
-        wait_all(client, {load(f"small{r}", small, small)})
+        (loaded,) = wait_all(client, {load(f"small{r}", small, small)})
         lat_load.append((time.perf_counter() - t) * 1e3)
+        inside_save.append(saved.duration_s * 1e3)
+        inside_load.append(loaded.duration_s * 1e3)
     res["small_save_ms_p50"] = round(statistics.median(lat_save), 3)
     res["small_save_ms_p99"] = round(sorted(lat_save)[int(0.99 * len(lat_save))], 3)
     res["small_load_ms_p50"] = round(statistics.median(lat_load), 3)
     res["small_load_ms_p99"] = round(sorted(lat_load)[int(0.99 * len(lat_load))], 3)
+    # The daemon's own share: from the request's arrival to the notice being queued.
+    res["small_save_daemon_ms_p50"] = round(statistics.median(inside_save), 3)
+    res["small_load_daemon_ms_p50"] = round(statistics.median(inside_load), 3)
     # Many small requests in flight at once.
     t = time.perf_counter()
     done = wait_all(client, {save(f"many{r}", small, (r * small) % (n_blocks - small)) for r in range(64)})

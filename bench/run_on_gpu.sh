@@ -1,15 +1,66 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked on a CUDA machine, in one go: the CUDA tests, then the benchmark.
-#   bench/run_on_gpu.sh OUTDIR
-# Writes OUTDIR/cuda_tests.log, OUTDIR/gpu_bench.json (+ .err) and OUTDIR/env.txt.
+#   bench/run_on_gpu.sh OUTDIR [gpu_transfer.py args...]
+# Writes OUTDIR/cuda_tests.log, OUTDIR/gpu_bench.json (+ .err) and OUTDIR/env.txt. Optional stages:
+#   KVD_COMPARE="KVD_X=V ..."  bench/event_wait.py (OUTDIR/event_wait.json), and the benchmark again with the
+#                   daemon configured so (OUTDIR/gpu_bench_compare.json)
+#   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
+#                   racecheck); logs in OUTDIR/sanitizer.txt
+#   KVD_PROFILE=1   the benchmark again (gpu_bench_profiled.json) with py-spy sampling the daemon and the benchmark process (collapsed
+#                   stacks per thread, idle included) into OUTDIR/pyspy_{daemon,bench}.txt
 set -uo pipefail
 out=${1:-.}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c 'import torch, cupy, grpc, google.protobuf as p; print(torch.__version__, cupy.__version__, grpc.__version__, p.__version__)'; } > "$out/env.txt" 2>&1
-timeout "${KVD_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -m cuda tests/kvd/test_cuda_ipc.py 2>&1 | tee "$out/cuda_tests.log"
-timeout "${KVD_BENCH_TIMEOUT:-150}" python3 bench/gpu_transfer.py "${@:2}" > "$out/gpu_bench.json" 2> "$out/gpu_bench.err"
-echo "bench rc $?"
-cat "$out/gpu_bench.json"
-tail -20 "$out/gpu_bench.err"
+{ nvidia-smi -L; python3 -c 'import torch, cupy, grpc, google.protobuf as p; print(torch.__version__, cupy.__version__, grpc.__version__, p.__version__)'; nproc; } > "$out/env.txt" 2>&1
+if [[ "${KVD_SKIP_MAIN:-0}" != 1 ]]; then  # KVD_SKIP_MAIN=1: only the optional stages below
+    timeout "${KVD_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -m cuda \
+        tests/kvd/test_cuda_ipc.py 2>&1 | tee "$out/cuda_tests.log"
+    timeout "${KVD_BENCH_TIMEOUT:-150}" python3 bench/gpu_transfer.py "${@:2}" > "$out/gpu_bench.json" \
+        2> "$out/gpu_bench.err"
+    echo "bench rc $?"
+    cat "$out/gpu_bench.json"
+    tail -20 "$out/gpu_bench.err"
+fi
+
+if [[ -n "${KVD_COMPARE:-}" ]]; then
+    timeout 60 python3 bench/event_wait.py > "$out/event_wait.json" 2>> "$out/gpu_bench.err"
+    cat "$out/event_wait.json"
+    compare=()
+    for kv in $KVD_COMPARE; do compare+=(--daemon-env "$kv"); done
+    timeout "${KVD_BENCH_TIMEOUT:-150}" python3 bench/gpu_transfer.py "${compare[@]}" "${@:2}" \
+        > "$out/gpu_bench_compare.json" 2>> "$out/gpu_bench.err"
+    echo "compare bench rc $?"
+    cat "$out/gpu_bench_compare.json"
+fi
+
+if [[ "${KVD_SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer > /dev/null; then
+    : > "$out/sanitizer.txt"
+    for tool in memcheck racecheck; do
+        logs=$(mktemp -d)
+        KVD_TEST_DAEMON_WRAPPER="compute-sanitizer --tool $tool --log-file $logs/%p.log" \
+            timeout "${KVD_SANITIZE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda \
+            tests/kvd/test_cuda_ipc.py -k "bytes_identical or ordering" 2>&1 | tail -5 >> "$out/sanitizer.txt"
+        { echo "== $tool"; cat "$logs"/*.log; } >> "$out/sanitizer.txt" 2>&1
+    done
+    grep -E "^== |ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$out/sanitizer.txt"
+fi
+
+if [[ "${KVD_PROFILE:-0}" == 1 ]] && command -v py-spy > /dev/null; then
+    python3 bench/gpu_transfer.py "${@:2}" > "$out/gpu_bench_profiled.json" 2>> "$out/gpu_bench.err" &
+    bench=$!
+    daemon=
+    for _ in $(seq 300); do
+        daemon=$(pgrep -P "$bench" -f "kvd serve") && break
+        sleep 0.1
+    done
+    for who in daemon bench; do
+        timeout 90 py-spy record --pid "${!who}" --duration 60 --rate 1000 --threads --idle --nonblocking \
+            --format raw -o "$out/pyspy_$who.txt" > /dev/null 2>&1 &
+    done
+    timeout 120 tail --pid "$bench" -f /dev/null
+    echo "profiled bench done"
+    wait
+    cat "$out/gpu_bench_profiled.json"
+fi

@@ -77,11 +77,21 @@ class TiersConfig(_Section):
     tokens_per_block: int = Field(default=16, ge=1)
 
 
+class CompletionWait(enum.StrEnum):
+    POLL = "poll"
+    SPIN = "spin"
+    BLOCK = "block"
+
+
 class EngineConfig(_Section):
     cpu_copy_threads: int = Field(default=4, ge=1)  # CPU transport: process_vm_* calls in flight at once
     max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
     cuda_chunk_bytes: int = Field(default=64 * MiB, ge=1 * MiB)  # pipelining unit between gather and PCIe copy
     cuda_staging_bytes: int = Field(default=512 * MiB, ge=4 * MiB)  # device staging per GPU, half per direction
+    # How a GPU's completion waiters learn that copies finished (bench/event_wait.py measures each): POLL queries
+    # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
+    # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
+    cuda_completion_wait: CompletionWait = CompletionWait.POLL
     # The daemon's GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep
     # a GPU engine thread from submitting or completing copies for that long; the daemon is ours to tune.
     gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)

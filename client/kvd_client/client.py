@@ -119,9 +119,10 @@ class KvdClient:
         if len(devices) != 1:
             raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
         if devices.pop().startswith("cuda"):
-            from kvd_client.cuda import describe_cuda_memory  # torch + CUDA only when the cache is on a GPU
+            from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
 
             self._memory = describe_cuda_memory(list(tensors.values()))
+            prepare_ready_events()
             self._cuda = True
         else:
             self._memory = kvd_pb2.CpuMemory(

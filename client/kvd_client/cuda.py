@@ -9,6 +9,7 @@ collectives issued on it are unaffected.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -84,24 +85,64 @@ def _cuda_malloc_handle(handle: bytes) -> bytes:
     raise InvalidArgument(f"unrecognised CUDA shareable handle ({len(handle)} bytes) from this torch version")
 
 
+class _StreamOps:
+    """cuEventRecord / cuStreamWaitEvent on the caller's current stream, with the GIL held (ctypes.PyDLL). torch's
+    Event.record() and Stream.wait_event() release the GIL; getting it back can mean queueing behind the client's
+    background thread (building a request) for a whole switch interval, 5 ms by default: the model thread must
+    not pay that. Both calls only queue work and return at once."""
+
+    def __init__(self) -> None:
+        lib = ctypes.PyDLL("libcuda.so.1")  # loaded already: torch's CUDA runtime sits on it
+        self._record = lib.cuEventRecord
+        self._record.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._wait = lib.cuStreamWaitEvent
+        self._wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._current: Any = raw if raw is not None else (lambda device: torch.cuda.current_stream(device).cuda_stream)
+
+    def current_stream(self) -> int:
+        """The caller's current stream (read, never changed)."""
+        return int(self._current(torch.cuda.current_device()))
+
+    def record(self, event: torch.cuda.Event) -> None:
+        status = self._record(event.cuda_event, self.current_stream())
+        if status != 0:
+            raise RuntimeError(f"cuEventRecord failed: CUresult {status}")
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        status = self._wait(self.current_stream(), event.cuda_event, 0)
+        if status != 0:
+            raise RuntimeError(f"cuStreamWaitEvent failed: CUresult {status}")
+
+
+_ops: _StreamOps | None = None
+
+
+def _stream_ops() -> _StreamOps:
+    global _ops
+    if _ops is None:
+        _ops = _StreamOps()
+    return _ops
+
+
 class _EventRing:
-    def __init__(self, device: int) -> None:
-        self._device = device
+    """Interprocess events of the current device, all created up front: a save or load then costs one
+    cudaEventRecord on the caller's current stream (creating an event and its IPC handle costs far more)."""
+
+    def __init__(self) -> None:
+        # An event that was never recorded still has a handle; a stream wait on it is a no-op. (ipc_handle()
+        # creates the event on the current device; no stream is touched.)
         self._events: list[tuple[torch.cuda.Event, bytes]] = []
+        for _ in range(READY_EVENT_RING):
+            event = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+            self._events.append((event, bytes(event.ipc_handle())))
         self._next = 0
 
     def record(self) -> bytes:
-        """Record the next event on the current stream; its IPC handle. (Event.record() uses the current stream;
-        it does not change it.)"""
-        if len(self._events) < READY_EVENT_RING:
-            event = torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
-            event.record()
-            handle = bytes(event.ipc_handle())
-            self._events.append((event, handle))
-            return handle
+        """Record the next event on the current stream; its IPC handle."""
         event, handle = self._events[self._next]
         self._next = (self._next + 1) % READY_EVENT_RING
-        event.record()
+        _stream_ops().record(event)
         return handle
 
 
@@ -110,14 +151,24 @@ _rings: dict[int, _EventRing] = {}
 _opened: dict[bytes, Any] = {}
 
 
-def record_ready_event() -> bytes:
-    """An interprocess event recorded on the caller's current stream: the daemon starts copying after it."""
-    device = torch.cuda.current_device()
+def prepare_ready_events() -> None:
+    """Create the current device's ready events now (at registration), not on the first saves."""
+    _ring(torch.cuda.current_device())
+
+
+def _ring(device: int) -> _EventRing:
     ring = _rings.get(device)
     if ring is None:
         with _lock:
-            ring = _rings.setdefault(device, _EventRing(device))
-    return ring.record()
+            ring = _rings.get(device)
+            if ring is None:
+                ring = _rings[device] = _EventRing()
+    return ring
+
+
+def record_ready_event() -> bytes:
+    """An interprocess event recorded on the caller's current stream: the daemon starts copying after it."""
+    return _ring(torch.cuda.current_device()).record()
 
 
 def wait_done_event(handle: bytes) -> None:
@@ -126,4 +177,4 @@ def wait_done_event(handle: bytes) -> None:
     if event is None:
         event = torch.cuda.Event.from_ipc_handle(torch.cuda.current_device(), handle)
         _opened[handle] = event
-    torch.cuda.current_stream().wait_event(event)
+    _stream_ops().wait(event)

@@ -1,21 +1,29 @@
 """One engine thread per GPU. It sets its device before any CUDA call and owns everything of that device: streams,
 events, staging buffers, gather/scatter kernels and the IPC mappings of workers' KV caches. Nothing here is shared
-across devices, and no other thread makes a CUDA call on this device.
+across devices; besides the engine thread, only its completion waiters (which also set the device first) make CUDA
+calls on it, and they only wait on events.
 
-The thread never waits for the GPU: a job only *enqueues* work (stream waits, a gather kernel, DMA copies, an event
-record) and returns a pending completion; between jobs the thread polls those completions' events. So many
-operations are in flight at once: saves pipeline on one copy engine (D2H) while loads use the other (H2D), and
-small requests keep the link busy instead of queueing behind each other.
+The engine thread never waits for the GPU: a job only *enqueues* work (stream waits, a gather kernel, DMA copies, an
+event record) and returns a pending completion, which goes to the waiter of the stream it completes on. A waiter
+waits for each event in turn (polling with short naps, spinning in the driver, or asleep on a blocking-sync event:
+engine.cuda_completion_wait) and resolves the operation's future once its copies are done. So many operations are
+in flight at once: saves pipeline on one copy engine (D2H) while loads use the other (H2D), and small requests keep
+the link busy instead of queueing behind each other. Work is queued through the driver API with the GIL held
+(_Enqueue): each call takes microseconds, and dropping the GIL around each would queue this thread behind the event
+loop once per call.
 
 Data path of a save chunk:  [save stream]  wait(worker's ready event) -> wait(staging slot free) -> gather kernel
-                            [d2h stream]   wait(gathered) -> cudaMemcpyAsync runs into pinned host slots -> free slot
-Load chunk:                 [h2d stream]   wait(slot free) -> cudaMemcpyAsync runs from pinned slots -> loaded
+                            [d2h stream]   wait(gathered) -> cuMemcpyDtoHAsync runs into pinned host slots -> free slot
+Load chunk:                 [h2d stream]   wait(slot free) -> cuMemcpyHtoDAsync runs from pinned slots -> loaded
                             [load stream]  wait(loaded) -> wait(worker's ready event) -> scatter kernel -> free slot
+The kernels read their block indices straight from mapped pinned memory: no index upload queues on a copy engine
+behind a chunk's DMA (which would hold a save's gather back while loads stream in).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import queue
@@ -26,20 +34,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvd.config import CompletionWait
+
 log = logging.getLogger(__name__)
 
 STREAM_NON_BLOCKING = 0x1
+EVENT_BLOCKING_SYNC = 0x1
 EVENT_DISABLE_TIMING = 0x2
 EVENT_INTERPROCESS = 0x4
 HOST_REGISTER_PORTABLE = 0x1
-MEMCPY_H2D = 1
-MEMCPY_D2H = 2
+HOST_ALLOC_MAPPED = 0x2
 SUCCESS = 0
 NOT_READY = 600
+POLL_NAP_S = 0.00002
 MAX_GRID_Y = 65_535
 THREADS_PER_BLOCK = 256
 DONE_EVENT_RING = 128  # interprocess events handed to workers; reuse only makes a late waiter wait longer
-INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB pinned + 8 MiB on the device)
+INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB of mapped pinned memory)
 
 _KERNELS = r"""
 __device__ __forceinline__ void kvd_copy(unsigned char* dst, const unsigned char* src,
@@ -84,9 +95,10 @@ class CudaEngineError(RuntimeError):
 
 @dataclass(slots=True)
 class Pending:
-    """A job's result that is valid once `event` has completed on the GPU."""
+    """A job's result that is valid once `event`, recorded last on `stream`, has completed on the GPU."""
 
     event: int
+    stream: int
     value: Any
     recycle: bool  # the event is ours to reuse afterwards
 
@@ -100,20 +112,23 @@ class _Staging:
 
 
 class _IndexRing:
-    """Block indices reach the gather/scatter kernels through a pinned ring buffer. (Uploading them from pageable
-    memory would let the driver synchronize with the stream, i.e. stall this thread on a worker's forward pass.)
-    A region is rewritten only after the kernel that read it has finished."""
+    """Block indices reach the gather/scatter kernels through a ring in mapped pinned memory, which the kernels read
+    directly. (An upload would be one more copy queued on a copy engine, behind whole chunks of DMA; from pageable
+    memory it would even let the driver synchronize with the stream, stalling this thread on a worker's forward
+    pass.) A region is rewritten only after the kernel that read it has finished."""
 
-    def __init__(self, runtime: Any, entries: int) -> None:
+    def __init__(self, runtime: Any, driver: _Driver, gpu: _Enqueue, entries: int, events: _EventPool) -> None:
         self._runtime = runtime
+        self._gpu = gpu
+        self._events = events
         self.entries = entries
-        self.host = runtime.hostAlloc(entries * 8, 0)
-        self.device = runtime.malloc(entries * 8)
+        self.host = runtime.hostAlloc(entries * 8, HOST_ALLOC_MAPPED)
+        self.device = driver.device_pointer(self.host)
         self._head = 0
         self._guards: deque[tuple[int, int, int]] = deque()  # (start, end, event recorded after the reader)
 
-    def put(self, values: Sequence[int], stream: int) -> tuple[int, int, int]:
-        """Upload `values` on `stream`; (device pointer, start, end) of their region."""
+    def put(self, values: Sequence[int]) -> tuple[int, int, int]:
+        """Store `values` for the next kernel; (device pointer, start, end) of their region."""
         n = len(values)
         if n > self.entries:
             raise CudaEngineError(f"{n} block indices exceed the index ring")
@@ -125,26 +140,149 @@ class _IndexRing:
             g_start, g_end, event = guard
             if g_start < end and start < g_end:
                 self._runtime.eventSynchronize(event)  # rare: the ring wrapped onto work still in flight
-                self._runtime.eventDestroy(event)
+                self._events.give(event)
                 self._guards.remove(guard)
         (ctypes.c_int64 * n).from_address(self.host + start * 8)[:] = list(values)
-        self._runtime.memcpyAsync(self.device + start * 8, self.host + start * 8, n * 8, MEMCPY_H2D, stream)
         return self.device + start * 8, start, end
 
     def guard(self, start: int, end: int, stream: int) -> None:
         """Protect [start, end) until the work queued on `stream` so far (the kernel that reads it) is done."""
-        event = self._runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING)
-        self._runtime.eventRecord(event, stream)
-        self._guards.append((start, end, event))
-        while self._guards and self._runtime.eventQuery(self._guards[0][2]) == SUCCESS:
-            self._runtime.eventDestroy(self._guards.popleft()[2])
+        self._guards.append((start, end, self._events.record(stream)))
+        while self._guards and self._gpu.query(self._guards[0][2]) == SUCCESS:
+            self._events.give(self._guards.popleft()[2])
 
     def close(self) -> None:
         for _, _, event in self._guards:
-            self._runtime.eventDestroy(event)
+            self._events.give(event)
         self._guards.clear()
         self._runtime.freeHost(self.host)
-        self._runtime.free(self.device)
+
+
+class _EventPool:
+    """Reusable completion events of one device (creating one per operation costs a driver call each time). The
+    engine thread takes them; the waiters give them back."""
+
+    def __init__(self, runtime: Any, gpu: _Enqueue | None, flags: int = EVENT_DISABLE_TIMING) -> None:
+        self._runtime = runtime
+        self._gpu = gpu
+        self.flags = flags
+        self._spare: deque[int] = deque()  # append/pop are atomic: no lock between the threads
+
+    def record(self, stream: int) -> int:
+        if self._gpu is None:
+            raise CudaEngineError("engine not started")
+        try:
+            event = self._spare.pop()
+        except IndexError:
+            event = self._runtime.eventCreateWithFlags(self.flags)
+        self._gpu.record(event, stream)
+        return event
+
+    def record_event(self, event: int, stream: int) -> None:
+        """Record an event that is not the pool's (the engine's interprocess done events)."""
+        if self._gpu is None:
+            raise CudaEngineError("engine not started")
+        self._gpu.record(event, stream)
+
+    def give(self, event: int) -> None:
+        self._spare.append(event)
+
+    def close(self) -> None:
+        while self._spare:
+            self._runtime.eventDestroy(self._spare.pop())
+
+
+class _CompletionWaiter:
+    """Resolves the operations that complete on one stream, in the order their events were recorded (a stream
+    finishes its work in order, so waiting on each in turn loses nothing). Its own thread sets the device first,
+    then only waits on events (as engine.cuda_completion_wait says) and sets futures."""
+
+    def __init__(self, engine: DeviceEngine, name: str) -> None:
+        self._engine = engine
+        self._queue: queue.SimpleQueue[tuple[Pending, concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, pending: Pending, future: concurrent.futures.Future[Any]) -> None:
+        self._queue.put((pending, future))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _main(self) -> None:
+        engine = self._engine
+        engine.runtime.setDevice(engine.ordinal)  # first, before any other CUDA call on this thread
+        driver, gpu = engine.driver, engine.gpu
+        if driver is None or gpu is None:
+            raise CudaEngineError("driver API not loaded")
+        poll = engine.wait is CompletionWait.POLL
+        while (item := self._queue.get()) is not None:
+            pending, future = item
+            if poll:
+                # A query holds the GIL for a microsecond; the nap releases it. (cuEventSynchronize would spin.)
+                while (status := gpu.query(pending.event)) == NOT_READY:
+                    time.sleep(POLL_NAP_S)
+            else:
+                status = driver.event_synchronize(pending.event)  # spins or sleeps, as the event's flags say
+            if pending.recycle:
+                engine.events.give(pending.event)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
+                if status == 0:
+                    future.set_result(pending.value)
+                else:
+                    future.set_exception(CudaEngineError(f"GPU {engine.ordinal}: copy failed with CUresult {status}"))
+
+
+class _Enqueue:
+    """The engine thread's hot path: stream waits, event records, async copies and kernel launches through the
+    driver API with the GIL *held* (ctypes.PyDLL). Each call only queues work and takes microseconds; releasing the
+    GIL around each (as cupy and ctypes.CDLL do) would make this thread queue for the GIL once per call behind the
+    event loop's protobuf work, up to a switch interval each time: a 1 GiB save is ~130 such calls."""
+
+    def __init__(self) -> None:
+        lib = ctypes.PyDLL("libcuda.so.1")
+        vp, u64, uint = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint
+        self._wait = lib.cuStreamWaitEvent
+        self._wait.argtypes = [vp, vp, uint]
+        self._record = lib.cuEventRecord
+        self._record.argtypes = [vp, vp]
+        self._query = lib.cuEventQuery
+        self._query.argtypes = [vp]
+        self._d2h = lib.cuMemcpyDtoHAsync_v2
+        self._d2h.argtypes = [vp, u64, ctypes.c_size_t, vp]
+        self._h2d = lib.cuMemcpyHtoDAsync_v2
+        self._h2d.argtypes = [u64, vp, ctypes.c_size_t, vp]
+        self._launch = lib.cuLaunchKernel
+        self._launch.argtypes = [vp, uint, uint, uint, uint, uint, uint, uint, vp, vp, vp]
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise CudaEngineError(f"{what} failed: CUresult {status}")
+
+    def wait(self, stream: int, event: int) -> None:
+        self._check(self._wait(stream, event, 0), "cuStreamWaitEvent")
+
+    def record(self, event: int, stream: int) -> None:
+        self._check(self._record(event, stream), "cuEventRecord")
+
+    def query(self, event: int) -> int:
+        """0 when complete, 600 (CUDA_ERROR_NOT_READY) while pending, else the error."""
+        return int(self._query(event))
+
+    def d2h(self, host: int, device: int, nbytes: int, stream: int) -> None:
+        self._check(self._d2h(host, device, nbytes, stream), "cuMemcpyDtoHAsync")
+
+    def h2d(self, device: int, host: int, nbytes: int, stream: int) -> None:
+        self._check(self._h2d(device, host, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    def launch(self, function: int, grid: tuple[int, int], threads: int, stream: int, *args: Any) -> None:
+        """Launch `function` (a CUfunction) with ctypes scalar `args`, in order."""
+        params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+        self._check(
+            self._launch(function, grid[0], grid[1], 1, threads, 1, 1, 0, stream, params, None), "cuLaunchKernel"
+        )
 
 
 class _Driver:
@@ -158,6 +296,13 @@ class _Driver:
         self._uuid.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._device = self._lib.cuDeviceGet
         self._device.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        self._host_pointer = getattr(self._lib, "cuMemHostGetDevicePointer_v2", None) or (
+            self._lib.cuMemHostGetDevicePointer
+        )
+        self._host_pointer.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+        # ctypes drops the GIL around the call: a waiter asleep here never holds up the daemon's other threads.
+        self._event_sync = self._lib.cuEventSynchronize
+        self._event_sync.argtypes = [ctypes.c_void_p]
 
     def address_range(self, pointer: int) -> tuple[int, int]:
         base, size = ctypes.c_uint64(), ctypes.c_size_t()
@@ -165,6 +310,18 @@ class _Driver:
         if status != 0:
             raise CudaEngineError(f"cuMemGetAddressRange({pointer:#x}) failed: CUresult {status}")
         return base.value, size.value
+
+    def device_pointer(self, host: int) -> int:
+        """The device address of mapped pinned host memory (the same address under unified addressing)."""
+        pointer = ctypes.c_uint64()
+        status = self._host_pointer(ctypes.byref(pointer), ctypes.c_void_p(host), 0)
+        if status != 0:
+            raise CudaEngineError(f"cuMemHostGetDevicePointer failed: CUresult {status}")
+        return pointer.value
+
+    def event_synchronize(self, event: int) -> int:
+        """Block until `event` completed; the CUresult (0: success)."""
+        return int(self._event_sync(ctypes.c_void_p(event)))
 
     def uuid(self, ordinal: int) -> str:
         device = ctypes.c_int()
@@ -176,6 +333,15 @@ class _Driver:
         return raw.raw.hex()
 
 
+def _function_pointer(kernel: Any) -> int:
+    """The CUfunction behind a cupy kernel (RawModule.get_function gives a RawKernel wrapping a Function)."""
+    function = getattr(kernel, "kernel", kernel)
+    pointer = int(getattr(function, "ptr", 0) or 0)
+    if not pointer:
+        raise CudaEngineError(f"no CUfunction behind {type(kernel).__name__}")
+    return pointer
+
+
 def normalize_uuid(uuid: str) -> str:
     """'GPU-1a2b…' / '1a2b3c4d-…' / 32 hex digits -> 32 lowercase hex digits."""
     return uuid.lower().removeprefix("gpu-").replace("-", "")
@@ -184,17 +350,22 @@ def normalize_uuid(uuid: str) -> str:
 class DeviceEngine:
     """The thread that owns one GPU. `call(fn, *args)` runs fn on it and returns a future for its result."""
 
-    def __init__(self, ordinal: int, chunk_bytes: int, staging_bytes: int) -> None:
+    def __init__(
+        self, ordinal: int, chunk_bytes: int, staging_bytes: int, wait: CompletionWait = CompletionWait.POLL
+    ) -> None:
         self.ordinal = ordinal
+        self.wait = wait
+        # Completion events: blocking-sync ones let a BLOCK waiter sleep in the driver; others spin in it.
+        self._completion_flags = EVENT_DISABLE_TIMING | (EVENT_BLOCKING_SYNC if wait is CompletionWait.BLOCK else 0)
         self.chunk_bytes = chunk_bytes
         self._staging_bytes = staging_bytes
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]]
         self._jobs = queue.SimpleQueue()
-        self._outstanding: list[tuple[Pending, concurrent.futures.Future[Any]]] = []
         self._thread = threading.Thread(target=self._main, name=f"kvd-cuda{ordinal}", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._stopping = False
+        self._closing = False  # set on the engine thread: every later job fails
         self.uuid = ""
         # Set on the engine thread in _init:
         self.runtime: Any = None
@@ -203,12 +374,14 @@ class DeviceEngine:
         self._save_ring: list[_Staging] = []
         self._load_ring: list[_Staging] = []
         self._save_next = self._load_next = 0
-        self._spare_events: list[int] = []
+        self.events: _EventPool = _EventPool(None, None)
+        self._waiters: dict[int, _CompletionWaiter] = {}  # completion stream -> its waiter
         self._done_events: list[tuple[int, bytes]] = []
         self._done_next = 0
-        self.gather: Any = None
-        self.scatter: Any = None
+        self._module: Any = None
+        self.gather = self.scatter = 0  # CUfunction handles
         self.driver: _Driver | None = None
+        self.gpu: _Enqueue | None = None
         self._mappings: dict[bytes, list[int]] = {}  # IPC handle -> [device pointer, references]
         self.indices: _IndexRing | None = None
 
@@ -223,8 +396,12 @@ class DeviceEngine:
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        done = self.call(self._shutdown)
-        done.result(timeout=30)
+        # Refuse new work and let the GPU finish; then the waiters resolve what is left and exit; only then are the
+        # events they wait on destroyed.
+        self.call(self._quiesce).result(timeout=30)
+        for waiter in self._waiters.values():
+            waiter.stop()
+        self.call(self._shutdown).result(timeout=30)
         self._stopping = True
         self._jobs.put((lambda: None, (), concurrent.futures.Future()))
         self._thread.join(timeout=30)
@@ -245,17 +422,7 @@ class DeviceEngine:
             return
         self._started.set()
         while not self._stopping:
-            if self._outstanding:
-                self._drain_jobs()
-                self._poll()
-                if self._outstanding and self._jobs.empty():
-                    time.sleep(0.00002)  # a short nap: the copies take hundreds of microseconds at least
-                continue
-            try:
-                job = self._jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._execute(job)
+            self._execute(self._jobs.get())
 
     def _init(self) -> None:
         import cupy
@@ -264,14 +431,17 @@ class DeviceEngine:
         runtime.setDevice(self.ordinal)  # first, before any other CUDA call on this thread
         self.runtime, self.cupy = runtime, cupy
         self.driver = _Driver()
+        self.gpu = _Enqueue()
+        self.events = _EventPool(runtime, self.gpu, self._completion_flags)
         self.uuid = self.driver.uuid(self.ordinal)
         self.save_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.d2h_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.h2d_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.load_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         module = cupy.RawModule(code=_KERNELS, options=("--std=c++17",))
-        self.gather = module.get_function("kvd_gather")
-        self.scatter = module.get_function("kvd_scatter")
+        self._module = module  # keeps the kernels loaded
+        self.gather = _function_pointer(module.get_function("kvd_gather"))
+        self.scatter = _function_pointer(module.get_function("kvd_scatter"))
         per_direction = max(1, (self._staging_bytes // 2) // self.chunk_bytes)
         base = runtime.malloc(per_direction * 2 * self.chunk_bytes)
         self._staging_base = base
@@ -285,10 +455,13 @@ class DeviceEngine:
                     filled=runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING),
                 )
             )
-        self.indices = _IndexRing(runtime, INDEX_RING_ENTRIES)
+        self.indices = _IndexRing(runtime, self.driver, self.gpu, INDEX_RING_ENTRIES, self.events)
         for _ in range(DONE_EVENT_RING):
-            event = runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING | EVENT_INTERPROCESS)
+            event = runtime.eventCreateWithFlags(self._completion_flags | EVENT_INTERPROCESS)
             self._done_events.append((event, runtime.ipcGetEventHandle(event)))
+        # Saves complete on the D2H stream, loads on the load stream: one waiter each.
+        for stream, name in ((self.d2h_stream, "save"), (self.load_stream, "load")):
+            self._waiters[stream] = _CompletionWaiter(self, f"kvd-cuda{self.ordinal}-{name}-done")
         log.info(
             "GPU %d (%s): engine thread ready, %d+%d staging buffers of %d MiB",
             self.ordinal,
@@ -298,9 +471,12 @@ class DeviceEngine:
             self.chunk_bytes >> 20,
         )
 
+    def _quiesce(self) -> None:
+        self._closing = True
+        self.runtime.deviceSynchronize()
+
     def _shutdown(self) -> None:
         runtime = self.runtime
-        runtime.deviceSynchronize()
         for pointer, _ in self._mappings.values():
             runtime.ipcCloseMemHandle(pointer)
         self._mappings.clear()
@@ -309,64 +485,44 @@ class DeviceEngine:
             runtime.eventDestroy(staging.filled)
         for event, _ in self._done_events:
             runtime.eventDestroy(event)
-        for event in self._spare_events:
-            runtime.eventDestroy(event)
         runtime.free(self._staging_base)
         if self.indices is not None:
             self.indices.close()
+        self.events.close()
         for stream in (self.save_stream, self.d2h_stream, self.h2d_stream, self.load_stream):
             runtime.streamDestroy(stream)
-
-    def _drain_jobs(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            self._execute(job)
 
     def _execute(self, job: tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]) -> None:
         fn, args, future = job
         if not future.set_running_or_notify_cancel():
+            return
+        if self._closing and fn != self._shutdown:
+            future.set_exception(CudaEngineError(f"GPU {self.ordinal}: the engine is stopping"))
             return
         try:
             result = fn(*args)
         except BaseException as exc:
             future.set_exception(exc)
             return
-        if isinstance(result, Pending):
-            self._outstanding.append((result, future))
-        else:
+        if not isinstance(result, Pending):
             future.set_result(result)
-
-    def _poll(self) -> None:
-        still: list[tuple[Pending, concurrent.futures.Future[Any]]] = []
-        for pending, future in self._outstanding:
-            status = self.runtime.eventQuery(pending.event)
-            if status == NOT_READY:
-                still.append((pending, future))
-                continue
-            if pending.recycle:
-                self._spare_events.append(pending.event)
-            if status == SUCCESS:
-                future.set_result(pending.value)
-            else:
-                future.set_exception(CudaEngineError(f"GPU {self.ordinal}: copy failed with cudaError {status}"))
-        self._outstanding = still
+            return
+        waiter = self._waiters.get(result.stream)
+        if waiter is None:
+            future.set_exception(CudaEngineError(f"no completion waiter for stream {result.stream:#x}"))
+            return
+        waiter.put(result, future)
 
     # -- helpers for jobs (engine thread only) -------------------------------------------------------------------
 
-    def completion_event(self, stream: int) -> int:
-        event = (
-            self._spare_events.pop() if self._spare_events else self.runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING)
-        )
-        self.runtime.eventRecord(event, stream)
-        return event
+    def completion(self, stream: int, value: Any) -> Pending:
+        """`value` once the work queued on `stream` so far is done (a pooled event)."""
+        return Pending(self.events.record(stream), stream, value, recycle=True)
 
     def done_event(self, stream: int) -> tuple[int, bytes]:
         event, handle = self._done_events[self._done_next]
         self._done_next = (self._done_next + 1) % len(self._done_events)
-        self.runtime.eventRecord(event, stream)
+        self.events.record_event(event, stream)
         return event, handle
 
     def next_save_staging(self) -> _Staging:

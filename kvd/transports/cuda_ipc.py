@@ -9,6 +9,7 @@ before attention reads loaded blocks. The worker never creates, enters or sets a
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -18,8 +19,6 @@ from kvd_client.layout import KvLayout
 from kvd.config import EngineConfig
 from kvd.engine.cuda_device import (
     MAX_GRID_Y,
-    MEMCPY_D2H,
-    MEMCPY_H2D,
     THREADS_PER_BLOCK,
     CudaEngineError,
     DeviceEngine,
@@ -98,72 +97,71 @@ class CudaAttachment(Attachment):
             self._worker_events[handle] = event
         return event
 
-    def _launch(self, kernel: Any, stream: int, block_indices: Sequence[int], staging: int) -> None:
+    def _launch(self, kernel: int, stream: int, block_indices: Sequence[int], staging: int) -> None:
         """One gather/scatter kernel for a whole chunk: every block, every layer, K and V."""
         engine = self._engine
-        cupy = engine.cupy
-        ring = engine.indices
-        if ring is None:
+        ring, gpu = engine.indices, engine.gpu
+        if ring is None or gpu is None:
             raise CudaEngineError("engine not started")
-        pointer, start, end = ring.put(block_indices, stream)
+        pointer, start, end = ring.put(block_indices)
         bases, lengths, offsets = self._tables
-        with cupy.cuda.ExternalStream(stream):
-            kernel(
-                (self._nseg, len(block_indices)),
-                (THREADS_PER_BLOCK,),
-                (
-                    bases,
-                    lengths,
-                    offsets,
-                    cupy.uint64(pointer),
-                    cupy.uint64(self.block_bytes),
-                    cupy.uint64(staging),
-                    cupy.int32(self._vec16),
-                ),
-            )
+        u64 = ctypes.c_uint64
+        gpu.launch(
+            kernel,
+            (self._nseg, len(block_indices)),
+            THREADS_PER_BLOCK,
+            stream,
+            u64(bases.data.ptr),
+            u64(lengths.data.ptr),
+            u64(offsets.data.ptr),
+            u64(pointer),
+            u64(self.block_bytes),
+            u64(staging),
+            ctypes.c_int32(self._vec16),
+        )
         ring.guard(start, end, stream)
 
     def _save_job(self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes) -> Pending:
         engine = self._engine
-        runtime = engine.runtime
+        gpu = engine.gpu
+        if gpu is None:
+            raise CudaEngineError("engine not started")
         if ready_event:
-            runtime.streamWaitEvent(engine.save_stream, self._worker_event(ready_event))
+            gpu.wait(engine.save_stream, self._worker_event(ready_event))
         step = self._chunk_blocks
         for start in range(0, len(block_indices), step):
             chunk = block_indices[start : start + step]
             staging = engine.next_save_staging()
-            runtime.streamWaitEvent(engine.save_stream, staging.free)  # its previous D2H is done
+            gpu.wait(engine.save_stream, staging.free)  # its previous D2H is done
             self._launch(engine.gather, engine.save_stream, chunk, staging.address)
-            runtime.eventRecord(staging.filled, engine.save_stream)
-            runtime.streamWaitEvent(engine.d2h_stream, staging.filled)
+            gpu.record(staging.filled, engine.save_stream)
+            gpu.wait(engine.d2h_stream, staging.filled)
             for first, host, nbytes in slot_runs(addresses[start : start + step], self.block_bytes):
-                runtime.memcpyAsync(
-                    host, staging.address + first * self.block_bytes, nbytes, MEMCPY_D2H, engine.d2h_stream
-                )
-            runtime.eventRecord(staging.free, engine.d2h_stream)
-        return Pending(engine.completion_event(engine.d2h_stream), b"", recycle=True)
+                gpu.d2h(host, staging.address + first * self.block_bytes, nbytes, engine.d2h_stream)
+            gpu.record(staging.free, engine.d2h_stream)
+        return engine.completion(engine.d2h_stream, b"")
 
     def _load_job(self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes) -> Pending:
         engine = self._engine
-        runtime = engine.runtime
+        gpu = engine.gpu
+        if gpu is None:
+            raise CudaEngineError("engine not started")
         worker = self._worker_event(ready_event) if ready_event else 0
         step = self._chunk_blocks
         for start in range(0, len(block_indices), step):
             chunk = block_indices[start : start + step]
             staging = engine.next_load_staging()
-            runtime.streamWaitEvent(engine.h2d_stream, staging.free)  # its previous scatter is done
+            gpu.wait(engine.h2d_stream, staging.free)  # its previous scatter is done
             for first, host, nbytes in slot_runs(addresses[start : start + step], self.block_bytes):
-                runtime.memcpyAsync(
-                    staging.address + first * self.block_bytes, host, nbytes, MEMCPY_H2D, engine.h2d_stream
-                )
-            runtime.eventRecord(staging.filled, engine.h2d_stream)
-            runtime.streamWaitEvent(engine.load_stream, staging.filled)
+                gpu.h2d(staging.address + first * self.block_bytes, host, nbytes, engine.h2d_stream)
+            gpu.record(staging.filled, engine.h2d_stream)
+            gpu.wait(engine.load_stream, staging.filled)
             if worker and start == 0:
-                runtime.streamWaitEvent(engine.load_stream, worker)  # nothing queued before may still read them
+                gpu.wait(engine.load_stream, worker)  # nothing queued before may still read them
             self._launch(engine.scatter, engine.load_stream, chunk, staging.address)
-            runtime.eventRecord(staging.free, engine.load_stream)
+            gpu.record(staging.free, engine.load_stream)
         event, handle = engine.done_event(engine.load_stream)
-        return Pending(event, handle, recycle=False)
+        return Pending(event, engine.load_stream, handle, recycle=False)
 
     # -- Attachment ----------------------------------------------------------------------------------------------
 
@@ -211,7 +209,12 @@ class CudaTransport(Transport):
         from cupy.cuda import runtime
 
         for ordinal in range(runtime.getDeviceCount()):
-            engine = DeviceEngine(ordinal, self._config.cuda_chunk_bytes, self._config.cuda_staging_bytes)
+            engine = DeviceEngine(
+                ordinal,
+                self._config.cuda_chunk_bytes,
+                self._config.cuda_staging_bytes,
+                self._config.cuda_completion_wait,
+            )
             engine.start()
             self._engines[engine.uuid] = engine
         if self._pin and self._engines:

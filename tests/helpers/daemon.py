@@ -8,7 +8,8 @@
 
 Every process started here is also killed at interpreter exit, so a failing test never leaves a daemon behind.
 Configuration travels as `KVD_*` environment variables (the daemon's own mechanism); the caller's `KVD_*` variables
-are dropped so a developer's shell cannot change what a test runs against.
+are dropped so a developer's shell cannot change what a test runs against. One exception, read here and never passed
+on: KVD_TEST_DAEMON_WRAPPER runs the daemon under a tool, e.g. `compute-sanitizer --log-file /tmp/cs.%p.log`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -40,6 +42,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 250),
     ("grpc.enable_http_proxy", 0),
 ]
+
+# A tool the daemon runs under (e.g. compute-sanitizer); such tools slow its start a lot.
+WRAPPER = shlex.split(os.environ.get("KVD_TEST_DAEMON_WRAPPER", ""))
+START_SLOWDOWN = 10.0 if WRAPPER else 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -98,6 +104,21 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.01,
 
 class DaemonError(RuntimeError):
     pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), nearest first."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found.extend(int(c) for c in children)
+        frontier.extend(int(c) for c in children)
+    return found
 
 
 class Daemon:
@@ -165,7 +186,7 @@ class Daemon:
             log.flush()
             self.proc = track(
                 subprocess.Popen(
-                    [sys.executable, "-m", "kvd", "serve", "--socket", str(self.socket)],
+                    [*WRAPPER, sys.executable, "-m", "kvd", "serve", "--socket", str(self.socket)],
                     env=child_env(self.env),
                     cwd=self.workdir,
                     stdin=subprocess.DEVNULL,
@@ -175,7 +196,7 @@ class Daemon:
                 )
             )
         if wait:
-            self.wait_serving(timeout)
+            self.wait_serving(timeout * START_SLOWDOWN)
         return self
 
     def wait_serving(self, timeout: float = 30.0) -> None:
@@ -220,8 +241,9 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 if self.proc.poll() is None:
                     os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped daemon cannot act on SIGTERM
-                    self.proc.terminate()
-            reap(self.proc, timeout=10.0)
+                    self._send(signal.SIGTERM)
+            reap(self.proc, timeout=10.0 * START_SLOWDOWN)
+            self._kill_wrapped()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -230,8 +252,27 @@ class Daemon:
             raise DaemonError("the daemon was never started")
         self._close_channel()
         if self.proc.poll() is None:
+            self._send(sig)
+        status = reap(self.proc, timeout=timeout)
+        self._kill_wrapped()
+        return status
+
+    def _send(self, sig: signal.Signals) -> None:
+        if self.proc is None:
+            return
+        if WRAPPER and sig != signal.SIGKILL:
+            # The daemon itself must stop (and drain) so the tool around it can write its report.
+            for pid in _descendants(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        else:
             self.proc.send_signal(sig)
-        return reap(self.proc, timeout=timeout)
+
+    def _kill_wrapped(self) -> None:
+        """Nothing started under a wrapper may outlive it (a SIGKILLed tool leaves its child running)."""
+        if WRAPPER and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
     def __enter__(self) -> Daemon:
         if not self.running:
