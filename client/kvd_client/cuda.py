@@ -127,7 +127,7 @@ def _stream_ops() -> _StreamOps:
 
 class _EventRing:
     """Interprocess events of the current device, all created up front: a save or load then costs one
-    cudaEventRecord on the caller's current stream (creating an event and its IPC handle costs far more)."""
+    cuEventRecord on the caller's current stream (creating an event and its IPC handle costs far more)."""
 
     def __init__(self) -> None:
         # An event that was never recorded still has a handle; a stream wait on it is a no-op. (ipc_handle()

@@ -32,11 +32,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kvd.config import CompletionWait
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STREAM_NON_BLOCKING = 0x1
 EVENT_BLOCKING_SYNC = 0x1
@@ -162,27 +163,19 @@ class _EventPool:
     """Reusable completion events of one device (creating one per operation costs a driver call each time). The
     engine thread takes them; the waiters give them back."""
 
-    def __init__(self, runtime: Any, gpu: _Enqueue | None, flags: int = EVENT_DISABLE_TIMING) -> None:
+    def __init__(self, runtime: Any, gpu: _Enqueue, flags: int) -> None:
         self._runtime = runtime
         self._gpu = gpu
         self.flags = flags
         self._spare: deque[int] = deque()  # append/pop are atomic: no lock between the threads
 
     def record(self, stream: int) -> int:
-        if self._gpu is None:
-            raise CudaEngineError("engine not started")
         try:
             event = self._spare.pop()
         except IndexError:
             event = self._runtime.eventCreateWithFlags(self.flags)
         self._gpu.record(event, stream)
         return event
-
-    def record_event(self, event: int, stream: int) -> None:
-        """Record an event that is not the pool's (the engine's interprocess done events)."""
-        if self._gpu is None:
-            raise CudaEngineError("engine not started")
-        self._gpu.record(event, stream)
 
     def give(self, event: int) -> None:
         self._spare.append(event)
@@ -213,10 +206,8 @@ class _CompletionWaiter:
     def _main(self) -> None:
         engine = self._engine
         engine.runtime.setDevice(engine.ordinal)  # first, before any other CUDA call on this thread
-        driver, gpu = engine.driver, engine.gpu
-        if driver is None or gpu is None:
-            raise CudaEngineError("driver API not loaded")
-        poll = engine.wait is CompletionWait.POLL
+        driver, gpu, events = engine.driver, engine.gpu, engine.events
+        poll = engine.completion_wait is CompletionWait.POLL
         while (item := self._queue.get()) is not None:
             pending, future = item
             if poll:
@@ -226,7 +217,7 @@ class _CompletionWaiter:
             else:
                 status = driver.event_synchronize(pending.event)  # spins or sleeps, as the event's flags say
             if pending.recycle:
-                engine.events.give(pending.event)
+                events.give(pending.event)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
                 if status == 0:
                     future.set_result(pending.value)
@@ -354,7 +345,7 @@ class DeviceEngine:
         self, ordinal: int, chunk_bytes: int, staging_bytes: int, wait: CompletionWait = CompletionWait.POLL
     ) -> None:
         self.ordinal = ordinal
-        self.wait = wait
+        self.completion_wait = wait
         # Completion events: blocking-sync ones let a BLOCK waiter sleep in the driver; others spin in it.
         self._completion_flags = EVENT_DISABLE_TIMING | (EVENT_BLOCKING_SYNC if wait is CompletionWait.BLOCK else 0)
         self.chunk_bytes = chunk_bytes
@@ -374,16 +365,35 @@ class DeviceEngine:
         self._save_ring: list[_Staging] = []
         self._load_ring: list[_Staging] = []
         self._save_next = self._load_next = 0
-        self.events: _EventPool = _EventPool(None, None)
         self._waiters: dict[int, _CompletionWaiter] = {}  # completion stream -> its waiter
         self._done_events: list[tuple[int, bytes]] = []
         self._done_next = 0
         self._module: Any = None
         self.gather = self.scatter = 0  # CUfunction handles
-        self.driver: _Driver | None = None
-        self.gpu: _Enqueue | None = None
+        self._driver: _Driver | None = None
+        self._gpu: _Enqueue | None = None
+        self._events: _EventPool | None = None
         self._mappings: dict[bytes, list[int]] = {}  # IPC handle -> [device pointer, references]
         self.indices: _IndexRing | None = None
+
+    # The driver bindings and the event pool exist once the engine thread has set the device (in _init).
+
+    @property
+    def driver(self) -> _Driver:
+        return self._started_part(self._driver)
+
+    @property
+    def gpu(self) -> _Enqueue:
+        return self._started_part(self._gpu)
+
+    @property
+    def events(self) -> _EventPool:
+        return self._started_part(self._events)
+
+    def _started_part(self, part: _T | None) -> _T:
+        if part is None:
+            raise CudaEngineError(f"GPU {self.ordinal}: the engine has not started")
+        return part
 
     # -- lifecycle (any thread) ----------------------------------------------------------------------------------
 
@@ -430,10 +440,10 @@ class DeviceEngine:
 
         runtime.setDevice(self.ordinal)  # first, before any other CUDA call on this thread
         self.runtime, self.cupy = runtime, cupy
-        self.driver = _Driver()
-        self.gpu = _Enqueue()
-        self.events = _EventPool(runtime, self.gpu, self._completion_flags)
-        self.uuid = self.driver.uuid(self.ordinal)
+        self._driver = driver = _Driver()
+        self._gpu = gpu = _Enqueue()
+        self._events = events = _EventPool(runtime, gpu, self._completion_flags)
+        self.uuid = driver.uuid(self.ordinal)
         self.save_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.d2h_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.h2d_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
@@ -455,7 +465,7 @@ class DeviceEngine:
                     filled=runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING),
                 )
             )
-        self.indices = _IndexRing(runtime, self.driver, self.gpu, INDEX_RING_ENTRIES, self.events)
+        self.indices = _IndexRing(runtime, driver, gpu, INDEX_RING_ENTRIES, events)
         for _ in range(DONE_EVENT_RING):
             event = runtime.eventCreateWithFlags(self._completion_flags | EVENT_INTERPROCESS)
             self._done_events.append((event, runtime.ipcGetEventHandle(event)))
@@ -522,7 +532,7 @@ class DeviceEngine:
     def done_event(self, stream: int) -> tuple[int, bytes]:
         event, handle = self._done_events[self._done_next]
         self._done_next = (self._done_next + 1) % len(self._done_events)
-        self.events.record_event(event, stream)
+        self.gpu.record(event, stream)
         return event, handle
 
     def next_save_staging(self) -> _Staging:
@@ -545,8 +555,6 @@ class DeviceEngine:
             self._mappings[handle] = mapping
         pointer = mapping[0]
         mapping[1] += 1
-        if self.driver is None:
-            raise CudaEngineError("driver API not loaded")
         base, size = self.driver.address_range(pointer)
         if pointer + nbytes > base + size:
             self.close_allocation(handle)

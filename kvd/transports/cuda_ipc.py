@@ -101,7 +101,7 @@ class CudaAttachment(Attachment):
         """One gather/scatter kernel for a whole chunk: every block, every layer, K and V."""
         engine = self._engine
         ring, gpu = engine.indices, engine.gpu
-        if ring is None or gpu is None:
+        if ring is None:
             raise CudaEngineError("engine not started")
         pointer, start, end = ring.put(block_indices)
         bases, lengths, offsets = self._tables
@@ -124,8 +124,6 @@ class CudaAttachment(Attachment):
     def _save_job(self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes) -> Pending:
         engine = self._engine
         gpu = engine.gpu
-        if gpu is None:
-            raise CudaEngineError("engine not started")
         if ready_event:
             gpu.wait(engine.save_stream, self._worker_event(ready_event))
         step = self._chunk_blocks
@@ -144,8 +142,6 @@ class CudaAttachment(Attachment):
     def _load_job(self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes) -> Pending:
         engine = self._engine
         gpu = engine.gpu
-        if gpu is None:
-            raise CudaEngineError("engine not started")
         worker = self._worker_event(ready_event) if ready_event else 0
         step = self._chunk_blocks
         for start in range(0, len(block_indices), step):
