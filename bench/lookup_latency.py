@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers (the daemon fixture utilities)
 
 from kvd_client import KvdClient
-from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.helpers.clients import Completions
 from tests.helpers.daemon import Daemon

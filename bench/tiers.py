@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig, TiersConfig
+from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
 from kvd.tiers.disk import DiskBackend
-from kvd.tiers.host import HostPool
 from kvd.tiers.kvstore import RedisBackend
 from kvd.types import BlockKey
 

@@ -240,10 +240,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvd.logs import setup_logging
 
     setup_logging(config.log)
-    from kvd.rpc.server import run_server
+    from kvd.daemon import run_daemon
 
     try:
-        return run_server(config)
+        return run_daemon(config)
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130
 
@@ -328,7 +328,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 
 def format_stats(stats: Any) -> str:
     """A kvd.v1.StatsResponse as an operator-readable report."""
-    from kvd_client._wire.kvd.v1 import kvd_pb2
+    from kvd_client.wire.kvd.v1 import kvd_pb2
 
     lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
 
@@ -399,7 +399,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     import grpc
     from google.protobuf.json_format import MessageToDict
-    from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+    from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{socket}", options=_CHANNEL_OPTIONS) as channel:
         try:

@@ -6,8 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from kvd_client.layout import KvLayout, Namespace
-from kvd_client.types import OpKind
-from kvd_client.types import Tier as TierKind  # numbered as kvd.v1.Tier; shared with the client
+from kvd_client.types import LookupResult, OpKind, Tier  # shared with the client; Tier is numbered as kvd.v1.Tier
 
 BlockHash = bytes
 BlockKey = tuple[str, BlockHash]  # (namespace key, block hash): different models never share a key
@@ -78,14 +77,9 @@ class BlockTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class LookupResult:
-    hit_blocks: int
-    tiers: tuple[TierKind, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """What a Watch stream sends when an operation ends."""
+class Notice:
+    """An operation's end, as the daemon records it; the servicer sends it as a kvd.v1.CompletionNotice on the
+    session's Watch stream (the client turns that into a kvd_client.Completion)."""
 
     operation_id: int
     kind: OpKind
@@ -112,7 +106,7 @@ class SessionSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class TierSnapshot:
-    tier: TierKind
+    tier: Tier
     name: str
     capacity_bytes: int
     used_bytes: int
@@ -133,3 +127,26 @@ class StatsSnapshot:
     tiers: tuple[TierSnapshot, ...]
     counters: dict[str, int] = field(default_factory=dict)
     tier_counters: dict[str, float] = field(default_factory=dict)
+
+
+__all__ = [
+    "BlockHash",
+    "BlockKey",
+    "BlockTransfer",
+    "CpuMemory",
+    "CpuRegion",
+    "CudaAllocation",
+    "CudaLayer",
+    "CudaMemory",
+    "LookupResult",
+    "Notice",
+    "OpKind",
+    "PeerIdentity",
+    "Registration",
+    "SessionSnapshot",
+    "StatsSnapshot",
+    "Tier",
+    "TierSnapshot",
+    "TransportKind",
+    "WorkerMemory",
+]

@@ -30,11 +30,11 @@ from typing import Any
 
 import grpc
 
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.layout import KvLayout
 from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kvd_client._wire.kvd.v1 import kvd_pb2
 from kvd_client.errors import InvalidArgument
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 IPC_HANDLE_BYTES = 64
 READY_EVENT_RING = 64  # per device; a re-recorded event only ever makes the daemon wait for *later* work

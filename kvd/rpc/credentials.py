@@ -43,7 +43,7 @@ class CredentialIssuer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        _remove_stale_socket(self.path)
+        remove_stale_socket(self.path)
         old = os.umask(0o777 & ~self._mode)  # the socket is born with its final mode: no window where it is open
         try:
             self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
@@ -87,7 +87,7 @@ class CredentialIssuer:
             del self._tokens[token]
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Remove a socket file left by a daemon that died, but never steal one a live daemon is serving on."""
     if not path.exists():
         return

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.errors import InvalidArgument, KvdError, Unavailable, status_of
 from kvd.rpc.credentials import CredentialIssuer

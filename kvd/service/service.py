@@ -1,9 +1,9 @@
-"""The service layer: sessions, leases, namespaces and admission. It decides what happens; the engine (through a
-session's attachment) moves the bytes and the block store keeps track of what is stored.
+"""The service layer: sessions, leases, namespaces and admission. It decides what happens; the transports (through a
+session's attachment) move the bytes and the block store keeps track of what is stored.
 
 Every public method validates its input completely (session, batch size, every block index and hash) before any
 copy starts, raises only KvdError subclasses, and returns at once: Save and Load hand back an operation id and run
-in the background; their outcome is a Completion on the session's Watch stream.
+in the background; their outcome is a Notice on the session's Watch stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from kvd_client.layout import KvLayout
 
 import kvd
 from kvd.config import KvdConfig
-from kvd.engine.engine import Engine
 from kvd.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -35,16 +34,17 @@ from kvd.errors import (
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import SlotRef
+from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockKey,
     BlockTransfer,
-    Completion,
     LookupResult,
+    Notice,
     OpKind,
     Registration,
     SessionSnapshot,
     StatsSnapshot,
-    TierKind,
+    Tier,
 )
 
 if TYPE_CHECKING:
@@ -56,9 +56,11 @@ MAX_HASH_BYTES = 64
 
 
 class KvdService:
-    def __init__(self, config: KvdConfig, engine: Engine, store: BlockStore, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: KvdConfig, transports: TransportRouter, store: BlockStore, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
-        self.engine = engine
+        self.transports = transports
         self.store = store
         self.metrics = metrics
         self.boot_id = secrets.token_hex(8)
@@ -133,7 +135,7 @@ class KvdService:
             raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
         attachment = None
         if registration.memory is not None and layout is not None:
-            attachment = await self.engine.attach(registration.memory, layout, peer)
+            attachment = await self.transports.attach(registration.memory, layout, peer)
             if self.sessions.find(peer, ns_key, with_memory=True) is not None:
                 await attachment.close()  # a twin registration won the race during the await
                 raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
@@ -178,7 +180,7 @@ class KvdService:
         session = self.sessions.get(session_id)
         await self._close_session(session, "unregistered")
 
-    def watch(self, session_id: str) -> AsyncIterator[Completion]:
+    def watch(self, session_id: str) -> AsyncIterator[Notice]:
         return self.sessions.get(session_id).notices()
 
     # -- lookup --------------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class KvdService:
         ns = session.registration.namespace
         # Tensor-parallel ranks store separate shards; a prefix is a hit only if every rank has it.
         hit_blocks = len(hashes)
-        tiers: tuple[TierKind, ...] = ()
+        tiers: tuple[Tier, ...] = ()
         for rank in range(ns.tp_world_size):
             keys = self._keys(ns.key if rank == ns.tp_rank else self._rank_key(session, rank), hashes[:hit_blocks])
             hit, rank_tiers = await self.store.lookup(keys)
@@ -324,7 +326,7 @@ class KvdService:
         if error:
             log.debug("%s %d of session %s: %d failed: %s", kind, op_id, session.id[:12], len(failed), error)
         session.end_operation(
-            Completion(
+            Notice(
                 operation_id=op_id,
                 kind=kind,
                 ok=ok,
@@ -361,6 +363,10 @@ class KvdService:
             counters=dict(self.counters),
             tier_counters={k: float(v) for k, v in self.store.stats_counters().items()},
         )
+
+    def tier_health(self) -> tuple[tuple[str, bool], ...]:
+        """(tier name, healthy) for every tier, for health probes and metrics."""
+        return tuple((tier.name, tier.healthy) for tier in self.store.snapshots())
 
     # -- internals -----------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvd.errors import SessionNotFound
 from kvd.transports.base import Attachment
-from kvd.types import Completion, PeerIdentity, Registration
+from kvd.types import Notice, PeerIdentity, Registration
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Session:
     closing: bool = False
     pidfd: int | None = None
     _ops: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _notices: asyncio.Queue[Completion | object] = field(default_factory=asyncio.Queue)
+    _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _watchers: int = 0
 
@@ -59,7 +59,7 @@ class Session:
         self._idle.clear()
         return next(self._ops)
 
-    def end_operation(self, notice: Completion) -> None:
+    def end_operation(self, notice: Notice) -> None:
         self._notices.put_nowait(notice)
         self.in_flight -= 1
         if self.in_flight == 0:
@@ -68,7 +68,7 @@ class Session:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    async def notices(self) -> AsyncIterator[Completion]:
+    async def notices(self) -> AsyncIterator[Notice]:
         """The session's completion notices, in completion order; ends when the session closes. A newer Watch on
         the same session takes over from an older one (a client that reconnected its stream)."""
         self._watchers += 1
@@ -81,7 +81,7 @@ class Session:
             if generation != self._watchers:
                 self._notices.put_nowait(item)  # hand it to the newer watcher, which is waiting on get()
                 return
-            if isinstance(item, Completion):
+            if isinstance(item, Notice):
                 yield item
 
     def end_notices(self) -> None:

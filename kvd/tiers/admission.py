@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvd.types import TierKind
+from kvd.types import Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +28,9 @@ class TierEstimate:
 
 
 # Optimistic priors (a local NVMe drive, a store on a fast LAN): the first reads measure the real thing.
-PRIORS: dict[TierKind, TierEstimate] = {
-    TierKind.DISK: TierEstimate(latency_s=100e-6, bandwidth_bps=2e9),
-    TierKind.REMOTE: TierEstimate(latency_s=500e-6, bandwidth_bps=1e9),
+PRIORS: dict[Tier, TierEstimate] = {
+    Tier.DISK: TierEstimate(latency_s=100e-6, bandwidth_bps=2e9),
+    Tier.REMOTE: TierEstimate(latency_s=500e-6, bandwidth_bps=1e9),
 }
 _DEFAULT_PRIOR = TierEstimate(latency_s=1e-3, bandwidth_bps=1e9)
 # Reads smaller than this say little about bandwidth (latency dominates them).
@@ -76,18 +76,18 @@ class CostModel:
     def __init__(self, recompute_us_per_token: float, tokens_per_block: int, stale_after_s: float = 60.0) -> None:
         self.recompute_s_per_block = recompute_us_per_token * tokens_per_block / 1e6
         self.stale_after_s = stale_after_s
-        self.tiers: dict[TierKind, TierCost] = {}
+        self.tiers: dict[Tier, TierCost] = {}
         self.rejected_blocks = 0
 
-    def tier(self, kind: TierKind) -> TierCost:
+    def tier(self, kind: Tier) -> TierCost:
         cost = self.tiers.get(kind)
         if cost is None:
             cost = self.tiers[kind] = TierCost(PRIORS.get(kind, _DEFAULT_PRIOR), stale_after_s=self.stale_after_s)
         return cost
 
-    def worth_loading(self, kind: TierKind, blocks: int, block_bytes: int) -> bool:
+    def worth_loading(self, kind: Tier, blocks: int, block_bytes: int) -> bool:
         """Whether loading `blocks` blocks of `block_bytes` from `kind` is estimated faster than recomputing them."""
-        if kind is TierKind.HOST_MEMORY:
+        if kind is Tier.HOST_MEMORY:
             return True
         estimate = self.tier(kind).estimate()
         return estimate.load_seconds(blocks * block_bytes) < blocks * self.recompute_s_per_block

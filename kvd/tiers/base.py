@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import xxhash
 
-from kvd.types import BlockKey, TierKind, TierSnapshot
+from kvd.types import BlockKey, Tier, TierSnapshot
 
 Buffer = bytes | bytearray | memoryview
 
@@ -111,7 +111,7 @@ class StorageBackend(abc.ABC):
     """One tier below L1. Every method is batched and async, never raises for I/O trouble (a failed read is a
     miss, a failed write is dropped and counted) and never blocks the event loop."""
 
-    tier: ClassVar[TierKind]
+    tier: ClassVar[Tier]
 
     def __init__(self, name: str, capacity_bytes: int) -> None:
         self.name = name

@@ -6,7 +6,7 @@ Adding a backend: subclass `StorageBackend` in its own module, give it a config 
 from __future__ import annotations
 
 from kvd.config import KvdConfig
-from kvd.tiers.host import HostPool
+from kvd.memory.host_pool import HostPool
 from kvd.tiers.store import BlockStore
 
 

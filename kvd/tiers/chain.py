@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 from kvd.config import TiersConfig, TierWritePolicy
 from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.memory.host_pool import Entry, HostPool
 from kvd.tiers.admission import CostModel
 from kvd.tiers.base import Buffer, StorageBackend
-from kvd.tiers.host import Entry, HostPool
 from kvd.tiers.store import BlockStore
-from kvd.types import BlockKey, TierKind, TierSnapshot
+from kvd.types import BlockKey, Tier, TierSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ CLOSE_FLUSH_TIMEOUT_S = 10.0
 
 @dataclass(eq=False, slots=True)
 class _Fetch:
-    tier: TierKind
+    tier: Tier
     done: asyncio.Future[Entry | None]
     waiters: int = 0  # loads that want the entry pinned for them the moment it is committed
 
@@ -160,23 +160,23 @@ class TieredBlockStore(BlockStore):
 
     # -- lookups -------------------------------------------------------------------------------------------------
 
-    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[TierKind, ...]]:
+    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[Tier, ...]]:
         n_host = self.pool.touch_prefix(keys)
         self.hits += n_host
         self.misses += len(keys) - n_host
-        tiers: list[TierKind] = [TierKind.HOST_MEMORY] * n_host
+        tiers: list[Tier] = [Tier.HOST_MEMORY] * n_host
         rest = keys[n_host:]
         if not rest or not self.backends:
             return n_host, tuple(tiers)
 
         # Where each remaining block is: (tier, blob bytes), or None.
-        found: list[tuple[TierKind, int] | None] = [None] * len(rest)
+        found: list[tuple[Tier, int] | None] = [None] * len(rest)
         for i, key in enumerate(rest):
             entry = self.pool.get(key)
             fetch = self._fetches.get(key)
             if entry is not None:  # in L1 after a block that is not (e.g. one promoted earlier)
                 self.pool.touch(entry)
-                found[i] = (TierKind.HOST_MEMORY, entry.nbytes)
+                found[i] = (Tier.HOST_MEMORY, entry.nbytes)
             elif fetch is not None:
                 found[i] = (fetch.tier, 0)
             elif key in self._pending:
@@ -202,7 +202,7 @@ class TieredBlockStore(BlockStore):
         for i in range(hit):
             tier, _ = found[i]  # type: ignore[misc]
             tiers.append(tier)
-            if tier is TierKind.HOST_MEMORY:
+            if tier is Tier.HOST_MEMORY:
                 self.hits += 1
                 self.misses -= 1
                 continue
@@ -214,7 +214,7 @@ class TieredBlockStore(BlockStore):
             self._start_fetch(below)
         return n_host + hit, tuple(tiers)
 
-    def _admit(self, found: list[tuple[TierKind, int]]) -> int:
+    def _admit(self, found: list[tuple[Tier, int]]) -> int:
         """The length of the prefix worth loading: cut before the first run of same-tier blocks that would load
         slower than it recomputes."""
         start = 0
@@ -337,7 +337,7 @@ class TieredBlockStore(BlockStore):
     def _start_fetch(self, keys: list[BlockKey]) -> None:
         """Register fetches for `keys` (none of them in L1 or being fetched) and run them in the background."""
         loop = asyncio.get_running_loop()
-        tier = self.backends[0].tier if self.backends else TierKind.HOST_MEMORY
+        tier = self.backends[0].tier if self.backends else Tier.HOST_MEMORY
         fetches = []
         for key in keys:
             fetch = _Fetch(tier, loop.create_future())

@@ -28,7 +28,7 @@ from typing import ClassVar, TypeVar
 
 from kvd.config import DiskTierConfig
 from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, blob_header, decode_blob, namespace_digest
-from kvd.types import BlockKey, TierKind
+from kvd.types import BlockKey, Tier
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 
 class DiskBackend(StorageBackend):
-    tier: ClassVar[TierKind] = TierKind.DISK
+    tier: ClassVar[Tier] = Tier.DISK
 
     def __init__(self, config: DiskTierConfig, *, fsync: bool = False, name: str = "disk") -> None:
         if config.path is None:

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from kvd.config import RedisTierConfig
 from kvd.tiers.base import BlobError, Buffer, StorageBackend, decode_blob, encode_blob, namespace_digest
-from kvd.types import BlockKey, TierKind
+from kvd.types import BlockKey, Tier
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class _Down(Exception):
 
 
 class RedisBackend(StorageBackend):
-    tier: ClassVar[TierKind] = TierKind.REMOTE
+    tier: ClassVar[Tier] = Tier.REMOTE
 
     def __init__(self, config: RedisTierConfig, *, name: str = "redis") -> None:
         if not config.url:

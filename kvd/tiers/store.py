@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvd.errors import ResourceExhausted
-from kvd.tiers.host import Entry, HostPool
-from kvd.types import BlockKey, TierKind, TierSnapshot
+from kvd.memory.host_pool import Entry, HostPool
+from kvd.types import BlockKey, Tier, TierSnapshot
 
 
 @dataclass(slots=True)
@@ -34,11 +34,11 @@ class BlockStore:
 
     # -- lookups -------------------------------------------------------------------------------------------------
 
-    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[TierKind, ...]]:
+    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[Tier, ...]]:
         hit = self.pool.touch_prefix(keys)
         self.hits += hit
         self.misses += len(keys) - hit
-        return hit, (TierKind.HOST_MEMORY,) * hit
+        return hit, (Tier.HOST_MEMORY,) * hit
 
     # -- saves ---------------------------------------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class BlockStore:
         pool = self.pool
         return (
             TierSnapshot(
-                tier=TierKind.HOST_MEMORY,
+                tier=Tier.HOST_MEMORY,
                 name="host",
                 capacity_bytes=pool.capacity_bytes,
                 used_bytes=pool.used_bytes,

@@ -10,7 +10,6 @@ import grpc
 import pytest
 import torch
 from kvd_client import KvdClient
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd_client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -23,6 +22,7 @@ from kvd_client.errors import (
     from_rpc_error,
     status_of,
 )
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.helpers.clients import Completions
 from tests.helpers.daemon import Daemon, wait_for

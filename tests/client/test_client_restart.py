@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 from kvd_client import KvdClient, Unavailable
-from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.conftest import DaemonFactory
 from tests.helpers.clients import Completions

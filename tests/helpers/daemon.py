@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 import torch
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.layout import DType, KvLayout, LayerLayout
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec
 

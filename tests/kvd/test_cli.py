@@ -1,4 +1,4 @@
-"""The `kvd` command line: config resolution, serve's hand-off to run_server, health and stats over a Unix socket.
+"""The `kvd` command line: config resolution, serve's hand-off to run_daemon, health and stats over a Unix socket.
 
 health and stats run against a small real gRPC server (the standard health servicer plus a fake Kvd servicer that
 only answers Stats), so these tests need no daemon.
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd import cli
 from kvd.config import KvdConfig, LogConfig
@@ -116,17 +116,17 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 # ---- kvd serve ----------------------------------------------------------------------------------------------------
 
 
-def test_serve_passes_the_effective_config_to_run_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_serve_passes_the_effective_config_to_run_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[KvdConfig] = []
 
-    def run_server(config: KvdConfig) -> int:
+    def run_daemon(config: KvdConfig) -> int:
         seen.append(config)
         return 7
 
-    # Stand-ins: the real server module needs the whole daemon, and real logging setup would rewire pytest's.
-    fake_server = types.ModuleType("kvd.rpc.server")
-    fake_server.run_server = run_server  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kvd.rpc.server", fake_server)
+    # Stand-ins: the real daemon module needs the whole daemon, and real logging setup would rewire pytest's.
+    fake_daemon = types.ModuleType("kvd.daemon")
+    fake_daemon.run_daemon = run_daemon  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "kvd.daemon", fake_daemon)
     import kvd.logs
 
     logged: list[Any] = []

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.helpers.daemon import Daemon, child_env, reap, track
 from tests.helpers.kvdata import CacheSpec, block_hash, fill, make_caches
@@ -471,7 +471,7 @@ _CHILD = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     import grpc, torch
-    from kvd_client._wire.kvd.v1 import kvd_pb2_grpc
+    from kvd_client.wire.kvd.v1 import kvd_pb2_grpc
     from tests.helpers.kvdata import CacheSpec, block_hash, fill, make_caches
     from tests.helpers.rpc import cpu_register_request
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kvd_client._wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd_client.errors import Unavailable, from_rpc_error
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.conftest import DaemonFactory, WorkerFactory
 from tests.helpers.daemon import NOT_SERVING, SERVING, Daemon, MiB, wait_for

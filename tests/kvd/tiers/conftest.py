@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig
-from kvd.tiers.host import HostPool
+from kvd.memory.host_pool import HostPool
 
 REDIS_SERVER = shutil.which("redis-server")
 KiB = 1 << 10

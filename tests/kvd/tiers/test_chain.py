@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from kvd.config import HostPoolConfig, TiersConfig, TierWritePolicy
+from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
 from kvd.tiers.disk import DiskBackend
-from kvd.tiers.host import HostPool
 from kvd.tiers.kvstore import RedisBackend
-from kvd.types import BlockKey, TierKind
+from kvd.types import BlockKey, Tier
 from tests.kvd.tiers.conftest import KiB, MiB, RedisServer, disk_config, redis_config
 
 NS = "model|fp|tp0/1"
@@ -71,17 +71,17 @@ async def test_evict_to_disk_hit_promote_load(pool: HostPool, tmp_path: Path) ->
         assert pool.evictions >= 64
         assert disk.used()[1] >= 64
         hit, tiers = await store.lookup([key(i) for i in range(8)])
-        assert hit == 8 and tiers == (TierKind.DISK,) * 8
+        assert hit == 8 and tiers == (Tier.DISK,) * 8
         await store.wait_fetches()  # promotion was started by the lookup
         assert all(key(i) in pool for i in range(8))
         hit, tiers = await store.lookup([key(i) for i in range(8)])
-        assert tiers == (TierKind.HOST_MEMORY,) * 8
+        assert tiers == (Tier.HOST_MEMORY,) * 8
         assert await load(store, range(8)) == [content(i) for i in range(8)]
         # A prefix: an L1 run, then a disk run, then the first block nowhere.
         hit, tiers = await store.lookup([key(300), key(10), key(11), key(9999), key(12)])
-        assert hit == 3 and tiers == (TierKind.HOST_MEMORY, TierKind.DISK, TierKind.DISK)
+        assert hit == 3 and tiers == (Tier.HOST_MEMORY, Tier.DISK, Tier.DISK)
         snaps = {s.tier: s for s in store.snapshots()}
-        assert snaps[TierKind.DISK].hits >= 10 and snaps[TierKind.DISK].blocks == disk.used()[1]
+        assert snaps[Tier.DISK].hits >= 10 and snaps[Tier.DISK].blocks == disk.used()[1]
     finally:
         await store.close()
 
@@ -114,9 +114,9 @@ async def test_l3_hit_from_a_second_node(pool: HostPool, redis_server: RedisServ
         assert (await node_a.lookup([key(i) for i in range(6)]))[0] == 6  # read-your-writes at once, from L1
         assert await node_a.flush(10)  # write-through happens in the background
         hit, tiers = await node_b.lookup([key(i) for i in range(7)])
-        assert hit == 6 and tiers == (TierKind.REMOTE,) * 6
+        assert hit == 6 and tiers == (Tier.REMOTE,) * 6
         assert await load(node_b, range(6)) == [content(i) for i in range(6)]
-        assert (await node_b.lookup([key(0)]))[1] == (TierKind.HOST_MEMORY,)
+        assert (await node_b.lookup([key(0)]))[1] == (Tier.HOST_MEMORY,)
     finally:
         await node_a.close()
         await node_b.close()
@@ -131,7 +131,7 @@ async def test_cost_model_rejects_a_tier_slower_than_recompute(pool: HostPool, t
         assert (await store.lookup([key(0), key(1)]))[0] == 0  # on disk, but not worth loading
         assert store.counters["tier_admission_rejected_blocks"] == 2
         hit, tiers = await store.lookup([key(300), key(301), key(0)])
-        assert hit == 2 and tiers == (TierKind.HOST_MEMORY,) * 2  # L1 always counts
+        assert hit == 2 and tiers == (Tier.HOST_MEMORY,) * 2  # L1 always counts
     finally:
         await store.close()
 
@@ -142,7 +142,7 @@ async def test_measured_bandwidth_feeds_admission(pool: HostPool, tmp_path: Path
     try:
         await fill_and_evict(store, 320)
         await load(store, range(0, 32))  # 512 KiB read from disk: a bandwidth sample
-        cost = store.cost.tier(TierKind.DISK)
+        cost = store.cost.tier(Tier.DISK)
         assert cost.bandwidth_bps is not None and cost.samples >= 1
         assert "tier_disk_read_mbps" in store.stats_counters()
     finally:
@@ -161,7 +161,7 @@ async def test_corrupt_disk_blob_is_never_loaded(pool: HostPool, tmp_path: Path)
         got = await load(store, [2, 3, 4])
         assert got == [content(2), None, content(4)]  # a miss, never wrong bytes
         snaps = {s.tier: s for s in store.snapshots()}
-        assert snaps[TierKind.DISK].corrupt == 1
+        assert snaps[Tier.DISK].corrupt == 1
         assert not victim.exists()
         assert (await store.lookup([key(3)]))[0] == 0
     finally:
@@ -181,7 +181,7 @@ async def test_redis_down_degrades_but_serves(pool: HostPool, tmp_path: Path, re
         save(store, range(4, 8))  # written to disk; the kvstore write is dropped
         assert await store.flush(10)
         hit, tiers = await store.lookup([key(i) for i in range(8)])
-        assert hit == 8 and tiers == (TierKind.HOST_MEMORY,) * 8
+        assert hit == 8 and tiers == (Tier.HOST_MEMORY,) * 8
         assert await store.lookup([key(100)]) == (0, ())  # asks the dead kvstore: a quick miss
         assert store.degraded_tiers() == ("redis",)
         assert {s.name: s.healthy for s in store.snapshots()} == {"host": True, "disk": True, "redis": False}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from kvd_client import KvdClient
-from kvd_client._wire.kvd.v1 import kvd_pb2
 from kvd_client.types import Tier
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.conftest import DaemonFactory, WorkerFactory
 from tests.helpers.daemon import Daemon, wait_for

@@ -12,7 +12,7 @@ Compatibility: fields are only ever added. A breaking change is a new package (k
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from kvd_client._wire.kvd.v1 import kvd_pb2 as _kvd_pb2
+from kvd_client.wire.kvd.v1 import kvd_pb2 as _kvd_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -1,6 +1,6 @@
 """L1: the daemon's host-memory pool, allocated once at start and carved into slabs of equal-size block slots.
 
-One anonymous mapping holds every stored block, so the CUDA engine can page-lock it with a single
+One anonymous mapping holds every stored block, so the CUDA transport can page-lock it (its `region`) with a single
 cudaHostRegister and DMA straight into slots, and the CPU transport can hand slot addresses to process_vm_readv.
 Slabs are assigned to a block size on first use (namespaces with different layouts have different block sizes) and
 handed back when they empty. Eviction is LRU within a block size; a size with nothing left to evict takes the
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from kvd.config import HostPoolConfig
 from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.memory.region import PinnedRegion
 from kvd.types import BlockKey
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ class HostPool:
         self.used_bytes = 0
         self.evictions = 0
         self.evict_hooks: list[EvictHook] = []
+
+    @property
+    def region(self) -> PinnedRegion:
+        """The whole mapping, for transports that page-lock it."""
+        return PinnedRegion(self.base_address, self.capacity_bytes)
 
     def populate(self) -> None:
         """Touch every page once, in parallel, so the first saves do not pay for page faults (slow for GiBs)."""

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvd_client._wire.kvd.v1 import kvd_pb2 as kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2
+from kvd_client.wire.kvd.v1 import kvd_pb2 as kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kvd_client/_wire/kvd/v1/kvd_pb2_grpc.py depends on'
+        + ' but the generated code in kvd_client/wire/kvd/v1/kvd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class KvdStub:
         """
         self.RegisterSession = channel.unary_unary(
                 '/kvd.v1.Kvd/RegisterSession',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/kvd.v1.Kvd/Heartbeat',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.Unregister = channel.unary_unary(
                 '/kvd.v1.Kvd/Unregister',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.FromString,
                 _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvd.v1.Kvd/Lookup',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.FromString,
                 _registered_method=True)
         self.Save = channel.unary_unary(
                 '/kvd.v1.Kvd/Save',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
                 _registered_method=True)
         self.Load = channel.unary_unary(
                 '/kvd.v1.Kvd/Load',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/kvd.v1.Kvd/Watch',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvd.v1.Kvd/Stats',
-                request_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.SerializeToString,
-                response_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.FromString,
+                request_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -132,43 +132,43 @@ def add_KvdServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterSession': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSession,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Unregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Unregister,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.SerializeToString,
             ),
             'Save': grpc.unary_unary_rpc_method_handler(
                     servicer.Save,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.SerializeToString,
             ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.FromString,
-                    response_serializer=kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.FromString,
+                    response_serializer=kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -196,8 +196,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/RegisterSession',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.RegisterSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Heartbeat',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Unregister',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.UnregisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Lookup',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.LookupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Save',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Load',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.TransferAccepted.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Watch',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.WatchRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.CompletionNotice.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,8 +385,8 @@ class Kvd:
             request,
             target,
             '/kvd.v1.Kvd/Stats',
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.SerializeToString,
-            kvd__client_dot___wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.FromString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsRequest.SerializeToString,
+            kvd__client_dot_wire_dot_kvd_dot_v1_dot_kvd__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

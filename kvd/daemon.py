@@ -1,0 +1,143 @@
+"""The composition root: builds every layer, owns their start and close, in order, with all state in one object.
+
+    start:    rpc listening (health NOT_SERVING) -> metrics -> host pool (first touch, slow for GiBs) -> transports
+              (the CUDA one page-locks the pool) -> block store -> service -> SERVING, READY=1
+    serve:    until SIGTERM / SIGINT (a second one skips the drain)
+    shutdown: NOT_SERVING -> refuse new operations, drain in-flight ones -> close sessions -> stop listening ->
+              transports -> pool -> metrics
+
+`KvdDaemon(config)` builds a real daemon that tests can run on a temporary socket; `run_daemon(config)` is
+`kvd serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+from kvd.config import KvdConfig
+from kvd.memory.host_pool import HostPool
+from kvd.metrics import Metrics
+from kvd.rpc.server import RpcEndpoint
+from kvd.service.service import KvdService
+from kvd.tiers.build import build_store
+from kvd.transports.router import TransportRouter
+
+log = logging.getLogger(__name__)
+
+TIER_HEALTH_PERIOD_S = 1.0
+
+
+class KvdDaemon:
+    def __init__(self, config: KvdConfig) -> None:
+        self.config = config
+        self.rpc = RpcEndpoint(config)
+        self.pool: HostPool | None = None
+        self.transports: TransportRouter | None = None
+        self.service: KvdService | None = None
+        self.metrics: Metrics | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- start ---------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        await self.rpc.start()
+        self.metrics = Metrics()
+        self.metrics.start(config.metrics)
+        self.pool = pool = HostPool(config.host_pool)
+        await asyncio.get_running_loop().run_in_executor(None, pool.populate)  # parallel first touch
+        self.transports = TransportRouter(config.engine, pool.region if config.host_pool.pin else None)
+        await self.transports.start()
+        store = build_store(config, pool)
+        self.service = KvdService(config, self.transports, store, self.metrics)
+        await self.service.start()
+        await self.rpc.serve(self.service)
+        self._monitor = asyncio.create_task(self._watch_tiers(), name="kvd-tier-monitor")
+        _sd_notify("READY=1\nSTATUS=serving")
+        log.info("kvd ready: boot id %s, host pool %.2f GiB", self.service.boot_id, pool.capacity_bytes / 2**30)
+
+    async def _watch_tiers(self) -> None:
+        """Publish each tier's health (a health service per tier, a gauge) and the pool's fill, every second."""
+        while self.service is not None:
+            for name, healthy in self.service.tier_health():
+                await self.rpc.set_tier_health(name, healthy)
+                if self.metrics is not None:
+                    self.metrics.set_tier_health(name, healthy)
+            if self.metrics is not None and self.pool is not None:
+                self.metrics.set_pinned_bytes(self.pool.used_bytes, self.pool.capacity_bytes)
+            await asyncio.sleep(TIER_HEALTH_PERIOD_S)
+
+    # -- serve ---------------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stopping:
+            log.warning("second stop signal: exiting without draining")
+            os._exit(1)
+        self._stopping = True
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    # -- shutdown ------------------------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        _sd_notify("STOPPING=1")
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.rpc.enter_graceful_shutdown()
+        log.info("shutting down: draining")
+        if self.service is not None:
+            await self.service.drain(self.config.drain_timeout_s)
+        await self.rpc.stop(grace_s=min(5.0, self.config.drain_timeout_s))
+        if self.transports is not None:
+            await self.transports.stop()
+        if self.pool is not None:
+            with contextlib.suppress(BufferError):
+                self.pool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.rpc.remove_socket()
+        log.info("stopped")
+
+
+def _sd_notify(state: str) -> None:
+    """systemd's readiness protocol (Type=notify): one datagram to $NOTIFY_SOCKET; a no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto(state.encode(), address)
+
+
+def run_daemon(config: KvdConfig) -> int:
+    """`kvd serve`: run until stopped; exit code 0 on a clean stop."""
+    import uvloop
+
+    sys.setswitchinterval(config.engine.gil_switch_interval_us / 1e6)
+    daemon = KvdDaemon(config)
+    try:
+        uvloop.run(daemon.serve())
+    except RuntimeError as exc:
+        log.error("kvd: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,78 @@
+"""The gather/scatter kernels (one launch per chunk copies every block's K and V segments of every layer, with
+16-byte vector loads when everything is aligned) and the planning of a chunk's DMA runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvd.transports.cuda.driver import function_pointer
+
+MAX_GRID_Y = 65_535  # blocks per chunk: one kernel grid row per block
+THREADS_PER_BLOCK = 256
+
+KERNEL_SOURCE = r"""
+__device__ __forceinline__ void kvd_copy(unsigned char* dst, const unsigned char* src,
+                                         unsigned long long len, int vec16) {
+    if (vec16) {
+        const uint4* s = reinterpret_cast<const uint4*>(src);
+        uint4* d = reinterpret_cast<uint4*>(dst);
+        const unsigned long long n = len >> 4;
+        for (unsigned long long k = threadIdx.x; k < n; k += blockDim.x) d[k] = s[k];
+    } else {
+        for (unsigned long long k = threadIdx.x; k < len; k += blockDim.x) dst[k] = src[k];
+    }
+}
+
+// blockIdx.x: one (layer, segment) of a block; blockIdx.y: one block of the chunk.
+extern "C" __global__ void kvd_gather(const unsigned long long* seg_base, const unsigned long long* seg_len,
+                                      const unsigned long long* seg_off, const long long* blocks,
+                                      unsigned long long block_bytes, unsigned char* staging, int vec16) {
+    const unsigned long long len = seg_len[blockIdx.x];
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(
+        seg_base[blockIdx.x] + static_cast<unsigned long long>(blocks[blockIdx.y]) * len);
+    unsigned char* dst = staging + static_cast<unsigned long long>(blockIdx.y) * block_bytes + seg_off[blockIdx.x];
+    kvd_copy(dst, src, len, vec16);
+}
+
+extern "C" __global__ void kvd_scatter(const unsigned long long* seg_base, const unsigned long long* seg_len,
+                                       const unsigned long long* seg_off, const long long* blocks,
+                                       unsigned long long block_bytes, const unsigned char* staging, int vec16) {
+    const unsigned long long len = seg_len[blockIdx.x];
+    unsigned char* dst = reinterpret_cast<unsigned char*>(
+        seg_base[blockIdx.x] + static_cast<unsigned long long>(blocks[blockIdx.y]) * len);
+    const unsigned char* src = staging + static_cast<unsigned long long>(blockIdx.y) * block_bytes
+                               + seg_off[blockIdx.x];
+    kvd_copy(dst, src, len, vec16);
+}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    module: Any  # the cupy RawModule; kept referenced so the kernels stay loaded
+    gather: int  # CUfunction handles
+    scatter: int
+
+
+def load_kernels(cupy: Any) -> Kernels:
+    """Compile the kernels (NVRTC) on the current device."""
+    module = cupy.RawModule(code=KERNEL_SOURCE, options=("--std=c++17",))
+    return Kernels(
+        module=module,
+        gather=function_pointer(module.get_function("kvd_gather")),
+        scatter=function_pointer(module.get_function("kvd_scatter")),
+    )
+
+
+def slot_runs(addresses: Sequence[int], block_bytes: int) -> list[tuple[int, int, int]]:
+    """(first position in the chunk, host address, bytes) for each run of consecutive host slots: one DMA each."""
+    runs: list[tuple[int, int, int]] = []
+    for position, address in enumerate(addresses):
+        if runs and runs[-1][1] + runs[-1][2] == address:
+            first, start, nbytes = runs[-1]
+            runs[-1] = (first, start, nbytes + block_bytes)
+        else:
+            runs.append((position, address, block_bytes))
+    return runs
