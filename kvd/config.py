@@ -95,6 +95,10 @@ class EngineConfig(_Section):
     # The daemon's GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep
     # a GPU engine thread from submitting or completing copies for that long; the daemon is ours to tune.
     gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)
+    # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
+    # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
+    # more event records per chunk.
+    cuda_trace_path: Path | None = None
 
 
 class MetricsConfig(_Section):

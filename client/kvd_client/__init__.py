@@ -3,7 +3,7 @@
 from kvd_client.client import KvdClient
 from kvd_client.errors import KvdError, Unavailable
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
-from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.types import Completion, LookupResult, OperationStages, OpKind, Tier
 
 __all__ = [
     "Completion",
@@ -15,6 +15,7 @@ __all__ = [
     "LookupResult",
     "Namespace",
     "OpKind",
+    "OperationStages",
     "Tier",
     "Unavailable",
 ]

@@ -33,7 +33,7 @@ import grpc
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.layout import KvLayout
-from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.types import Completion, LookupResult, OperationStages, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,18 @@ _libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
 _libc_keep_gil.write.restype = ctypes.c_ssize_t
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Op:
     op_id: int
     kind: OpKind
     blocks: tuple[tuple[int, bytes], ...]
     ready_event: bytes
+    # time.monotonic_ns() of the client's stages (OperationStages): the caller's thread stamps call_ns, the loop
+    # thread the others, one after the other.
+    call_ns: int = 0
+    loop_ns: int = 0
+    send_ns: int = 0
+    accepted_ns: int = 0
 
 
 class KvdClient:
@@ -167,9 +173,7 @@ class KvdClient:
         reachable now."""
         loop = self._loop
         if not self.ready or loop is None or self._closed:
-            failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
-            failed.set_exception(Unavailable("kvd is not connected"))
-            return failed
+            return _not_connected()
         future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)
@@ -178,24 +182,35 @@ class KvdClient:
         self._post(lambda: self._start_lookup(future, hashes))
         return future
 
+    def round_trips(self, count: int) -> concurrent.futures.Future[list[int]]:
+        """Diagnostics: `count` Heartbeat calls back to back on this client's own channel, each timed on its loop
+        thread, in ns. The floor under every request: gRPC over the socket and both event loops, with no daemon work
+        beyond a lease renewal. Not for the serving path (it hands over with call_soon_threadsafe)."""
+        loop = self._loop
+        if not self.ready or loop is None or self._closed:
+            return _not_connected()
+        return asyncio.run_coroutine_threadsafe(self._round_trips(count), loop)
+
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
         current stream, unless one is given: the daemon copies only after the work queued before it."""
+        call_ns = time.monotonic_ns()
         if self._cuda and not ready_event and blocks:
             from kvd_client.cuda import record_ready_event
 
             ready_event = record_ready_event()
-        return self._enqueue(OpKind.SAVE, blocks, ready_event)
+        return self._enqueue(OpKind.SAVE, blocks, ready_event, call_ns)
 
     def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
         """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
         the caller's current stream (nothing queued may still be reading those blocks)."""
+        call_ns = time.monotonic_ns()
         ready_event = b""
         if self._cuda and blocks:
             from kvd_client.cuda import record_ready_event
 
             ready_event = record_ready_event()
-        return self._enqueue(OpKind.LOAD, blocks, ready_event)
+        return self._enqueue(OpKind.LOAD, blocks, ready_event, call_ns)
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -266,8 +281,8 @@ class KvdClient:
 
     # -- internals: caller side ----------------------------------------------------------------------------------
 
-    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes) -> int:
-        op = _Op(next(self._ids), kind, tuple(blocks), ready_event)
+    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int) -> int:
+        op = _Op(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
@@ -409,6 +424,7 @@ class KvdClient:
 
     async def _watch(self, call: Any) -> None:
         async for notice in call:
+            notice_ns = time.monotonic_ns()
             with self._lock:
                 op = self._pending.pop(notice.client_tag, None)
             if op is None:
@@ -423,6 +439,7 @@ class KvdClient:
                     nbytes=notice.bytes_moved,
                     duration_s=notice.duration_us / 1e6,
                     done_event=notice.done_event,
+                    stages=_stages(op, notice, notice_ns),
                 )
             )
 
@@ -467,6 +484,7 @@ class KvdClient:
         task.add_done_callback(finished)
 
     async def _send(self, op: _Op) -> None:
+        op.loop_ns = time.monotonic_ns()
         stub = self._stub
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
@@ -479,7 +497,9 @@ class KvdClient:
         )
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
+            op.send_ns = time.monotonic_ns()
             await method(request, timeout=self.timeout_s)
+            op.accepted_ns = time.monotonic_ns()
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             self._connection_lost(error)
@@ -509,6 +529,18 @@ class KvdClient:
             raise Unavailable("kvd connection closed during the lookup") from None
         return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
 
+    async def _round_trips(self, count: int) -> list[int]:
+        stub = self._stub
+        if stub is None:
+            raise Unavailable("kvd is not connected")
+        request = kvd_pb2.HeartbeatRequest(session_id=self._session_id)
+        took = []
+        for _ in range(count):
+            start = time.monotonic_ns()
+            await stub.Heartbeat(request, timeout=self.timeout_s)
+            took.append(time.monotonic_ns() - start)
+        return took
+
     async def _shutdown(self) -> None:
         stub, session = self._stub, self._session_id
         if stub is not None and session:
@@ -532,6 +564,32 @@ def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
             for layer in layout.layers
         ],
         block_size_tokens=layout.block_size_tokens,
+    )
+
+
+def _not_connected() -> concurrent.futures.Future[Any]:
+    failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    failed.set_exception(Unavailable("kvd is not connected"))
+    return failed
+
+
+def _stages(op: _Op, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> OperationStages:
+    daemon = notice.stages  # all zero from a daemon that records no stages
+    return OperationStages(
+        call_ns=op.call_ns,
+        loop_ns=op.loop_ns,
+        send_ns=op.send_ns,
+        accepted_ns=op.accepted_ns,
+        received_ns=daemon.received_ns,
+        planned_ns=daemon.planned_ns,
+        submitted_ns=daemon.submitted_ns,
+        enqueue_start_ns=daemon.enqueue_start_ns,
+        enqueue_end_ns=daemon.enqueue_end_ns,
+        copy_done_ns=daemon.copy_done_ns,
+        resumed_ns=daemon.resumed_ns,
+        queued_ns=daemon.queued_ns,
+        sent_ns=daemon.sent_ns,
+        notice_ns=notice_ns,
     )
 
 

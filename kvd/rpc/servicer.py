@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from kvd.types import (
     CudaMemory,
     PeerIdentity,
     Registration,
+    StageClock,
     WorkerMemory,
 )
 
@@ -119,14 +121,18 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     async def Save(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        op = self._svc().save(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
+        stamps = StageClock(received_ns=time.monotonic_ns())
+        service = self._svc()
+        op = service.save(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag, stamps)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     @_mapped
     async def Load(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        op = self._svc().load(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
+        stamps = StageClock(received_ns=time.monotonic_ns())
+        service = self._svc()
+        op = service.load(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag, stamps)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(
@@ -149,6 +155,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
                 bytes_moved=notice.bytes_moved,
                 duration_us=notice.duration_us,
                 done_event=notice.done_event,
+                stages=_stages(notice.stages),
             )
 
     @_mapped
@@ -247,6 +254,23 @@ def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
 
 def _blocks(request: kvd_pb2.TransferRequest) -> list[BlockTransfer]:
     return [BlockTransfer(block_index=b.block_index, block_hash=b.block_hash) for b in request.blocks]
+
+
+def _stages(stamps: StageClock | None) -> kvd_pb2.OperationStages | None:
+    """The notice's stage times, stamped `sent` now: the Watch stream is about to write it."""
+    if stamps is None:
+        return None
+    return kvd_pb2.OperationStages(
+        received_ns=stamps.received_ns,
+        planned_ns=stamps.planned_ns,
+        submitted_ns=stamps.submitted_ns,
+        enqueue_start_ns=stamps.enqueue_start_ns,
+        enqueue_end_ns=stamps.enqueue_end_ns,
+        copy_done_ns=stamps.copy_done_ns,
+        resumed_ns=stamps.resumed_ns,
+        queued_ns=stamps.queued_ns,
+        sent_ns=time.monotonic_ns(),
+    )
 
 
 def _event(handle: bytes) -> bytes:

@@ -43,6 +43,7 @@ from kvd.types import (
     OpKind,
     Registration,
     SessionSnapshot,
+    StageClock,
     StatsSnapshot,
     Tier,
 )
@@ -210,21 +211,37 @@ class KvdService:
 
     # -- save / load ---------------------------------------------------------------------------------------------
 
-    def save(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+    def save(
+        self,
+        session_id: str,
+        blocks: Sequence[BlockTransfer],
+        ready_event: bytes,
+        client_tag: int,
+        stamps: StageClock | None = None,
+    ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run_save(session, layout, op_id, blocks, ready_event, client_tag))
+        stamps = stamps or StageClock(received_ns=time.monotonic_ns())
+        self._spawn(self._run_save(session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
-    def load(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+    def load(
+        self,
+        session_id: str,
+        blocks: Sequence[BlockTransfer],
+        ready_event: bytes,
+        client_tag: int,
+        stamps: StageClock | None = None,
+    ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
         indices = [b.block_index for b in blocks]
         if len(set(indices)) != len(indices):
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run_load(session, layout, op_id, blocks, ready_event, client_tag))
+        stamps = stamps or StageClock(received_ns=time.monotonic_ns())
+        self._spawn(self._run_load(session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
     async def _run_save(
@@ -235,10 +252,12 @@ class KvdService:
         blocks: Sequence[BlockTransfer],
         ready_event: bytes,
         client_tag: int,
+        stamps: StageClock,
     ) -> None:
         start = time.monotonic()
         keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
         plan = self.store.plan_save(keys, layout.block_bytes)
+        stamps.planned_ns = time.monotonic_ns()
         failed = {blocks[i].block_hash for i in plan.no_room}
         error = "host pool full" if plan.no_room else ""
         moved = 0
@@ -247,11 +266,14 @@ class KvdService:
             if entries:
                 if session.attachment is None:
                     raise TransferError("session has no memory")
+                stamps.submitted_ns = time.monotonic_ns()
                 await session.attachment.save(
                     [blocks[i].block_index for i, _ in plan.to_write],
                     [SlotRef(e.address, e.nbytes) for e in entries],
                     ready_event,
+                    stamps,
                 )
+                stamps.resumed_ns = time.monotonic_ns()
                 moved = len(entries) * layout.block_bytes
             self.store.finish_save(entries, ok=True)
         except (Exception, asyncio.CancelledError) as exc:
@@ -262,7 +284,7 @@ class KvdService:
             if not await waiter:
                 failed.add(blocks[i].block_hash)
                 error = error or "a concurrent save of the same block failed"
-        self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks))
+        self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks), stamps)
 
     async def _run_load(
         self,
@@ -272,10 +294,12 @@ class KvdService:
         blocks: Sequence[BlockTransfer],
         ready_event: bytes,
         client_tag: int,
+        stamps: StageClock,
     ) -> None:
         start = time.monotonic()
         keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
         entries = await self.store.acquire(keys)
+        stamps.planned_ns = time.monotonic_ns()
         present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
         failed = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
         error = "not stored" if failed else ""
@@ -285,11 +309,14 @@ class KvdService:
             if present:
                 if session.attachment is None:
                     raise TransferError("session has no memory")
+                stamps.submitted_ns = time.monotonic_ns()
                 done_event = await session.attachment.load(
                     [b.block_index for b, _ in present],
                     [SlotRef(e.address, e.nbytes) for _, e in present],
                     ready_event,
+                    stamps,
                 )
+                stamps.resumed_ns = time.monotonic_ns()
                 moved = len(present) * layout.block_bytes
         except (Exception, asyncio.CancelledError) as exc:
             failed.update(b.block_hash for b, _ in present)
@@ -301,7 +328,9 @@ class KvdService:
         self.counters["load_miss_blocks"] += len(failed)
         if self.metrics is not None:
             self.metrics.observe_load_blocks(hit, len(failed))
-        self._finish(session, op_id, OpKind.LOAD, failed, error, client_tag, moved, start, len(blocks), done_event)
+        self._finish(
+            session, op_id, OpKind.LOAD, failed, error, client_tag, moved, start, len(blocks), stamps, done_event
+        )
 
     def _finish(
         self,
@@ -314,6 +343,7 @@ class KvdService:
         moved: int,
         start: float,
         nblocks: int,
+        stamps: StageClock,
         done_event: bytes = b"",
     ) -> None:
         ok = not failed
@@ -325,6 +355,7 @@ class KvdService:
             self.metrics.observe_operation(kind.value, ok, moved, seconds, nblocks, len(failed), _reason(error))
         if error:
             log.debug("%s %d of session %s: %d failed: %s", kind, op_id, session.id[:12], len(failed), error)
+        stamps.queued_ns = time.monotonic_ns()
         session.end_operation(
             Notice(
                 operation_id=op_id,
@@ -336,6 +367,7 @@ class KvdService:
                 bytes_moved=moved,
                 duration_us=int(seconds * 1e6),
                 done_event=done_event,
+                stages=stamps,
             )
         )
 
