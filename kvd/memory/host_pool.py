@@ -62,6 +62,10 @@ class _Slab:
 class _SizeClass:
     block_bytes: int
     slabs: set[int] = field(default_factory=set)
+    # Its slabs with a free slot, oldest first (a dict as an ordered set): a reservation takes a slot in O(1)
+    # instead of scanning every slab of the size (a 512-block save into a full 4 GiB pool scanned 64 slabs per block,
+    # twice, milliseconds per request).
+    open: dict[int, None] = field(default_factory=dict)
     lru: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # READY entries, oldest first
 
 
@@ -208,27 +212,36 @@ class HostPool:
         if slab.entries == 0:
             # An empty slab goes back to the shared free list, so another block size can use it.
             size_class.slabs.discard(slab.index)
+            size_class.open.pop(slab.index, None)
             slab.block_bytes = 0
             slab.free_slots.clear()
             self._free_slabs.append(slab.index)
+        else:
+            size_class.open[slab.index] = None
 
     def _take_slot(self, nbytes: int) -> tuple[int, int]:
         size_class = self._classes.setdefault(nbytes, _SizeClass(nbytes))
         for _ in range(2):
-            for slab_index in size_class.slabs:
-                slab = self._slabs[slab_index]
-                if slab.free_slots:
-                    return slab_index, slab.free_slots.pop()
-            if self._free_slabs:
+            if size_class.open:
+                slab_index = next(iter(size_class.open))
+            elif self._free_slabs:
                 slab_index = self._free_slabs.pop()
                 slab = self._slabs[slab_index]
                 slab.block_bytes = nbytes
                 # Hand out low slots first: consecutive saves land in consecutive slots, so copies merge into runs.
                 slab.free_slots = list(range(self.slab_bytes // nbytes - 1, -1, -1))
                 size_class.slabs.add(slab_index)
-                return slab_index, slab.free_slots.pop()
-            if not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
+            elif not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
                 break
+            else:
+                continue  # the eviction opened a slot
+            slab = self._slabs[slab_index]
+            slot = slab.free_slots.pop()
+            if slab.free_slots:
+                size_class.open[slab_index] = None
+            else:
+                size_class.open.pop(slab_index, None)
+            return slab_index, slot
         raise ResourceExhausted("host pool is full and every block in it is in use")
 
     def _evict(self, entry: Entry) -> None:
