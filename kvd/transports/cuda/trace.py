@@ -6,7 +6,8 @@ engine thread) apart. When on, each chunk costs four more event records.
 GPU times are put on the host's CLOCK_MONOTONIC (time.monotonic_ns, the clock of the operations' stage stamps) by an
 anchor: an event recorded on an idle stream of the tracer's own, between two host clock reads. A new anchor is taken
 when the last is older than ANCHOR_PERIOD_S, so neither clock drift nor cuEventElapsedTime's float milliseconds
-blur a chunk's times by more than a microsecond or so.
+blur a chunk's times by more than a microsecond or so. (Elapsed times come from the runtime's cudaEventElapsedTime,
+through CuPy, as every other call here that is not on the enqueue path.)
 
 Threads: `begin` and the marks run on the engine thread; `finish` on a completion waiter (two of them write the file,
 under a lock). Events taken by the engine thread are given back by the waiters (deque append/pop are atomic).
@@ -14,7 +15,6 @@ under a lock). Events taken by the engine thread are given back by the waiters (
 
 from __future__ import annotations
 
-import ctypes
 import json
 import threading
 import time
@@ -22,7 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvd.transports.cuda.driver import STREAM_NON_BLOCKING, CudaError, Enqueue
+from kvd.transports.cuda.driver import STREAM_NON_BLOCKING, Enqueue
 from kvd.types import StageClock
 
 ANCHOR_PERIOD_S = 0.5
@@ -84,8 +84,6 @@ class Tracer:
         self._anchor: tuple[int, int] = (0, 0)
         self._anchored_at = 0.0
         self._stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)  # idle but for anchors
-        self._elapsed = ctypes.CDLL("libcuda.so.1").cuEventElapsedTime
-        self._elapsed.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
         self._lock = threading.Lock()
         self._file = path.open("a", buffering=1)  # line-buffered: a record is out before its operation's notice
         self._write({"trace": "kvd-cuda", **header})
@@ -112,7 +110,8 @@ class Tracer:
     def finish(self, op: OpTrace, stamps: StageClock | None) -> None:
         """A completion waiter, once the operation's last event completed (so every mark has)."""
         anchor_event, anchor_ns = op.anchor
-        marks = [anchor_ns + round(self._milliseconds(anchor_event, event) * 1e6) for event in op.events]
+        elapsed = self._runtime.eventElapsedTime  # float ms
+        marks = [anchor_ns + round(elapsed(anchor_event, event) * 1e6) for event in op.events]
         self._spare.extend(op.events)
         kernel, dma = ((0, 2), (2, 0))[op.kind == "load"]
         chunks = [
@@ -128,13 +127,6 @@ class Tracer:
                 "copy_done_ns": stamps.copy_done_ns,
             }
         self._write(record)
-
-    def _milliseconds(self, start: int, end: int) -> float:
-        value = ctypes.c_float()
-        status = self._elapsed(ctypes.byref(value), ctypes.c_void_p(start), ctypes.c_void_p(end))
-        if status != 0:
-            raise CudaError(f"cuEventElapsedTime failed: CUresult {status}")
-        return value.value
 
     def _write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"))
