@@ -112,6 +112,7 @@ class KvdClient:
         self._session_id = ""
         self.boot_id = ""
         self.block_bytes = 0
+        self._columnar = False  # the daemon takes a request's blocks as two columns (no message per block)
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -389,6 +390,7 @@ class KvdClient:
         self._session_id = response.session_id
         self.boot_id = response.boot_id
         self.block_bytes = response.block_bytes
+        self._columnar = response.columnar_blocks
         self._lease_s = response.lease_ms / 1000
         self.registrations += 1
         log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
@@ -489,12 +491,12 @@ class KvdClient:
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
             return
-        request = kvd_pb2.TransferRequest(
-            session_id=self._session_id,
-            blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks],
-            ready_event=op.ready_event,
-            client_tag=op.op_id,
-        )
+        request = kvd_pb2.TransferRequest(session_id=self._session_id, ready_event=op.ready_event, client_tag=op.op_id)
+        if self._columnar:
+            request.block_indices.extend([i for i, _ in op.blocks])
+            request.block_hashes.extend([h for _, h in op.blocks])
+        else:  # a daemon from before columns
+            request.blocks.extend(kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
             op.send_ns = time.monotonic_ns()

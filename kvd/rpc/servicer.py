@@ -20,7 +20,7 @@ from kvd.errors import InvalidArgument, KvdError, Unavailable, status_of
 from kvd.rpc.credentials import CredentialIssuer
 from kvd.service.service import KvdService
 from kvd.types import (
-    BlockTransfer,
+    BlockBatch,
     CpuMemory,
     CpuRegion,
     CudaAllocation,
@@ -86,6 +86,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             boot_id=service.boot_id,
             block_bytes=layout.block_bytes if layout is not None else 0,
             max_batch_blocks=service.config.max_batch_blocks,
+            columnar_blocks=True,
         )
 
     def _peer(self, request: kvd_pb2.RegisterSessionRequest) -> PeerIdentity:
@@ -252,8 +253,13 @@ def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
     return None
 
 
-def _blocks(request: kvd_pb2.TransferRequest) -> list[BlockTransfer]:
-    return [BlockTransfer(block_index=b.block_index, block_hash=b.block_hash) for b in request.blocks]
+def _blocks(request: kvd_pb2.TransferRequest) -> BlockBatch:
+    """The request's blocks as two columns, from either form on the wire."""
+    if request.blocks:
+        if request.block_indices or request.block_hashes:
+            raise InvalidArgument("a request carries its blocks as `blocks` or as columns, not both")
+        return BlockBatch([b.block_index for b in request.blocks], [b.block_hash for b in request.blocks])
+    return BlockBatch(list(request.block_indices), list(request.block_hashes))
 
 
 def _stages(stamps: StageClock | None) -> kvd_pb2.OperationStages | None:

@@ -36,8 +36,8 @@ from kvd.tiers.store import BlockStore
 from kvd.transports.base import SlotRef
 from kvd.transports.router import TransportRouter
 from kvd.types import (
+    BlockBatch,
     BlockKey,
-    BlockTransfer,
     LookupResult,
     Notice,
     OpKind,
@@ -214,7 +214,7 @@ class KvdService:
     def save(
         self,
         session_id: str,
-        blocks: Sequence[BlockTransfer],
+        blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
         stamps: StageClock | None = None,
@@ -229,14 +229,13 @@ class KvdService:
     def load(
         self,
         session_id: str,
-        blocks: Sequence[BlockTransfer],
+        blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
         stamps: StageClock | None = None,
     ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
-        indices = [b.block_index for b in blocks]
-        if len(set(indices)) != len(indices):
+        if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
@@ -249,16 +248,16 @@ class KvdService:
         session: Session,
         layout: KvLayout,
         op_id: int,
-        blocks: Sequence[BlockTransfer],
+        blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
         stamps: StageClock,
     ) -> None:
         start = time.monotonic()
-        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
-        plan = self.store.plan_save(keys, layout.block_bytes)
+        indices, hashes = blocks.indices, blocks.hashes
+        plan = self.store.plan_save(self._keys(session.namespace_key, hashes), layout.block_bytes)
         stamps.planned_ns = time.monotonic_ns()
-        failed = {blocks[i].block_hash for i in plan.no_room}
+        failed = {hashes[i] for i in plan.no_room}
         error = "host pool full" if plan.no_room else ""
         moved = 0
         entries = [entry for _, entry in plan.to_write]
@@ -268,7 +267,7 @@ class KvdService:
                     raise TransferError("session has no memory")
                 stamps.submitted_ns = time.monotonic_ns()
                 await session.attachment.save(
-                    [blocks[i].block_index for i, _ in plan.to_write],
+                    [indices[i] for i, _ in plan.to_write],
                     [SlotRef(e.address, e.nbytes) for e in entries],
                     ready_event,
                     stamps,
@@ -278,11 +277,11 @@ class KvdService:
             self.store.finish_save(entries, ok=True)
         except (Exception, asyncio.CancelledError) as exc:
             self.store.finish_save(entries, ok=False)
-            failed.update(blocks[i].block_hash for i, _ in plan.to_write)
+            failed.update(hashes[i] for i, _ in plan.to_write)
             error = _failure(exc, f"save {op_id} of session {session.id[:12]}")
         for i, waiter in plan.in_flight:
             if not await waiter:
-                failed.add(blocks[i].block_hash)
+                failed.add(hashes[i])
                 error = error or "a concurrent save of the same block failed"
         self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks), stamps)
 
@@ -291,17 +290,16 @@ class KvdService:
         session: Session,
         layout: KvLayout,
         op_id: int,
-        blocks: Sequence[BlockTransfer],
+        blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
         stamps: StageClock,
     ) -> None:
         start = time.monotonic()
-        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
-        entries = await self.store.acquire(keys)
+        entries = await self.store.acquire(self._keys(session.namespace_key, blocks.hashes))
         stamps.planned_ns = time.monotonic_ns()
-        present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
-        failed = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
+        present = [(i, e) for i, e in zip(blocks.indices, entries, strict=True) if e is not None]
+        failed = {h for h, e in zip(blocks.hashes, entries, strict=True) if e is None}
         error = "not stored" if failed else ""
         done_event = b""
         moved = 0
@@ -311,7 +309,7 @@ class KvdService:
                     raise TransferError("session has no memory")
                 stamps.submitted_ns = time.monotonic_ns()
                 done_event = await session.attachment.load(
-                    [b.block_index for b, _ in present],
+                    [i for i, _ in present],
                     [SlotRef(e.address, e.nbytes) for _, e in present],
                     ready_event,
                     stamps,
@@ -319,7 +317,7 @@ class KvdService:
                 stamps.resumed_ns = time.monotonic_ns()
                 moved = len(present) * layout.block_bytes
         except (Exception, asyncio.CancelledError) as exc:
-            failed.update(b.block_hash for b, _ in present)
+            failed.update(h for h, e in zip(blocks.hashes, entries, strict=True) if e is not None)
             error = _failure(exc, f"load {op_id} of session {session.id[:12]}")
         finally:
             self.store.release(entries)
@@ -416,17 +414,17 @@ class KvdService:
             bad = next(n for n in lengths if not 0 < n <= MAX_HASH_BYTES)
             raise InvalidArgument(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {bad}")
 
-    def _begin_transfer(self, session_id: str, blocks: Sequence[BlockTransfer]) -> tuple[Session, KvLayout]:
+    def _begin_transfer(self, session_id: str, blocks: BlockBatch) -> tuple[Session, KvLayout]:
         self._check_open()
         session = self.sessions.get(session_id)
         layout = session.registration.layout
         if layout is None or session.attachment is None:
             raise FailedPrecondition("a lookup-only session cannot save or load: register its KV memory")
-        self._check_hashes([b.block_hash for b in blocks], self.config.max_batch_blocks)
-        num_blocks = layout.num_blocks
-        for b in blocks:
-            if not 0 <= b.block_index < num_blocks:
-                raise InvalidArgument(f"block index {b.block_index} out of range [0, {num_blocks})")
+        self._check_hashes(blocks.hashes, self.config.max_batch_blocks)
+        num_blocks, indices = layout.num_blocks, blocks.indices
+        if min(indices) < 0 or max(indices) >= num_blocks:
+            bad = next(i for i in indices if not 0 <= i < num_blocks)
+            raise InvalidArgument(f"block index {bad} out of range [0, {num_blocks})")
         if session.in_flight >= self.config.engine.max_inflight_ops:
             raise ResourceExhausted(f"{session.in_flight} operations already in flight for this session")
         return session, layout

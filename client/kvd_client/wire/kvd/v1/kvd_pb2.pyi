@@ -388,6 +388,7 @@ class RegisterSessionResponse(_message.Message):
     BOOT_ID_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BLOCKS_FIELD_NUMBER: _builtins.int
+    COLUMNAR_BLOCKS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """opaque; pass it with every call"""
     lease_ms: _builtins.int
@@ -398,6 +399,8 @@ class RegisterSessionResponse(_message.Message):
     """bytes of one stored block (all layers, K and V)"""
     max_batch_blocks: _builtins.int
     """the largest Save/Load/Lookup batch this daemon accepts"""
+    columnar_blocks: _builtins.bool
+    """Save/Load accept TransferRequest.block_indices/block_hashes (send those)"""
     def __init__(
         self,
         *,
@@ -406,10 +409,11 @@ class RegisterSessionResponse(_message.Message):
         boot_id: _builtins.str = ...,
         block_bytes: _builtins.int = ...,
         max_batch_blocks: _builtins.int = ...,
+        columnar_blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,6 +576,8 @@ class TransferRequest(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     READY_EVENT_FIELD_NUMBER: _builtins.int
     CLIENT_TAG_FIELD_NUMBER: _builtins.int
+    BLOCK_INDICES_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     ready_event: _builtins.bytes
     """CUDA transport only: an interprocess cudaEvent (cudaIpcEventHandle_t, 64 bytes) recorded on the model's stream
@@ -581,6 +587,17 @@ class TransferRequest(_message.Message):
     """echoed in the completion notice; free for the client's bookkeeping"""
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockTransfer]: ...
+    @_builtins.property
+    def block_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The same (block index, block hash) pairs as `blocks`, column by column: no message per block, so a request of
+        hundreds of blocks is built and parsed in microseconds rather than a millisecond. A request carries its blocks
+        one way or the other, never both; send these only to a daemon that registered you with `columnar_blocks`.
+        """
+
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """block_hashes[i] is the key of block block_indices[i]"""
+
     def __init__(
         self,
         *,
@@ -588,10 +605,12 @@ class TransferRequest(_message.Message):
         blocks: _abc.Iterable[Global___BlockTransfer] | None = ...,
         ready_event: _builtins.bytes = ...,
         client_tag: _builtins.int = ...,
+        block_indices: _abc.Iterable[_builtins.int] | None = ...,
+        block_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "client_tag", b"client_tag", "ready_event", b"ready_event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "ready_event", b"ready_event", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
