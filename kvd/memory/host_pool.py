@@ -164,17 +164,33 @@ class HostPool:
 
     def reserve(self, key: BlockKey, nbytes: int) -> Entry:
         """A RESERVED slot for `key` (which must not be stored); evicts LRU blocks if the pool is full."""
+        entries = self.reserve_many([key], nbytes)
+        if not entries:
+            raise ResourceExhausted("host pool is full and every block in it is in use")
+        return entries[0]
+
+    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int) -> list[Entry]:
+        """RESERVED slots for `keys` (none of them stored), in order, evicting LRU blocks as needed; fewer than
+        asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
+        One call per request, not per block: a large save reserves hundreds."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
-        if key in self._entries:
-            raise InvalidArgument("block is already stored or being stored")
-        slab, slot = self._take_slot(nbytes)
-        entry = Entry(key=key, slab=slab, slot=slot, address=self._slot_address(slab, slot, nbytes), nbytes=nbytes)
-        self._entries[key] = entry
-        self._slabs[slab].entries += 1
-        self._slabs[slab].last_use = entry.last_use
-        self.used_bytes += nbytes
-        return entry
+        now = time.monotonic()
+        entries, slabs, out = self._entries, self._slabs, []
+        for key in keys:
+            if key in entries:
+                raise InvalidArgument("block is already stored or being stored")
+            try:
+                slab, slot = self._take_slot(nbytes)
+            except ResourceExhausted:
+                break
+            entry = Entry(key, slab, slot, self._slot_address(slab, slot, nbytes), nbytes, last_use=now)
+            entries[key] = entry
+            slabs[slab].entries += 1
+            slabs[slab].last_use = now
+            out.append(entry)
+        self.used_bytes += nbytes * len(out)
+        return out
 
     def commit(self, entry: Entry) -> None:
         """The slot's bytes are complete: make it visible to lookups."""

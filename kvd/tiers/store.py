@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvd.errors import ResourceExhausted
 from kvd.memory.host_pool import Entry, HostPool
 from kvd.types import BlockKey, Tier, TierSnapshot
 
@@ -47,23 +46,25 @@ class BlockStore:
         another save are waited for, so this save's notice never claims a block that is not there yet."""
         plan = SavePlan()
         seen: set[BlockKey] = set()
+        fresh: list[int] = []
+        pool, writing = self.pool, self._writing
         for i, key in enumerate(keys):
             if key in seen:
                 continue
             seen.add(key)
-            if key in self.pool:
+            if pool.get(key) is not None:
                 continue
-            pending = self._writing.get(key)
+            pending = writing.get(key)
             if pending is not None:
                 plan.in_flight.append((i, pending))
                 continue
-            try:
-                entry = self.pool.reserve(key, nbytes)
-            except ResourceExhausted:
-                plan.no_room.append(i)
-                continue
-            self._writing[key] = asyncio.get_running_loop().create_future()
+            fresh.append(i)
+        entries = pool.reserve_many([keys[i] for i in fresh], nbytes)
+        done = asyncio.get_running_loop().create_future()  # one per save: finish_save settles its blocks together
+        for i, entry in zip(fresh, entries, strict=False):
+            writing[entry.key] = done
             plan.to_write.append((i, entry))
+        plan.no_room = fresh[len(entries) :]
         return plan
 
     def finish_save(self, entries: Sequence[Entry], ok: bool) -> None:
