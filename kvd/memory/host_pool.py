@@ -149,6 +149,25 @@ class HostPool:
             n += 1
         return n
 
+    def pin_stored(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
+        """For a load: each key's READY entry pinned (never evicted while read) and marked used, or None where the
+        key is not stored. One pass and one clock read for the whole request."""
+        now = time.monotonic()
+        entries, slabs, classes = self._entries, self._slabs, self._classes
+        ready = SlotState.READY
+        out: list[Entry | None] = []
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None or entry.state is not ready:
+                out.append(None)
+                continue
+            entry.pins += 1
+            entry.last_use = now
+            slabs[entry.slab].last_use = now
+            classes[entry.nbytes].lru.move_to_end(key)
+            out.append(entry)
+        return out
+
     def touch(self, entry: Entry) -> None:
         entry.last_use = time.monotonic()
         self._slabs[entry.slab].last_use = entry.last_use

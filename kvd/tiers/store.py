@@ -82,14 +82,7 @@ class BlockStore:
 
     async def acquire(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
         """Pin the stored blocks for reading; None where a block is missing."""
-        out: list[Entry | None] = []
-        for key in keys:
-            entry = self.pool.get(key)
-            if entry is not None:
-                self.pool.pin(entry)
-                self.pool.touch(entry)
-            out.append(entry)
-        return out
+        return self.pool.pin_stored(keys)
 
     def release(self, entries: Sequence[Entry | None]) -> None:
         for entry in entries:

@@ -61,3 +61,14 @@ def test_a_slot_freed_in_a_full_slab_is_found_again(pool: HostPool) -> None:
         pool.discard(entry)
     other = pool.reserve(key("other", 0), SLAB)
     assert other.address == entries[0].address
+
+
+def test_a_load_pins_its_stored_blocks_and_makes_them_the_most_recently_used(pool: HostPool) -> None:
+    first, second = save(pool, "a", 2), save(pool, "b", SLABS * SLAB // BLOCK - 2)  # the pool is full
+    got = pool.pin_stored([key("a", 0), key("missing", 0), key("a", 1)])
+    assert got == [first[0], None, first[1]] and first[0].pins == first[1].pins == 1
+    newcomer = pool.reserve(key("c", 0), BLOCK)  # evicts the least recently used: not the pinned, touched ones
+    assert key("a", 0) in pool and key("a", 1) in pool and key("b", 0) not in pool
+    assert newcomer.address == second[0].address
+    for entry in first:
+        pool.unpin(entry)
