@@ -100,6 +100,7 @@ def main() -> int:
     if not (args.no_variants or args.socket):
         trace_dir = args.trace_dir or Path(tempfile.mkdtemp(prefix="kvd-trace-"))
         trace_dir.mkdir(parents=True, exist_ok=True)
+        (trace_dir / "partial.json").write_text(json.dumps(out))
         several_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) > 1
         for spec in args.variant or (*DEFAULT_VARIANTS, *([NUMA_VARIANT] if several_nodes else [])):
             name, _, changes = spec.partition(":")
@@ -107,8 +108,12 @@ def main() -> int:
                 out["variants"][name] = {"skipped": "time budget"}
                 continue
             env = {**base_env, **dict(kv.split("=", 1) for kv in changes.split(",") if kv)}
-            out["variants"][name] = daemon_pass(args, caches, block_bytes, shape, env, trace_dir / f"{name}.jsonl")
-            out["variants"][name]["env"] = env
+            try:
+                result = daemon_pass(args, caches, block_bytes, shape, env, trace_dir / f"{name}.jsonl")
+            except Exception as exc:  # one variant failing must not cost the others (nor the main figures)
+                result = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+            out["variants"][name] = {**result, "env": env}
+            (trace_dir / "partial.json").write_text(json.dumps(out))  # what a timeout would otherwise lose
     out["summary"] = summary(out)
     out["bench_s"] = round(time.monotonic() - began, 1)
     print(json.dumps(out, indent=1))
@@ -132,7 +137,8 @@ def print_table(out: dict[str, Any]) -> None:
             for k in ("save", "load")
             if both.get(k)
         )
-        lines.append(f"variant {name}: {variant.get('skipped') or rates} | both: {busy}")
+        failed = [line for line in str(variant.get("error", "")).splitlines() if line.strip()][-1:]
+        lines.append(f"variant {name}: {variant.get('skipped') or ''.join(failed)[:160] or rates} | both: {busy}")
     print("\n".join(lines), file=sys.stderr)
 
 

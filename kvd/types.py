@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvd_client.layout import KvLayout, Namespace
-from kvd_client.types import LookupResult, OpKind, Tier  # shared with the client; Tier is numbered as kvd.v1.Tier
+
+# Shared with the client: Tier is numbered as kvd.v1.Tier; DaemonStages is what a notice's stages say.
+from kvd_client.types import DaemonStages, LookupResult, OpKind, Tier
 
 from kvd.errors import InvalidArgument
 
@@ -89,23 +91,6 @@ class BlockBatch:
         return len(self.hashes)
 
 
-@dataclass(slots=True)
-class StageClock:
-    """When each stage of one operation happened in the daemon, in time.monotonic_ns() (CLOCK_MONOTONIC, shared with
-    the client on the node); the notice carries it out as kvd.v1.OperationStages. Mutable on purpose, unlike the
-    other types here: each stage is stamped by the one thread that reaches it (event loop, transport thread,
-    completion waiter), one after the other. A few clock reads per operation, never per block."""
-
-    received_ns: int = 0
-    planned_ns: int = 0
-    submitted_ns: int = 0
-    enqueue_start_ns: int = 0
-    enqueue_end_ns: int = 0
-    copy_done_ns: int = 0
-    resumed_ns: int = 0
-    queued_ns: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class Notice:
     """An operation's end, as the daemon records it; the servicer sends it as a kvd.v1.CompletionNotice on the
@@ -120,7 +105,7 @@ class Notice:
     bytes_moved: int = 0
     duration_us: int = 0
     done_event: bytes = b""
-    stages: StageClock | None = None  # complete once queued: nothing stamps it afterwards
+    stages: DaemonStages | None = None  # complete once queued but for `sent`, which the servicer stamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +154,13 @@ __all__ = [
     "CudaAllocation",
     "CudaLayer",
     "CudaMemory",
+    "DaemonStages",
     "LookupResult",
     "Notice",
     "OpKind",
     "PeerIdentity",
     "Registration",
     "SessionSnapshot",
-    "StageClock",
     "StatsSnapshot",
     "Tier",
     "TierSnapshot",

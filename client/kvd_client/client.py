@@ -33,7 +33,7 @@ import grpc
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.layout import KvLayout
-from kvd_client.types import Completion, LookupResult, OperationStages, OpKind, Tier
+from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -582,16 +582,8 @@ def _stages(op: _Op, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> Operat
         loop_ns=op.loop_ns,
         send_ns=op.send_ns,
         accepted_ns=op.accepted_ns,
-        received_ns=daemon.received_ns,
-        planned_ns=daemon.planned_ns,
-        submitted_ns=daemon.submitted_ns,
-        enqueue_start_ns=daemon.enqueue_start_ns,
-        enqueue_end_ns=daemon.enqueue_end_ns,
-        copy_done_ns=daemon.copy_done_ns,
-        resumed_ns=daemon.resumed_ns,
-        queued_ns=daemon.queued_ns,
-        sent_ns=daemon.sent_ns,
         notice_ns=notice_ns,
+        daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
     )
 
 

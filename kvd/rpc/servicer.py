@@ -6,6 +6,7 @@ kvd_client.errors.status_of) and anything else into INTERNAL, logged; the daemon
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -26,9 +27,10 @@ from kvd.types import (
     CudaAllocation,
     CudaLayer,
     CudaMemory,
+    DaemonStages,
+    OpKind,
     PeerIdentity,
     Registration,
-    StageClock,
     WorkerMemory,
 )
 
@@ -122,18 +124,19 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     async def Save(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        stamps = StageClock(received_ns=time.monotonic_ns())
-        service = self._svc()
-        op = service.save(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag, stamps)
-        return kvd_pb2.TransferAccepted(operation_id=op)
+        return self._transfer(OpKind.SAVE, request)
 
     @_mapped
     async def Load(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        stamps = StageClock(received_ns=time.monotonic_ns())
+        return self._transfer(OpKind.LOAD, request)
+
+    def _transfer(self, kind: OpKind, request: kvd_pb2.TransferRequest) -> kvd_pb2.TransferAccepted:
+        stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
         service = self._svc()
-        op = service.load(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag, stamps)
+        blocks, ready_event = _blocks(request), _event(request.ready_event)
+        op = service.transfer(kind, request.session_id, blocks, ready_event, request.client_tag, stamps)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(
@@ -262,21 +265,11 @@ def _blocks(request: kvd_pb2.TransferRequest) -> BlockBatch:
     return BlockBatch(list(request.block_indices), list(request.block_hashes))
 
 
-def _stages(stamps: StageClock | None) -> kvd_pb2.OperationStages | None:
+def _stages(stamps: DaemonStages | None) -> kvd_pb2.OperationStages | None:
     """The notice's stage times, stamped `sent` now: the Watch stream is about to write it."""
     if stamps is None:
         return None
-    return kvd_pb2.OperationStages(
-        received_ns=stamps.received_ns,
-        planned_ns=stamps.planned_ns,
-        submitted_ns=stamps.submitted_ns,
-        enqueue_start_ns=stamps.enqueue_start_ns,
-        enqueue_end_ns=stamps.enqueue_end_ns,
-        copy_done_ns=stamps.copy_done_ns,
-        resumed_ns=stamps.resumed_ns,
-        queued_ns=stamps.queued_ns,
-        sent_ns=time.monotonic_ns(),
-    )
+    return kvd_pb2.OperationStages(**{**dataclasses.asdict(stamps), "sent_ns": time.monotonic_ns()})
 
 
 def _event(handle: bytes) -> bytes:

@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvd_client.layout import KvLayout
@@ -38,12 +39,12 @@ from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockBatch,
     BlockKey,
+    DaemonStages,
     LookupResult,
     Notice,
     OpKind,
     Registration,
     SessionSnapshot,
-    StageClock,
     StatsSnapshot,
     Tier,
 )
@@ -54,6 +55,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HASH_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Transfer:
+    """An accepted save or load, as its background task carries it to the notice."""
+
+    session: Session
+    layout: KvLayout
+    op_id: int
+    blocks: BlockBatch
+    ready_event: bytes
+    client_tag: int
+    stamps: DaemonStages
+    start: float = field(default_factory=time.monotonic)  # accepted: the notice's duration counts from here
 
 
 class KvdService:
@@ -211,51 +226,32 @@ class KvdService:
 
     # -- save / load ---------------------------------------------------------------------------------------------
 
-    def save(
+    def transfer(
         self,
+        kind: OpKind,
         session_id: str,
         blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
-        stamps: StageClock | None = None,
+        stamps: DaemonStages | None = None,
     ) -> int:
+        """Accept a save or a load (everything checked first) and run it in the background; its operation id."""
         session, layout = self._begin_transfer(session_id, blocks)
-        op_id = session.begin_operation()
-        session.saves += 1
-        stamps = stamps or StageClock(received_ns=time.monotonic_ns())
-        self._spawn(self._run_save(session, layout, op_id, blocks, ready_event, client_tag, stamps))
-        return op_id
-
-    def load(
-        self,
-        session_id: str,
-        blocks: BlockBatch,
-        ready_event: bytes,
-        client_tag: int,
-        stamps: StageClock | None = None,
-    ) -> int:
-        session, layout = self._begin_transfer(session_id, blocks)
-        if len(set(blocks.indices)) != len(blocks):
+        if kind is OpKind.LOAD and len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
-        op_id = session.begin_operation()
-        session.loads += 1
-        stamps = stamps or StageClock(received_ns=time.monotonic_ns())
-        self._spawn(self._run_load(session, layout, op_id, blocks, ready_event, client_tag, stamps))
-        return op_id
+        stamps = stamps or DaemonStages(received_ns=time.monotonic_ns())
+        op = _Transfer(session, layout, session.begin_operation(), blocks, ready_event, client_tag, stamps)
+        if kind is OpKind.SAVE:
+            session.saves += 1
+            self._spawn(self._run_save(op))
+        else:
+            session.loads += 1
+            self._spawn(self._run_load(op))
+        return op.op_id
 
-    async def _run_save(
-        self,
-        session: Session,
-        layout: KvLayout,
-        op_id: int,
-        blocks: BlockBatch,
-        ready_event: bytes,
-        client_tag: int,
-        stamps: StageClock,
-    ) -> None:
-        start = time.monotonic()
-        indices, hashes = blocks.indices, blocks.hashes
-        plan = self.store.plan_save(self._keys(session.namespace_key, hashes), layout.block_bytes)
+    async def _run_save(self, op: _Transfer) -> None:
+        session, stamps, (indices, hashes) = op.session, op.stamps, (op.blocks.indices, op.blocks.hashes)
+        plan = self.store.plan_save(self._keys(session.namespace_key, hashes), op.layout.block_bytes)
         stamps.planned_ns = time.monotonic_ns()
         failed = {hashes[i] for i in plan.no_room}
         error = "host pool full" if plan.no_room else ""
@@ -266,36 +262,23 @@ class KvdService:
                 if session.attachment is None:
                     raise TransferError("session has no memory")
                 stamps.submitted_ns = time.monotonic_ns()
-                await session.attachment.save(
-                    [indices[i] for i, _ in plan.to_write],
-                    [SlotRef(e.address, e.nbytes) for e in entries],
-                    ready_event,
-                    stamps,
-                )
+                slots = [SlotRef(e.address, e.nbytes) for e in entries]
+                await session.attachment.save([indices[i] for i, _ in plan.to_write], slots, op.ready_event, stamps)
                 stamps.resumed_ns = time.monotonic_ns()
-                moved = len(entries) * layout.block_bytes
+                moved = len(entries) * op.layout.block_bytes
             self.store.finish_save(entries, ok=True)
         except (Exception, asyncio.CancelledError) as exc:
             self.store.finish_save(entries, ok=False)
             failed.update(hashes[i] for i, _ in plan.to_write)
-            error = _failure(exc, f"save {op_id} of session {session.id[:12]}")
+            error = _failure(exc, f"save {op.op_id} of session {session.id[:12]}")
         for i, waiter in plan.in_flight:
             if not await waiter:
                 failed.add(hashes[i])
                 error = error or "a concurrent save of the same block failed"
-        self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks), stamps)
+        self._finish(op, OpKind.SAVE, failed, error, moved)
 
-    async def _run_load(
-        self,
-        session: Session,
-        layout: KvLayout,
-        op_id: int,
-        blocks: BlockBatch,
-        ready_event: bytes,
-        client_tag: int,
-        stamps: StageClock,
-    ) -> None:
-        start = time.monotonic()
+    async def _run_load(self, op: _Transfer) -> None:
+        session, stamps, blocks = op.session, op.stamps, op.blocks
         entries = await self.store.acquire(self._keys(session.namespace_key, blocks.hashes))
         stamps.planned_ns = time.monotonic_ns()
         present = [(i, e) for i, e in zip(blocks.indices, entries, strict=True) if e is not None]
@@ -308,17 +291,13 @@ class KvdService:
                 if session.attachment is None:
                     raise TransferError("session has no memory")
                 stamps.submitted_ns = time.monotonic_ns()
-                done_event = await session.attachment.load(
-                    [i for i, _ in present],
-                    [SlotRef(e.address, e.nbytes) for _, e in present],
-                    ready_event,
-                    stamps,
-                )
+                indices, slots = [i for i, _ in present], [SlotRef(e.address, e.nbytes) for _, e in present]
+                done_event = await session.attachment.load(indices, slots, op.ready_event, stamps)
                 stamps.resumed_ns = time.monotonic_ns()
-                moved = len(present) * layout.block_bytes
+                moved = len(present) * op.layout.block_bytes
         except (Exception, asyncio.CancelledError) as exc:
             failed.update(h for h, e in zip(blocks.hashes, entries, strict=True) if e is not None)
-            error = _failure(exc, f"load {op_id} of session {session.id[:12]}")
+            error = _failure(exc, f"load {op.op_id} of session {session.id[:12]}")
         finally:
             self.store.release(entries)
         hit = len(blocks) - len(failed)
@@ -326,46 +305,33 @@ class KvdService:
         self.counters["load_miss_blocks"] += len(failed)
         if self.metrics is not None:
             self.metrics.observe_load_blocks(hit, len(failed))
-        self._finish(
-            session, op_id, OpKind.LOAD, failed, error, client_tag, moved, start, len(blocks), stamps, done_event
-        )
+        self._finish(op, OpKind.LOAD, failed, error, moved, done_event)
 
     def _finish(
-        self,
-        session: Session,
-        op_id: int,
-        kind: OpKind,
-        failed: set[bytes],
-        error: str,
-        client_tag: int,
-        moved: int,
-        start: float,
-        nblocks: int,
-        stamps: StageClock,
-        done_event: bytes = b"",
+        self, op: _Transfer, kind: OpKind, failed: set[bytes], error: str, moved: int, done_event: bytes = b""
     ) -> None:
         ok = not failed
-        seconds = time.monotonic() - start
+        seconds = time.monotonic() - op.start
         prefix = "saves" if kind is OpKind.SAVE else "loads"
         self.counters[f"{prefix}_{'ok' if ok else 'failed'}"] += 1
         self.counters["bytes_saved" if kind is OpKind.SAVE else "bytes_loaded"] += moved
         if self.metrics is not None:
-            self.metrics.observe_operation(kind.value, ok, moved, seconds, nblocks, len(failed), _reason(error))
+            self.metrics.observe_operation(kind.value, ok, moved, seconds, len(op.blocks), len(failed), _reason(error))
         if error:
-            log.debug("%s %d of session %s: %d failed: %s", kind, op_id, session.id[:12], len(failed), error)
-        stamps.queued_ns = time.monotonic_ns()
-        session.end_operation(
+            log.debug("%s %d of session %s: %d failed: %s", kind, op.op_id, op.session.id[:12], len(failed), error)
+        op.stamps.queued_ns = time.monotonic_ns()
+        op.session.end_operation(
             Notice(
-                operation_id=op_id,
+                operation_id=op.op_id,
                 kind=kind,
                 ok=ok,
                 failed_hashes=tuple(failed),
                 error=error,
-                client_tag=client_tag,
+                client_tag=op.client_tag,
                 bytes_moved=moved,
                 duration_us=int(seconds * 1e6),
                 done_event=done_event,
-                stages=stamps,
+                stages=op.stamps,
             )
         )
 

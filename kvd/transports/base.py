@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
 
-from kvd.types import PeerIdentity, StageClock, TransportKind, WorkerMemory
+from kvd.types import DaemonStages, PeerIdentity, TransportKind, WorkerMemory
+
+Stamps = DaemonStages | None  # an operation's stage stamps; a transport stamps enqueue_start, enqueue_end, copy_done
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,22 +34,14 @@ class Attachment(abc.ABC):
 
     @abc.abstractmethod
     async def save(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> None:
         """Copy worker blocks into slots, after the worker's `ready_event` (if any). Raises TransferError. Stamps
         the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given."""
 
     @abc.abstractmethod
     async def load(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
         """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"").
         Stamps `stamps` as save does."""

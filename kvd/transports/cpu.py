@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from kvd_client.layout import KvLayout
 
 from kvd.errors import InvalidArgument, PermissionDenied, TransferError
-from kvd.transports.base import Attachment, SlotRef, Transport, block_segments
-from kvd.types import CpuMemory, PeerIdentity, StageClock, TransportKind, WorkerMemory
+from kvd.transports.base import Attachment, SlotRef, Stamps, Transport, block_segments
+from kvd.types import CpuMemory, DaemonStages, PeerIdentity, TransportKind, WorkerMemory
 
 IOV_MAX = 1024
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -79,7 +79,7 @@ class CpuAttachment(Attachment):
         return batches
 
     async def _copy(
-        self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef], stamps: StageClock | None
+        self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef], stamps: DaemonStages | None
     ) -> None:
         loop = asyncio.get_running_loop()
         jobs = []
@@ -98,20 +98,12 @@ class CpuAttachment(Attachment):
             stamps.copy_done_ns = max(ended for _, ended in spans)
 
     async def save(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> None:
         await self._copy(False, block_indices, slots, stamps)
 
     async def load(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
         await self._copy(True, block_indices, slots, stamps)
         return b""

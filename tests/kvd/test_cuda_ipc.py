@@ -80,7 +80,7 @@ def test_save_in_one_process_load_in_another_bytes_identical(daemon: Daemon) -> 
         assert done.ok, done.error
         assert done.nbytes == 40 * SPEC.block_bytes
         assert done.stages is not None
-        path = [getattr(done.stages, f"{name}_ns") for name in OperationStages.ORDER]
+        path = [done.stages.stamp(name) for name in OperationStages.ORDER]
         assert all(path) and path == sorted(path), done.stages  # the engine and its waiter stamped their stages too
         assert client.lookup([h for _, h in pairs]).result(10).hit_blocks == 40
     finally:

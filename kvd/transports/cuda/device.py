@@ -57,14 +57,14 @@ from kvd.transports.cuda.resources import (
     WaiterContext,
 )
 from kvd.transports.cuda.trace import NO_TRACE, ChunkTrace, Tracer, traced
-from kvd.types import CudaMemory, StageClock
+from kvd.types import CudaMemory, DaemonStages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DONE_EVENT_RING = 128  # interprocess events handed to workers; reuse only makes a late waiter wait longer
 INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB of mapped pinned memory)
-Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], StageClock | None]
+Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], DaemonStages | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -176,7 +176,7 @@ class DeviceEngine:
         self._thread.join(timeout=30)
 
     def call(
-        self, fn: Callable[..., Any], *args: Any, stages: StageClock | None = None
+        self, fn: Callable[..., Any], *args: Any, stages: DaemonStages | None = None
     ) -> concurrent.futures.Future[Any]:
         """Run fn(*args) on the engine thread. `stages`: an operation's stamps; the engine stamps when its job began
         and ended (enqueue_start, enqueue_end) and the completion waiter when its GPU work was done (copy_done)."""

@@ -30,7 +30,7 @@ from kvd.transports.cuda.driver import (
     Driver,
     Enqueue,
 )
-from kvd.types import StageClock
+from kvd.types import DaemonStages
 
 if TYPE_CHECKING:
     from kvd.transports.cuda.trace import OpTrace, Tracer
@@ -47,7 +47,7 @@ class Pending:
     stream: int
     value: Any
     recycle: bool  # the event is ours to reuse afterwards
-    stages: StageClock | None = None  # the waiter stamps copy_done when the event completed
+    stages: DaemonStages | None = None  # the waiter stamps copy_done when the event completed
     trace: OpTrace | None = None  # the chunk trace (engine.cuda_trace_path), finished by the waiter
 
 
@@ -276,7 +276,7 @@ class CompletionWaiter:
                     future.set_exception(CudaError(f"GPU {context.ordinal}: copy failed with CUresult {status}"))
 
     @staticmethod
-    def _trace(tracer: Tracer, trace: OpTrace, stages: StageClock | None) -> None:
+    def _trace(tracer: Tracer, trace: OpTrace, stages: DaemonStages | None) -> None:
         """A diagnostic never fails an operation."""
         try:
             tracer.finish(trace, stages)

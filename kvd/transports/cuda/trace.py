@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kvd.transports.cuda.driver import STREAM_NON_BLOCKING, Enqueue
-from kvd.types import StageClock
+from kvd.types import DaemonStages
 
 ANCHOR_PERIOD_S = 0.5
 TIMING_EVENT = 0  # cudaEventDefault: timestamps on, no blocking sync
@@ -107,7 +107,7 @@ class Tracer:
             self._anchored_at = time.monotonic()
         return OpTrace(self, kind, self._anchor)
 
-    def finish(self, op: OpTrace, stamps: StageClock | None) -> None:
+    def finish(self, op: OpTrace, stamps: DaemonStages | None) -> None:
         """A completion waiter, once the operation's last event completed (so every mark has)."""
         anchor_event, anchor_ns = op.anchor
         elapsed = self._runtime.eventElapsedTime  # float ms

@@ -18,10 +18,10 @@ from kvd_client.layout import KvLayout
 from kvd.config import EngineConfig
 from kvd.errors import InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
-from kvd.transports.base import Attachment, SlotRef, Transport
+from kvd.transports.base import Attachment, SlotRef, Stamps, Transport
 from kvd.transports.cuda.device import DeviceEngine, WorkerMapping
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
-from kvd.types import CudaMemory, PeerIdentity, StageClock, TransportKind, WorkerMemory
+from kvd.types import CudaMemory, DaemonStages, PeerIdentity, TransportKind, WorkerMemory
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +35,20 @@ class CudaAttachment(Attachment):
         self._engine = engine
         self._mapping = mapping
 
-    async def _run(self, job: Callable[..., Any], stamps: StageClock | None, *args: Any) -> Any:
+    async def _run(self, job: Callable[..., Any], stamps: DaemonStages | None, *args: Any) -> Any:
         try:
             return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args, stages=stamps))
         except (CudaError, RuntimeError, ValueError) as exc:
             raise TransferError(f"CUDA: {exc}") from exc
 
     async def save(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> None:
         addresses = [s.address for s in slots]
         await self._run(self._engine.save_job, stamps, list(block_indices), addresses, ready_event)
 
     async def load(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        stamps: StageClock | None = None,
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
         addresses = [s.address for s in slots]
         handle: bytes = await self._run(self._engine.load_job, stamps, list(block_indices), addresses, ready_event)
