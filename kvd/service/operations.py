@@ -41,52 +41,54 @@ NO_ROOM = Failure(FailureReason.NO_ROOM, "host pool full")
 CONCURRENT_SAVE = Failure(FailureReason.CONCURRENT_SAVE, "a concurrent save of the same block failed")
 
 
-async def run_save(
-    store: BlockStore,
-    attachment: Attachment | None,
-    layout: KvLayout,
-    blocks: Sequence[BlockTransfer],
-    keys: Sequence[BlockKey],
-    ready_event: bytes,
-    what: str,
-) -> Outcome:
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One accepted save or load: what to copy, between which memory and which store."""
+
+    store: BlockStore
+    attachment: Attachment | None
+    layout: KvLayout
+    blocks: Sequence[BlockTransfer]
+    keys: Sequence[BlockKey]  # one per block: (namespace key, block hash)
+    ready_event: bytes
+    what: str  # "save 3 of session 1a2b...", for the log
+
+    def memory(self) -> Attachment:
+        if self.attachment is None:
+            raise TransferError("session has no memory")
+        return self.attachment
+
+
+async def run_save(op: Operation) -> Outcome:
     """Copy the blocks not stored yet into fresh slots and commit them; wait for other saves of the same blocks."""
-    plan = store.prepare_save(keys, layout.block_bytes)
+    store, blocks, layout = op.store, op.blocks, op.layout
+    plan = store.prepare_save(op.keys, layout.block_bytes)
     outcome = Outcome()
     if plan.no_room:
         outcome.fail([blocks[i].block_hash for i in plan.no_room], NO_ROOM)
     entries = plan.entries
     try:
         if entries:
-            if attachment is None:
-                raise TransferError("session has no memory")
-            await attachment.save(
+            await op.memory().save(
                 [blocks[i].block_index for i, _ in plan.to_write],
                 [SlotRef(e.address, e.nbytes) for e in entries],
-                ready_event,
+                op.ready_event,
             )
             outcome.moved = len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)
-        outcome.fail([blocks[i].block_hash for i, _ in plan.to_write], failure_of(exc, what))
+        outcome.fail([blocks[i].block_hash for i, _ in plan.to_write], failure_of(exc, op.what))
     for i, waiter in plan.in_flight:
         if not await waiter:
             outcome.fail([blocks[i].block_hash], outcome.failure or CONCURRENT_SAVE)
     return outcome
 
 
-async def run_load(
-    store: BlockStore,
-    attachment: Attachment | None,
-    layout: KvLayout,
-    blocks: Sequence[BlockTransfer],
-    keys: Sequence[BlockKey],
-    ready_event: bytes,
-    what: str,
-) -> Outcome:
+async def run_load(op: Operation) -> Outcome:
     """Copy the stored blocks into the worker; the missing ones fail (the worker recomputes them)."""
-    entries = await store.prepare_load(keys)
+    store, blocks = op.store, op.blocks
+    entries = await store.prepare_load(op.keys)
     present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
     outcome = Outcome()
     missing = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
@@ -94,16 +96,14 @@ async def run_load(
         outcome.fail(missing, NOT_STORED)
     try:
         if present:
-            if attachment is None:
-                raise TransferError("session has no memory")
-            outcome.done_event = await attachment.load(
+            outcome.done_event = await op.memory().load(
                 [b.block_index for b, _ in present],
                 [SlotRef(e.address, e.nbytes) for _, e in present],
-                ready_event,
+                op.ready_event,
             )
-            outcome.moved = len(present) * layout.block_bytes
+            outcome.moved = len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:
-        outcome.fail([b.block_hash for b, _ in present], failure_of(exc, what))
+        outcome.fail([b.block_hash for b, _ in present], failure_of(exc, op.what))
     finally:
         store.complete_load(entries)
     return outcome

@@ -32,7 +32,7 @@ from kvd.errors import (
     Unavailable,
 )
 from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
-from kvd.service.operations import Outcome, run_load, run_save
+from kvd.service.operations import Operation, Outcome, run_load, run_save
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
@@ -236,7 +236,7 @@ class KvdService:
         keys = block_keys(session.namespace_key, [b.block_hash for b in blocks])
         what = f"{kind} {op_id} of session {session.id[:12]}"
         run = run_save if kind is OpKind.SAVE else run_load
-        outcome = await run(self.store, session.attachment, layout, blocks, keys, ready_event, what)
+        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what))
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit
