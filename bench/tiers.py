@@ -3,7 +3,7 @@
     python bench/tiers.py [--request-mib 32] [--blocks-per-request 8] [--iterations 20] [--dir DIR]
 
 Per tier, put and get of `request-mib` MiB requests (`blocks-per-request` blocks each) through the tier's real
-backend: L1 (copy into / out of host-pool slots, what the engine does), disk (a directory under --dir, default the
+backend: L1 (copy into / out of host-pool slots, what the transports do), disk (a directory under --dir, default the
 system temp dir), and Redis (a redis-server started here on loopback, skipped if absent). Then a lookup whose
 prefix crosses L1 -> disk -> Redis, through TieredBlockStore. Reported: MiB/s over the run and p50/p99 per request.
 """

@@ -60,7 +60,7 @@ def _mapped(handler: Handler[R]) -> Handler[R]:
 class KvdServicer(kvd_pb2_grpc.KvdServicer):
     def __init__(self, credentials: CredentialIssuer | None) -> None:
         self._credentials = credentials
-        self.service: KvdService | None = None  # set once the engine is ready; until then: UNAVAILABLE
+        self.service: KvdService | None = None  # set once every layer below is ready; until then: UNAVAILABLE
 
     def _svc(self) -> KvdService:
         if self.service is None:
