@@ -11,7 +11,7 @@ requests of 512 blocks (1 GiB) and 16 blocks (32 MiB); the daemon's pool holds 4
   breakdown, concurrent ones with their timeline), the round-trip floors on the same socket, the model thread's
   time per call, and a bf16 matmul's slowdown while saving.
 - `variants`: the throughput phases again, each against a fresh daemon with the chunk trace on
-  (engine.cuda_trace_path) plus one configuration change; each phase carries its trace summary
+  (transports.cuda_trace_path) plus one configuration change; each phase carries its trace summary
   (bench/trace_report.py: per-direction busy time, per-chunk DMA rates alone and with the other direction, kernel
   times, gaps by cause). The raw traces are kept in --trace-dir.
 - `summary`: issue #18's table, each figure with its raw limit and target.
@@ -46,10 +46,10 @@ MiB = 1 << 20
 # of eight, so its pages sit on one node.
 DEFAULT_VARIANTS = (
     "trace:",
-    "staging_1g:KVD_ENGINE__CUDA_STAGING_BYTES=1073741824",
-    "chunk_32m_staging_1g:KVD_ENGINE__CUDA_CHUNK_BYTES=33554432,KVD_ENGINE__CUDA_STAGING_BYTES=1073741824",
-    "chunk_128m_staging_1g:KVD_ENGINE__CUDA_CHUNK_BYTES=134217728,KVD_ENGINE__CUDA_STAGING_BYTES=1073741824",
-    "spin:KVD_ENGINE__CUDA_COMPLETION_WAIT=spin",
+    "staging_1g:KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "chunk_32m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=33554432,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "chunk_128m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=134217728,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
 )
 NUMA_VARIANT = "populate_1:KVD_HOST_POOL__POPULATE_THREADS=1"
 VARIANT_SECONDS = 15  # a variant is skipped when less than this is left of --budget-s
@@ -157,7 +157,7 @@ def daemon_pass(
     out: dict[str, Any] = {}
     if socket is None:
         if trace_path is not None:
-            env = {**env, "KVD_ENGINE__CUDA_TRACE_PATH": str(trace_path)}
+            env = {**env, "KVD_TRANSPORTS__CUDA_TRACE_PATH": str(trace_path)}
         pool = 4 * shape.big * block_bytes
         daemon = Daemon(capacity_bytes=pool, slab_bytes=32 * block_bytes, lease_ms=10_000, log_level="WARNING", env=env)
         started = time.monotonic()

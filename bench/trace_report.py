@@ -1,4 +1,4 @@
-"""Reading the GPU engine's chunk trace (engine.cuda_trace_path, kvd/transports/cuda/trace.py): per direction, how
+"""Reading the GPU engine's chunk trace (transports.cuda_trace_path, kvd/transports/cuda/trace.py): per direction, how
 busy its copy stream was, how fast each chunk's DMA ran alone and while the other direction was copying too, how
 long the gather/scatter kernels took, and what every gap in the DMA stream waited for.
 

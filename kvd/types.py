@@ -91,6 +91,9 @@ class BlockBatch:
         return len(self.hashes)
 
 
+Stamps = DaemonStages | None  # an operation's stage times, where it keeps them (every layer stamps its own stages)
+
+
 @dataclass(frozen=True, slots=True)
 class Notice:
     """An operation's end, as the daemon records it; the servicer sends it as a kvd.v1.CompletionNotice on the
@@ -134,6 +137,37 @@ class TierSnapshot:
     healthy: bool = True
 
 
+@dataclass(slots=True)
+class ServiceCounters:
+    """What the service counts since the daemon started (the same names as kvd.v1.StatsResponse's fields)."""
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    lookup_hit_blocks: int = 0
+    saves_ok: int = 0
+    saves_failed: int = 0
+    loads_ok: int = 0
+    loads_failed: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: int = 0
+    load_hit_blocks: int = 0
+    load_miss_blocks: int = 0
+
+    def count_operation(self, kind: OpKind, ok: bool, moved: int) -> None:
+        if kind is OpKind.SAVE:
+            self.bytes_saved += moved
+            if ok:
+                self.saves_ok += 1
+            else:
+                self.saves_failed += 1
+        else:
+            self.bytes_loaded += moved
+            if ok:
+                self.loads_ok += 1
+            else:
+                self.loads_failed += 1
+
+
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
     boot_id: str
@@ -141,7 +175,7 @@ class StatsSnapshot:
     uptime_s: int
     sessions: tuple[SessionSnapshot, ...]
     tiers: tuple[TierSnapshot, ...]
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: ServiceCounters = field(default_factory=ServiceCounters)  # a copy, never the live one
     tier_counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -160,7 +194,9 @@ __all__ = [
     "OpKind",
     "PeerIdentity",
     "Registration",
+    "ServiceCounters",
     "SessionSnapshot",
+    "Stamps",
     "StatsSnapshot",
     "Tier",
     "TierSnapshot",

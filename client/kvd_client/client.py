@@ -14,61 +14,31 @@ by itself as soon as the daemon is back.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import contextlib
-import ctypes
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kvd_client.credentials import allow_ptrace, fetch_token
+from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
+from kvd_client.handoff import Finished, Inbox, settle_when_done
 from kvd_client.layout import KvLayout
-from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
+from kvd_client.messages import PendingOp
+from kvd_client.session import open_channel, register_session
+from kvd_client.types import Completion, LookupResult, OpKind
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
-
-# libc's write() called through PyDLL keeps the GIL. The model thread wakes our loop with it instead of
-# call_soon_threadsafe (a socket send that drops the GIL): once the GIL is dropped, the busy background thread can
-# keep it for the interpreter's switch interval (5 ms), which the model thread would then wait out.
-_libc_keep_gil = ctypes.PyDLL(None, use_errno=True)
-_libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-_libc_keep_gil.write.restype = ctypes.c_ssize_t
-
-
-@dataclass(slots=True)
-class _Op:
-    op_id: int
-    kind: OpKind
-    blocks: tuple[tuple[int, bytes], ...]
-    ready_event: bytes
-    # time.monotonic_ns() of the client's stages (OperationStages): the caller's thread stamps call_ns, the loop
-    # thread the others, one after the other.
-    call_ns: int = 0
-    loop_ns: int = 0
-    send_ns: int = 0
-    accepted_ns: int = 0
 
 
 class KvdClient:
@@ -95,15 +65,11 @@ class KvdClient:
         self._cuda = False
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._pending: dict[int, _Op] = {}
+        self._pending: dict[int, PendingOp] = {}
         self._lookups: set[concurrent.futures.Future[LookupResult]] = set()
-        # Work handed from callers to the loop thread: appended here, then one byte on the wake pipe.
-        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_pending = False
-        self._wake_r = self._wake_w = -1
+        self._inbox = Inbox()  # work handed from callers to the loop thread
         self._broken: asyncio.Event | None = None  # set when a call finds the daemon gone: ends the session
-        self._finished: collections.deque[Completion] = collections.deque()
-        self._finished_changed = threading.Condition(self._lock)
+        self._finished = Finished(self._lock)  # completions handed from the loop thread to callers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -112,7 +78,7 @@ class KvdClient:
         self._session_id = ""
         self.boot_id = ""
         self.block_bytes = 0
-        self._columnar = False  # the daemon takes a request's blocks as two columns (no message per block)
+        self._columnar = False
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -122,22 +88,7 @@ class KvdClient:
         reads this process's memory); CUDA tensors are exported by CUDA IPC."""
         tensors = dict(kv_caches)
         layout = KvLayout.from_tensors(tensors, block_dim=block_dim, block_size_tokens=block_size_tokens)
-        devices = {str(t.device) for t in tensors.values()}
-        if len(devices) != 1:
-            raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
-        if devices.pop().startswith("cuda"):
-            from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
-
-            self._memory = describe_cuda_memory(list(tensors.values()))
-            prepare_ready_events()
-            self._cuda = True
-        else:
-            self._memory = kvd_pb2.CpuMemory(
-                layers=[
-                    kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size())
-                    for t in tensors.values()
-                ]
-            )
+        self._memory, self._cuda = messages.worker_memory(list(tensors.values()))
         self.layout = layout
         self._tensors = tensors  # keep them alive as long as the daemon may copy into them
         if self.layout_fingerprint is None:
@@ -151,7 +102,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._inbox.open()
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
 
@@ -174,28 +125,21 @@ class KvdClient:
         reachable now."""
         loop = self._loop
         if not self.ready or loop is None or self._closed:
-            return _not_connected()
+            failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
+            failed.set_exception(Unavailable("kvd is not connected"))
+            return failed
         future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)
         future.add_done_callback(self._lookups.discard)
         hashes = list(block_hashes)
-        self._post(lambda: self._start_lookup(future, hashes))
+        self._inbox.post(lambda: self._start_lookup(future, hashes))
         return future
-
-    def round_trips(self, count: int) -> concurrent.futures.Future[list[int]]:
-        """Diagnostics: `count` Heartbeat calls back to back on this client's own channel, each timed on its loop
-        thread, in ns. The floor under every request: gRPC over the socket and both event loops, with no daemon work
-        beyond a lease renewal. Not for the serving path (it hands over with call_soon_threadsafe)."""
-        loop = self._loop
-        if not self.ready or loop is None or self._closed:
-            return _not_connected()
-        return asyncio.run_coroutine_threadsafe(self._round_trips(count), loop)
 
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
         current stream, unless one is given: the daemon copies only after the work queued before it."""
-        call_ns = time.monotonic_ns()
+        call_ns = time.monotonic_ns()  # the operation's first stage (Completion.stages)
         if self._cuda and not ready_event and blocks:
             from kvd_client.cuda import record_ready_event
 
@@ -205,8 +149,7 @@ class KvdClient:
     def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
         """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
         the caller's current stream (nothing queued may still be reading those blocks)."""
-        call_ns = time.monotonic_ns()
-        ready_event = b""
+        call_ns, ready_event = time.monotonic_ns(), b""
         if self._cuda and blocks:
             from kvd_client.cuda import record_ready_event
 
@@ -223,28 +166,12 @@ class KvdClient:
 
     def poll_finished(self) -> list[Completion]:
         """Every operation finished since the last call (never blocks)."""
-        with self._lock:
-            out = list(self._finished)
-            self._finished.clear()
-        return out
+        return self._finished.take_all()
 
     def wait(self, op_ids: Iterable[int], timeout_s: float) -> list[Completion]:
         """Block until these operations finished or `timeout_s` passed; their completions (the others stay queued
         for poll_finished). For shutdown and preemption flushes, never the serving path."""
-        wanted = set(op_ids)
-        found: list[Completion] = []
-        deadline = time.monotonic() + timeout_s
-        with self._finished_changed:
-            while True:
-                keep: collections.deque[Completion] = collections.deque()
-                for completion in self._finished:
-                    (found if completion.op_id in wanted else keep).append(completion)
-                self._finished = keep
-                wanted -= {c.op_id for c in found}
-                left = deadline - time.monotonic()
-                if not wanted or left <= 0:
-                    return found
-                self._finished_changed.wait(left)
+        return self._finished.wait(op_ids, timeout_s)
 
     def close(self) -> None:
         """Unregister (best effort) and stop the background thread; pending operations complete as failed."""
@@ -262,11 +189,7 @@ class KvdClient:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
-        if self._wake_w >= 0:
-            # Only now, long after _closed stopped new posts: an fd closed under a late writer could be reused.
-            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
-            os.close(wake_r)
-            os.close(wake_w)
+        self._inbox.close()  # only now, long after _closed stopped new posts
         with self._lock:
             lookups = list(self._lookups)
         for future in lookups:  # the loop is gone: nothing else would ever resolve them
@@ -283,30 +206,18 @@ class KvdClient:
     # -- internals: caller side ----------------------------------------------------------------------------------
 
     def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int) -> int:
-        op = _Op(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
+        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
             return op.op_id
         with self._lock:
             self._pending[op.op_id] = op
-        self._post(lambda: self._submit(op))
+        self._inbox.post(lambda: self._submit(op))
         return op.op_id
 
-    def _post(self, work: Callable[[], None]) -> None:
-        """Run `work` on the loop thread soon, from any thread, without ever releasing the GIL here."""
-        self._inbox.append(work)
-        if not self._wake_pending and self._wake_w >= 0:
-            self._wake_pending = True
-            _libc_keep_gil.write(self._wake_w, b"\0", 1)  # at most one byte is ever pending: never EAGAIN
-
-    def _complete_failed(self, op: _Op, error: str) -> None:
-        self._push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
-
-    def _push(self, completion: Completion) -> None:
-        with self._finished_changed:
-            self._finished.append(completion)
-            self._finished_changed.notify_all()
+    def _complete_failed(self, op: PendingOp, error: str) -> None:
+        self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -322,27 +233,27 @@ class KvdClient:
         if loop is None:
             return
         asyncio.set_event_loop(loop)
-        loop.add_reader(self._wake_r, self._drain_inbox)
+        loop.add_reader(self._inbox.read_fd, self._inbox.drain)
         self._main_task = loop.create_task(self._main())
         try:
             loop.run_forever()
         finally:
             self._main_task.cancel()
             loop.run_until_complete(asyncio.gather(self._main_task, return_exceptions=True))
-            loop.remove_reader(self._wake_r)
+            loop.remove_reader(self._inbox.read_fd)
             loop.close()
 
     async def _main(self) -> None:
         delay = RETRY_MIN_S
         while not self._closed:
-            channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
+            channel = open_channel(self.socket_path)
             try:
                 await self._register(channel)
                 delay = RETRY_MIN_S
                 await self._serve_session()
                 reason = "kvd session ended (daemon restarted or stopped)"
             except (TimeoutError, grpc.aio.AioRpcError, KvdError, OSError) as exc:
-                reason = f"kvd unavailable: {_describe(exc)}"
+                reason = f"kvd unavailable: {messages.describe(exc)}"
             finally:
                 self._ready.clear()
                 self._session_id = ""
@@ -356,41 +267,25 @@ class KvdClient:
             delay = min(RETRY_MAX_S, delay * 2)
 
     async def _register(self, channel: grpc.aio.Channel) -> None:
-        await asyncio.wait_for(channel.channel_ready(), timeout=self.timeout_s)
-        stub = kvd_pb2_grpc.KvdStub(channel)
-        token, daemon_pid = await asyncio.get_running_loop().run_in_executor(
-            None, fetch_token, self.socket_path, self.timeout_s
+        namespace = kvd_pb2.Namespace(
+            model_id=self.model_id,
+            layout_fingerprint=self.layout_fingerprint or "",
+            tp_rank=self.tp_rank,
+            tp_world_size=self.tp_world_size,
         )
-        if self._memory is not None and not self._cuda:
-            allow_ptrace(daemon_pid)
-        request = kvd_pb2.RegisterSessionRequest(
-            namespace=kvd_pb2.Namespace(
-                model_id=self.model_id,
-                layout_fingerprint=self.layout_fingerprint or "",
-                tp_rank=self.tp_rank,
-                tp_world_size=self.tp_world_size,
-            ),
-            pid=os.getpid(),
-            credential_token=token,
-            worker_name=self.worker_name,
-        )
-        if self.layout is not None:
-            request.layout.CopyFrom(_layout_message(self.layout))
-        if isinstance(self._memory, kvd_pb2.CpuMemory):
-            request.cpu.CopyFrom(self._memory)
-        elif self._memory is not None:
-            request.cuda.CopyFrom(self._memory)
-        try:
-            response = await stub.RegisterSession(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            log.warning("kvd registration refused: %s: %s", type(error).__name__, error.message)
-            raise error from None
+
+        def request(token: bytes) -> kvd_pb2.RegisterSessionRequest:
+            return messages.registration_request(
+                namespace, token, self.worker_name, os.getpid(), self.layout, self._memory
+            )
+
+        grant_ptrace = self._memory is not None and not self._cuda
+        stub, response = await register_session(channel, self.socket_path, self.timeout_s, request, grant_ptrace)
         self._stub = stub
         self._session_id = response.session_id
         self.boot_id = response.boot_id
         self.block_bytes = response.block_bytes
-        self._columnar = response.columnar_blocks
+        self._columnar = response.columnar_blocks  # the daemon takes a request's blocks as two columns
         self._lease_s = response.lease_ms / 1000
         self.registrations += 1
         log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
@@ -431,19 +326,7 @@ class KvdClient:
                 op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
-            self._push(
-                Completion(
-                    op_id=op.op_id,
-                    kind=op.kind,
-                    ok=notice.ok,
-                    failed_hashes=frozenset(notice.failed_block_hashes),
-                    error=notice.error,
-                    nbytes=notice.bytes_moved,
-                    duration_s=notice.duration_us / 1e6,
-                    done_event=notice.done_event,
-                    stages=_stages(op, notice, notice_ns),
-                )
-            )
+            self._finished.push(messages.completion(op, notice, notice_ns))
 
     async def _heartbeat(self, stub: kvd_pb2_grpc.KvdStub) -> None:
         while True:
@@ -454,54 +337,27 @@ class KvdClient:
             if response.boot_id != self.boot_id:
                 return  # the daemon restarted: our session and everything in flight are gone
 
-    def _drain_inbox(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
-        self._wake_pending = False  # before draining: work posted from now on writes a new byte
-        while True:
-            try:
-                work = self._inbox.popleft()
-            except IndexError:
-                return
-            work()
-
-    def _submit(self, op: _Op) -> None:
+    def _submit(self, op: PendingOp) -> None:
         asyncio.get_running_loop().create_task(self._send(op))
 
     def _start_lookup(self, future: concurrent.futures.Future[LookupResult], hashes: list[bytes]) -> None:
         if not future.set_running_or_notify_cancel():
             return  # the caller cancelled it
         task = asyncio.get_running_loop().create_task(self._lookup(hashes))
+        settle_when_done(future, task, lambda: Unavailable("kvd lookup cancelled (connection closing)"))
 
-        def finished(task: asyncio.Task[LookupResult]) -> None:
-            if future.done():  # failed by close() already
-                return
-            if task.cancelled():
-                future.set_exception(Unavailable("kvd lookup cancelled (connection closing)"))
-            elif (error := task.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(task.result())
-
-        task.add_done_callback(finished)
-
-    async def _send(self, op: _Op) -> None:
+    async def _send(self, op: PendingOp) -> None:
         op.loop_ns = time.monotonic_ns()
         stub = self._stub
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
             return
-        request = kvd_pb2.TransferRequest(session_id=self._session_id, ready_event=op.ready_event, client_tag=op.op_id)
-        if self._columnar:
-            request.block_indices.extend([i for i, _ in op.blocks])
-            request.block_hashes.extend([h for _, h in op.blocks])
-        else:  # a daemon from before columns
-            request.blocks.extend(kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks)
+        request = messages.transfer_request(self._session_id, op, self._columnar)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
             op.send_ns = time.monotonic_ns()
             await method(request, timeout=self.timeout_s)
-            op.accepted_ns = time.monotonic_ns()
+            op.accepted_ns = time.monotonic_ns()  # after the notice, if that came first: then not in its stages
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             self._connection_lost(error)
@@ -529,19 +385,7 @@ class KvdClient:
             # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
             # the documented Unavailable, not a bare CancelledError outside the KvdError family.
             raise Unavailable("kvd connection closed during the lookup") from None
-        return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
-
-    async def _round_trips(self, count: int) -> list[int]:
-        stub = self._stub
-        if stub is None:
-            raise Unavailable("kvd is not connected")
-        request = kvd_pb2.HeartbeatRequest(session_id=self._session_id)
-        took = []
-        for _ in range(count):
-            start = time.monotonic_ns()
-            await stub.Heartbeat(request, timeout=self.timeout_s)
-            took.append(time.monotonic_ns() - start)
-        return took
+        return messages.lookup_result(response)
 
     async def _shutdown(self) -> None:
         stub, session = self._stub, self._session_id
@@ -552,44 +396,3 @@ class KvdClient:
                 log.debug("unregister: %s", exc.details())
         if hasattr(self, "_main_task"):
             self._main_task.cancel()
-
-
-def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
-    return kvd_pb2.KvLayout(
-        layers=[
-            kvd_pb2.LayerLayout(
-                name=layer.name,
-                shape=layer.shape,
-                dtype=kvd_pb2.DType.ValueType(layer.dtype),
-                block_dim=layer.block_dim,
-            )
-            for layer in layout.layers
-        ],
-        block_size_tokens=layout.block_size_tokens,
-    )
-
-
-def _not_connected() -> concurrent.futures.Future[Any]:
-    failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    failed.set_exception(Unavailable("kvd is not connected"))
-    return failed
-
-
-def _stages(op: _Op, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> OperationStages:
-    daemon = notice.stages  # all zero from a daemon that records no stages
-    return OperationStages(
-        call_ns=op.call_ns,
-        loop_ns=op.loop_ns,
-        send_ns=op.send_ns,
-        accepted_ns=op.accepted_ns,
-        notice_ns=notice_ns,
-        daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, KvdError):
-        return f"{type(exc).__name__}: {exc.message}"
-    return f"{type(exc).__name__}: {exc}"

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
 
-from kvd.types import DaemonStages, PeerIdentity, TransportKind, WorkerMemory
-
-Stamps = DaemonStages | None  # an operation's stage stamps; a transport stamps enqueue_start, enqueue_end, copy_done
+from kvd.types import PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 
 @dataclass(frozen=True, slots=True)

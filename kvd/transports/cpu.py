@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvd_client.layout import KvLayout
 
-from kvd.errors import InvalidArgument, PermissionDenied, TransferError
-from kvd.transports.base import Attachment, SlotRef, Stamps, Transport, block_segments
-from kvd.types import CpuMemory, DaemonStages, PeerIdentity, TransportKind, WorkerMemory
+from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
+from kvd.transports.base import Attachment, SlotRef, Transport, block_segments
+from kvd.types import CpuMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 IOV_MAX = 1024
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,9 +44,12 @@ def _vm_copy(
     ended = time.monotonic_ns()
     if done < 0:
         err = ctypes.get_errno()
-        raise TransferError(f"process_vm_{'writev' if write else 'readv'}(pid {pid}): {os.strerror(err)}")
+        call = f"process_vm_{'writev' if write else 'readv'}"
+        raise TransferError(f"{call}(pid {pid}): {os.strerror(err)}", FailureReason.PROCESS_VM)
     if done != nbytes:
-        raise TransferError(f"partial copy with pid {pid}: {done} of {nbytes} bytes (its memory changed?)")
+        raise TransferError(
+            f"partial copy with pid {pid}: {done} of {nbytes} bytes (its memory changed?)", FailureReason.PARTIAL_COPY
+        )
     return began, ended
 
 
@@ -78,9 +81,7 @@ class CpuAttachment(Attachment):
             )
         return batches
 
-    async def _copy(
-        self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef], stamps: DaemonStages | None
-    ) -> None:
+    async def _copy(self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef], stamps: Stamps) -> None:
         loop = asyncio.get_running_loop()
         jobs = []
         for local, remote in self._batches(block_indices, slots):

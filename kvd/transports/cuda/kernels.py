@@ -6,13 +6,10 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kvd.transports.cuda.driver import Enqueue, function_pointer
 from kvd.transports.cuda.resources import IndexRing
-
-if TYPE_CHECKING:
-    from kvd.transports.cuda.device import WorkerMapping
 
 MAX_GRID_Y = 65_535  # blocks per chunk: one kernel grid row per block
 THREADS_PER_BLOCK = 256
@@ -71,12 +68,23 @@ def load_kernels(cupy: Any) -> Kernels:
     )
 
 
+class SegmentTables(Protocol):
+    """What a launch needs of a worker's mapping (device.WorkerMapping): its segment tables on the device."""
+
+    tables: Any  # (segment bases, lengths, offsets in the stored block) as device arrays
+    nseg: int
+    vec16: int
+
+    @property
+    def block_bytes(self) -> int: ...
+
+
 def launch_chunk(
     gpu: Enqueue,
     ring: IndexRing,
     kernel: int,
     stream: int,
-    mapping: WorkerMapping,
+    mapping: SegmentTables,
     block_indices: Sequence[int],
     staging: int,
 ) -> None:

@@ -48,7 +48,7 @@ class Pending:
     value: Any
     recycle: bool  # the event is ours to reuse afterwards
     stages: DaemonStages | None = None  # the waiter stamps copy_done when the event completed
-    trace: OpTrace | None = None  # the chunk trace (engine.cuda_trace_path), finished by the waiter
+    trace: OpTrace | None = None  # the chunk trace (transports.cuda_trace_path), finished by the waiter
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The GPU engine's chunk trace, a diagnostic (engine.cuda_trace_path; off by default): timing events around every
+"""The GPU engine's chunk trace, a diagnostic (transports.cuda_trace_path; off by default): timing events around every
 chunk's kernel and DMA, written as one JSON line per operation once it completed, so that a benchmark can tell each
 stream's busy time, the gaps between chunks and what they waited for (a staging buffer, the other stream, the
 engine thread) apart. When on, each chunk costs four more event records.

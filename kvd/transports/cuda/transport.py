@@ -15,13 +15,13 @@ from typing import Any
 
 from kvd_client.layout import KvLayout
 
-from kvd.config import EngineConfig
-from kvd.errors import InvalidArgument, TransferError
+from kvd.config import TransportsConfig
+from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
-from kvd.transports.base import Attachment, SlotRef, Stamps, Transport
+from kvd.transports.base import Attachment, SlotRef, Transport
 from kvd.transports.cuda.device import DeviceEngine, WorkerMapping
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
-from kvd.types import CudaMemory, DaemonStages, PeerIdentity, TransportKind, WorkerMemory
+from kvd.types import CudaMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ class CudaAttachment(Attachment):
         self._engine = engine
         self._mapping = mapping
 
-    async def _run(self, job: Callable[..., Any], stamps: DaemonStages | None, *args: Any) -> Any:
+    async def _run(self, job: Callable[..., Any], stamps: Stamps, *args: Any) -> Any:
         try:
             return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args, stages=stamps))
         except (CudaError, RuntimeError, ValueError) as exc:
-            raise TransferError(f"CUDA: {exc}") from exc
+            raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
     async def save(
         self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
@@ -61,7 +61,7 @@ class CudaAttachment(Attachment):
 class CudaTransport(Transport):
     kind = TransportKind.CUDA_IPC
 
-    def __init__(self, config: EngineConfig, pinned: PinnedRegion | None) -> None:
+    def __init__(self, config: TransportsConfig, pinned: PinnedRegion | None) -> None:
         """`pinned`: host memory to page-lock for DMA (the host pool), or None to leave it pageable."""
         self._config = config
         self._pinned = pinned

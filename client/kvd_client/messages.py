@@ -1,0 +1,128 @@
+"""The client's side of the wire: its value types and requests to protobuf, notices and responses back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvd_client.errors import InvalidArgument, KvdError
+from kvd_client.layout import KvLayout
+from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
+from kvd_client.wire.kvd.v1 import kvd_pb2
+
+
+def layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
+    return kvd_pb2.KvLayout(
+        layers=[
+            kvd_pb2.LayerLayout(
+                name=layer.name,
+                shape=layer.shape,
+                dtype=kvd_pb2.DType.ValueType(layer.dtype),
+                block_dim=layer.block_dim,
+            )
+            for layer in layout.layers
+        ],
+        block_size_tokens=layout.block_size_tokens,
+    )
+
+
+def worker_memory(tensors: list[Any]) -> tuple[kvd_pb2.CpuMemory | Any, bool]:
+    """The KV tensors' memory as the daemon will reach it, and whether it is CUDA memory. CPU tensors use the CPU
+    transport (the daemon reads this process's memory); CUDA tensors are exported by CUDA IPC."""
+    devices = {str(t.device) for t in tensors}
+    if len(devices) != 1:
+        raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
+    if devices.pop().startswith("cuda"):
+        from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
+
+        memory = describe_cuda_memory(tensors)
+        prepare_ready_events()
+        return memory, True
+    regions = [kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size()) for t in tensors]
+    return kvd_pb2.CpuMemory(layers=regions), False
+
+
+def registration_request(
+    namespace: kvd_pb2.Namespace,
+    token: bytes,
+    worker_name: str,
+    pid: int,
+    layout: KvLayout | None,
+    memory: kvd_pb2.CpuMemory | Any | None,
+) -> kvd_pb2.RegisterSessionRequest:
+    """`memory`: a CpuMemory or CudaMemory message, or None for a lookup-only session."""
+    request = kvd_pb2.RegisterSessionRequest(
+        namespace=namespace, pid=pid, credential_token=token, worker_name=worker_name
+    )
+    if layout is not None:
+        request.layout.CopyFrom(layout_message(layout))
+    if isinstance(memory, kvd_pb2.CpuMemory):
+        request.cpu.CopyFrom(memory)
+    elif memory is not None:
+        request.cuda.CopyFrom(memory)
+    return request
+
+
+@dataclass(slots=True)
+class PendingOp:
+    """A save or load from the caller's call to its notice. The stamps are time.monotonic_ns() of the client's stages
+    (OperationStages): the caller's thread stamps `call_ns`, the client's loop thread the others, one after another."""
+
+    op_id: int
+    kind: OpKind
+    blocks: tuple[tuple[int, bytes], ...]
+    ready_event: bytes
+    call_ns: int = 0
+    loop_ns: int = 0
+    send_ns: int = 0
+    accepted_ns: int = 0
+
+
+def transfer_request(session_id: str, op: PendingOp, columnar: bool) -> kvd_pb2.TransferRequest:
+    """`columnar`: the daemon takes the blocks as two columns (no message per block: microseconds, not a
+    millisecond, for hundreds of blocks); else the per-block form every daemon takes."""
+    request = kvd_pb2.TransferRequest(session_id=session_id, ready_event=op.ready_event, client_tag=op.op_id)
+    if columnar:
+        request.block_indices.extend([i for i, _ in op.blocks])
+        request.block_hashes.extend([h for _, h in op.blocks])
+    else:
+        request.blocks.extend(kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks)
+    return request
+
+
+def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> Completion:
+    daemon = notice.stages  # all zero from a daemon that records no stages
+    stages = OperationStages(
+        call_ns=op.call_ns,
+        loop_ns=op.loop_ns,
+        send_ns=op.send_ns,
+        accepted_ns=op.accepted_ns,
+        notice_ns=notice_ns,
+        daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
+    )
+    return Completion(
+        op_id=op.op_id,
+        kind=op.kind,
+        ok=notice.ok,
+        failed_hashes=frozenset(notice.failed_block_hashes),
+        error=notice.error,
+        nbytes=notice.bytes_moved,
+        duration_s=notice.duration_us / 1e6,
+        done_event=notice.done_event,
+        stages=stages,
+    )
+
+
+def lookup_result(response: kvd_pb2.LookupResponse) -> LookupResult:
+    return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log about why the daemon was not reachable."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, KvdError):
+        return f"{type(exc).__name__}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
