@@ -188,6 +188,7 @@ def daemon_pass(
 
 def trace_hook(trace: TraceFile, block_bytes: int) -> PhaseHook:
     def hook(phase: str, start_ns: int, end_ns: int) -> dict[str, Any] | None:
+        time.sleep(0.05)  # the waiters write an operation's line just after its notice went out
         records = trace.records(start_ns, end_ns)
         return {"trace": summarize(records, trace.header, block_bytes)} if records else None
 

@@ -34,12 +34,13 @@ class TraceFile:
     def records(self, start_ns: int, end_ns: int) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        with self.path.open() as f:
+        with self.path.open("rb") as f:
             f.seek(self._offset)
-            lines = f.readlines()
-            self._offset = f.tell()
+            text = f.read()
+        complete = text[: text.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._offset += len(complete)
         out = []
-        for line in lines:
+        for line in complete.decode().splitlines():
             record = json.loads(line)
             if "trace" in record:
                 self.header = record
@@ -145,6 +146,8 @@ def _op(record: dict[str, Any]) -> dict[str, Any]:
     """One operation, µs: its enqueue on the engine thread, and from the end of that to its first DMA on the GPU
     and from its last DMA to the waiter seeing it done."""
     stages = record.get("stages", {})
+    if not record["chunks"]:
+        return {"kind": record["kind"], "chunks": 0}
     first_dma = min(c["dma"][0] for c in record["chunks"])
     last = max(max(c["dma"][1], c["kernel"][1]) for c in record["chunks"])
     start, end, done = (stages.get(k, 0) for k in ("enqueue_start_ns", "enqueue_end_ns", "copy_done_ns"))

@@ -267,13 +267,13 @@ class CompletionWaiter:
                 pending.stages.copy_done_ns = time.monotonic_ns()
             if pending.recycle:
                 events.give(pending.event)
-            if pending.trace is not None and context.tracer is not None and status == 0:
-                self._trace(context.tracer, pending.trace, pending.stages)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
                 if status == 0:
                     future.set_result(pending.value)
                 else:
                     future.set_exception(CudaError(f"GPU {context.ordinal}: copy failed with CUresult {status}"))
+            if pending.trace is not None and context.tracer is not None and status == 0:
+                self._trace(context.tracer, pending.trace, pending.stages)  # after: it never delays the operation
 
     @staticmethod
     def _trace(tracer: Tracer, trace: OpTrace, stages: DaemonStages | None) -> None:

@@ -85,7 +85,7 @@ class Tracer:
         self._anchored_at = 0.0
         self._stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)  # idle but for anchors
         self._lock = threading.Lock()
-        self._file = path.open("a", buffering=1)  # line-buffered: a record is out before its operation's notice
+        self._file = path.open("a", buffering=1)  # line-buffered: a record is out as soon as it is written
         self._write({"trace": "kvd-cuda", **header})
 
     def take(self) -> int:
