@@ -87,15 +87,13 @@ def main() -> int:
     out.update(torch=torch.__version__, block_bytes=block_bytes, big_bytes=args.big * block_bytes)
     out["small_bytes"] = args.small * block_bytes
     if device == "cuda":
-        from gpu_raw import in_process_baseline, numa, raw_copies, registered_copies
+        from gpu_raw import in_process_baseline, raw_copies, registered_copies
 
         out["raw"] = raw_copies(args.big * block_bytes, args.small * block_bytes)
         out["raw"].update(in_process_baseline(caches, args.big))
         out["raw"].update(registered_copies(args.big * block_bytes, block_bytes, 64 * MiB))
     base_env = dict(kv.split("=", 1) for kv in args.daemon_env)
     out["main"] = daemon_pass(args, caches, block_bytes, shape, base_env, None, quick=False)
-    if device == "cuda":
-        out["raw"].update(numa(out["main"].pop("daemon_pid", None)))
     out["variants"] = {}
     if not (args.no_variants or args.socket):
         trace_dir = args.trace_dir or Path(tempfile.mkdtemp(prefix="kvd-trace-"))
@@ -163,7 +161,10 @@ def daemon_pass(
         started = time.monotonic()
         daemon.start(timeout=300)
         out["daemon_start_s"] = round(time.monotonic() - started, 2)
-        out["daemon_pid"] = daemon.pid
+        if caches[0].is_cuda:  # where this daemon's pool landed, against the GPU's NUMA node
+            from gpu_raw import numa
+
+            out["numa"] = numa(daemon.pid)
         socket = daemon.socket
     client = KvdClient(socket, model_id="bench", tp_rank=args.tp_rank, tp_world_size=args.tp_world_size)
     client.register_kv_caches({f"layer{i}": c for i, c in enumerate(caches)}, block_dim=1, block_size_tokens=16)
