@@ -1,20 +1,30 @@
-"""GPU path benchmark: kvd save/load through the daemon next to the raw PCIe limit and an in-process connector.
+"""GPU path benchmark (issue #18): kvd's saves and loads through a daemon in its own process, every figure next to
+the raw limit measured in the same run, and where each operation's time goes.
 
-    python bench/gpu_transfer.py [--layers 32] [--blocks 2048] [--pool-gib 4] > result.json
+    python bench/gpu_transfer.py [--trace-dir DIR] [--variant NAME:KVD_X=V,KVD_Y=W ...] > result.json
 
-Workload (the GPU issue's): a vLLM-like cache of `layers` x `[2, blocks, 16, 8, 128]` bfloat16, i.e. 64 KiB per block
-per layer, 2 MiB per block over 32 layers; requests of 512 blocks (1 GiB) and of 16 blocks (32 MiB). Prints one JSON
-object. Needs a CUDA GPU; the daemon runs as a separate process on a temporary socket, as in production.
+Workload: a vLLM-like cache of `layers` x `[2, blocks, 16, kv_heads, 128]` bfloat16 (2 MiB per block over 32 layers),
+requests of 512 blocks (1 GiB) and 16 blocks (32 MiB); the daemon's pool holds 4 large requests. One JSON object:
+- `raw`: pinned D2H / H2D / both at once, one small request's copy, the same into memory page-locked like kvd's
+  pool (also both directions at once, whole and in kvd's chunk size), an in-process connector, NUMA placement.
+- `main`: the phases of bench/phases.py against a daemon in its default configuration (each with its per-stage
+  breakdown, concurrent ones with their timeline), the round-trip floors on the same socket, the model thread's
+  time per call, and a bf16 matmul's slowdown while saving.
+- `variants`: the throughput phases again, each against a fresh daemon with the chunk trace on
+  (transports.cuda_trace_path) plus one configuration change; each phase carries its trace summary
+  (bench/trace_report.py: per-direction busy time, per-chunk DMA rates alone and with the other direction, kernel
+  times, gaps by cause). The raw traces are kept in --trace-dir.
+- `summary`: issue #18's table, each figure with its raw limit and target.
+`--cpu-dry-run` runs the same control flow on CPU tensors (CPU transport; no raw copies, traces or matmul): a check
+of this script where no GPU is at hand.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import statistics
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,330 +32,192 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvd_client import Completion, KvdClient
+from kvd_client import KvdClient
+from phases import PhaseHook, Shape, Workload, floors, hashes, model_thread, standard
+from trace_report import TraceFile, summarize
 
 from tests.helpers.daemon import Daemon
 
-GiB = 1 << 30
 MiB = 1 << 20
+# One configuration change each (besides the trace): staging depth and chunk size for both directions at once,
+# the completion waiters' wake-up, and (on a host of several NUMA nodes) a pool first-touched by one thread instead
+# of eight, so its pages sit on one node.
+DEFAULT_VARIANTS = (
+    "trace:",
+    "staging_1g:KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "chunk_32m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=33554432,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "chunk_128m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=134217728,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
+    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
+)
+NUMA_VARIANT = "populate_1:KVD_HOST_POOL__POPULATE_THREADS=1"
+VARIANT_SECONDS = 15  # a variant is skipped when less than this is left of --budget-s
 
 
-def gbps(nbytes: float, seconds: float) -> float:
-    return round(nbytes / seconds / 1e9, 2)
-
-
-def timed_cuda(fn: Any, reps: int) -> float:
-    """Median seconds of fn() on the GPU (events on the current stream)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
-
-def raw_copies(nbytes: int) -> dict[str, float]:
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    host2 = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev2 = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    d2h = timed_cuda(lambda: host.copy_(dev, non_blocking=True), 5)
-    h2d = timed_cuda(lambda: dev.copy_(host, non_blocking=True), 5)
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()  # the benchmark's own process, not a worker
-
-    def both() -> None:
-        with torch.cuda.stream(s1):
-            host.copy_(dev, non_blocking=True)
-        with torch.cuda.stream(s2):
-            dev2.copy_(host2, non_blocking=True)
-        torch.cuda.current_stream().wait_stream(s1)
-        torch.cuda.current_stream().wait_stream(s2)
-
-    bidir = timed_cuda(both, 5)
-    return {
-        "raw_d2h_gbps": gbps(nbytes, d2h),
-        "raw_h2d_gbps": gbps(nbytes, h2d),
-        "raw_both_gbps": gbps(2 * nbytes, bidir),
-    }
-
-
-def registered_copies(nbytes: int, block_bytes: int) -> dict[str, Any]:
-    """The same copies into host memory page-locked the way kvd's pool is (anonymous mmap, first touch,
-    cudaHostRegister), whole and in block-sized pieces (one DMA per 2 MiB host slot), with and without transparent
-    huge pages: tells the pool's memory and per-copy costs apart from kvd's own."""
-    import ctypes
-    import mmap
-
-    from cupy.cuda import runtime
-
-    res: dict[str, Any] = {}
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev_ptr = dev.data_ptr()
-    stream = torch.cuda.current_stream().cuda_stream
-    for huge in (True, False):
-        tag = "thp" if huge else "4k"
-        area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if huge:
-            area.madvise(mmap.MADV_HUGEPAGE)
-        anchor = ctypes.c_char.from_buffer(area)
-        host = ctypes.addressof(anchor)
-        ctypes.memset(host, 1, nbytes)
-        t = time.perf_counter()
-        runtime.hostRegister(host, nbytes, 1)
-        res[f"reg_{tag}_register_s_per_gib"] = round((time.perf_counter() - t) / (nbytes / GiB), 3)
-
-        def whole(kind: int, host: int = host) -> None:
-            if kind == 2:
-                runtime.memcpyAsync(host, dev_ptr, nbytes, 2, stream)
-            else:
-                runtime.memcpyAsync(dev_ptr, host, nbytes, 1, stream)
-
-        def pieces(kind: int, host: int = host) -> None:
-            for off in range(0, nbytes, block_bytes):
-                if kind == 2:
-                    runtime.memcpyAsync(host + off, dev_ptr + off, block_bytes, 2, stream)
-                else:
-                    runtime.memcpyAsync(dev_ptr + off, host + off, block_bytes, 1, stream)
-
-        res[f"reg_{tag}_d2h_gbps"] = gbps(nbytes, timed_cuda(lambda: whole(2), 5))
-        res[f"reg_{tag}_h2d_gbps"] = gbps(nbytes, timed_cuda(lambda: whole(1), 5))
-        res[f"reg_{tag}_d2h_pieces_gbps"] = gbps(nbytes, timed_cuda(lambda: pieces(2), 5))
-        res[f"reg_{tag}_h2d_pieces_gbps"] = gbps(nbytes, timed_cuda(lambda: pieces(1), 5))
-        torch.cuda.synchronize()
-        runtime.hostUnregister(host)
-        del anchor
-        area.close()
-    try:
-        rollup = Path("/proc/self/smaps_rollup").read_text()
-        res["thp_mode"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-        res["anon_huge_kib_now"] = next(int(x.split()[1]) for x in rollup.splitlines() if x.startswith("AnonHuge"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return res
-
-
-def in_process_baseline(caches: list[torch.Tensor], blocks: int) -> dict[str, float]:
-    """What in-worker connectors do: a thread with its own stream, index_select per layer + one D2H."""
-    block_bytes = sum(c[:, 0].numel() * c.element_size() for c in caches)
-    staging = torch.empty(blocks * block_bytes, dtype=torch.uint8, device="cuda")
-    host = torch.empty(blocks * block_bytes, dtype=torch.uint8, pin_memory=True)
-    idx = torch.randperm(caches[0].shape[1], device="cuda")[:blocks]
-    stream = torch.cuda.Stream()
-    result: dict[str, float] = {}
-
-    def run() -> None:
-        with torch.cuda.stream(stream):
-
-            def save() -> None:
-                offset = 0
-                for c in caches:
-                    part = c.index_select(1, idx)
-                    n = part.numel() * part.element_size()
-                    staging[offset : offset + n].copy_(part.view(-1).view(torch.uint8))
-                    offset += n
-                host.copy_(staging, non_blocking=True)
-
-            seconds = timed_cuda(save, 5)
-            result["inproc_save_gbps"] = gbps(blocks * block_bytes, seconds)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return result
-
-
-def wait_all(client: KvdClient, ops: set[int], timeout: float = 60.0) -> list[Completion]:
-    """Block until `ops` finished. A blocking wait, as a model thread between steps would do: a busy loop here would
-    hold the GIL and starve the client's background thread (5 ms switch interval), measuring Python, not kvd."""
-    done = client.wait(ops, timeout)
-    if len(done) != len(ops):
-        raise TimeoutError(f"{len(ops) - len(done)} operations did not finish")
-    return done
-
-
-def daemon_ms(done: list[Completion]) -> list[float]:
-    """Each operation's time inside the daemon (request in to notice out), in call order."""
-    return [round(c.duration_s * 1e3, 2) for c in sorted(done, key=lambda c: c.op_id)]
-
-
-def hashes(tag: str, n: int) -> list[bytes]:
-    return [hashlib.blake2b(f"{tag}:{i}".encode(), digest_size=16).digest() for i in range(n)]
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=2048)
-    parser.add_argument("--pool-gib", type=float, default=4.0)
+    parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--big", type=int, default=512)
     parser.add_argument("--small", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=4)
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        help="use this running daemon (e.g. one bench process per GPU, CUDA_VISIBLE_DEVICES=N, against one kvd)",
-    )
+    parser.add_argument("--small-reps", type=int, default=100)
+    parser.add_argument("--socket", type=Path, help="use this running daemon (main phases only)")
     parser.add_argument("--tp-rank", type=int, default=0, help="with --socket: this process's rank")
     parser.add_argument("--tp-world-size", type=int, default=1)
-    parser.add_argument(
-        "--daemon-env", action="append", default=[], metavar="KVD_X=V", help="configure the daemon started here"
-    )
-    args = parser.parse_args()
-    torch.cuda.init()
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    shape = (2, args.blocks, 16, 8, 128)
-    caches = [torch.randn(shape, device="cuda").to(torch.bfloat16) for _ in range(args.layers)]
-    block_bytes = args.layers * 2 * 16 * 8 * 128 * 2
-    big_bytes = args.big * block_bytes
-    out["block_bytes"] = block_bytes
-    out["request_bytes"] = {"big": big_bytes, "small": args.small * block_bytes}
-    out.update(raw_copies(big_bytes))
-    out.update(in_process_baseline(caches, args.big))
-    out.update(registered_copies(big_bytes, block_bytes))
+    parser.add_argument("--daemon-env", action="append", default=[], metavar="KVD_X=V", help="for every daemon")
+    parser.add_argument("--variant", action="append", metavar="NAME:KVD_X=V,...", help="replaces the default set")
+    parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--trace-dir", type=Path, help="keep the variants' chunk traces here")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="start no variant after this")
+    parser.add_argument("--cpu-dry-run", action="store_true")
+    return parser.parse_args()
 
-    daemon: Daemon | None = None
-    socket_path = args.socket
-    if socket_path is None:
-        pool = int(args.pool_gib * GiB)
-        daemon = Daemon(
-            capacity_bytes=pool,
-            slab_bytes=max(64 * MiB, block_bytes),
-            lease_ms=10_000,
-            log_level="WARNING",
-            env=dict(kv.split("=", 1) for kv in args.daemon_env),
+
+def main() -> int:
+    args = parse_args()
+    began = time.monotonic()
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    shape = Shape(big=args.big, small=args.small, small_reps=args.small_reps)
+    layer = (2, args.blocks, 16, args.kv_heads, 128)
+    caches = [torch.randn(layer, device=device).to(torch.bfloat16) for _ in range(args.layers)]
+    block_bytes = args.layers * 2 * 16 * args.kv_heads * 128 * 2
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"}
+    out.update(torch=torch.__version__, block_bytes=block_bytes, big_bytes=args.big * block_bytes)
+    out["small_bytes"] = args.small * block_bytes
+    if device == "cuda":
+        from gpu_raw import in_process_baseline, raw_copies, registered_copies
+
+        out["raw"] = raw_copies(args.big * block_bytes, args.small * block_bytes)
+        out["raw"].update(in_process_baseline(caches, args.big))
+        out["raw"].update(registered_copies(args.big * block_bytes, block_bytes, 64 * MiB))
+    base_env = dict(kv.split("=", 1) for kv in args.daemon_env)
+    out["main"] = daemon_pass(args, caches, block_bytes, shape, base_env, None, quick=False)
+    out["variants"] = {}
+    if not (args.no_variants or args.socket):
+        trace_dir = args.trace_dir or Path(tempfile.mkdtemp(prefix="kvd-trace-"))
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        (trace_dir / "partial.json").write_text(json.dumps(out))
+        several_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) > 1
+        for spec in args.variant or (*DEFAULT_VARIANTS, *([NUMA_VARIANT] if several_nodes else [])):
+            name, _, changes = spec.partition(":")
+            if time.monotonic() - began > args.budget_s - VARIANT_SECONDS:
+                out["variants"][name] = {"skipped": "time budget"}
+                continue
+            env = {**base_env, **dict(kv.split("=", 1) for kv in changes.split(",") if kv)}
+            try:
+                result = daemon_pass(args, caches, block_bytes, shape, env, trace_dir / f"{name}.jsonl")
+            except Exception as exc:  # one variant failing must not cost the others (nor the main figures)
+                result = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+            out["variants"][name] = {**result, "env": env}
+            (trace_dir / "partial.json").write_text(json.dumps(out))  # what a timeout would otherwise lose
+    out["summary"] = summary(out)
+    out["bench_s"] = round(time.monotonic() - began, 1)
+    print(json.dumps(out, indent=1))
+    print_table(out)
+    return 0
+
+
+def print_table(out: dict[str, Any]) -> None:
+    """The summary and each variant's figures, short, on stderr (the end of a device run's output)."""
+    lines = [f"{out['device']}: {out['bench_s']} s"]
+    for name, row in out["summary"].items():
+        lines.append(f"{name:28} kvd {row['kvd']!s:>8}  raw {row['raw']!s:>8}  target {row['target']}")
+    for name, variant in out["variants"].items():
+        phases = variant.get("phases", {})
+        rates = " ".join(
+            f"{p}={phases[p]['gbps']}" for p in ("big_save", "big_load", "big_both", "many_mixed") if p in phases
         )
-        out["daemon_env"] = args.daemon_env
-        t0 = time.monotonic()
+        both = phases.get("big_both", {}).get("trace", {})
+        busy = " ".join(
+            f"{k}:busy={both[k].get('busy_fraction')},{both[k].get('gbps_while_busy')}GB/s,gaps={both[k].get('gap_ms_by_cause')}"
+            for k in ("save", "load")
+            if both.get(k)
+        )
+        failed = [line for line in str(variant.get("error", "")).splitlines() if line.strip()][-1:]
+        lines.append(f"variant {name}: {variant.get('skipped') or ''.join(failed)[:160] or rates} | both: {busy}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def daemon_pass(
+    args: argparse.Namespace,
+    caches: list[torch.Tensor],
+    block_bytes: int,
+    shape: Shape,
+    env: dict[str, str],
+    trace_path: Path | None,
+    quick: bool = True,
+) -> dict[str, Any]:
+    """Start a daemon with `env` (and the trace at `trace_path`), register the cache, run the phases."""
+    daemon: Daemon | None = None
+    socket = args.socket
+    out: dict[str, Any] = {}
+    if socket is None:
+        if trace_path is not None:
+            env = {**env, "KVD_TRANSPORTS__CUDA_TRACE_PATH": str(trace_path)}
+        pool = 4 * shape.big * block_bytes
+        daemon = Daemon(capacity_bytes=pool, slab_bytes=32 * block_bytes, lease_ms=10_000, log_level="WARNING", env=env)
+        started = time.monotonic()
         daemon.start(timeout=300)
-        out["daemon_start_s"] = round(time.monotonic() - t0, 2)
-        socket_path = daemon.socket
-    client = KvdClient(socket_path, model_id="bench", tp_rank=args.tp_rank, tp_world_size=args.tp_world_size)
+        out["daemon_start_s"] = round(time.monotonic() - started, 2)
+        if caches[0].is_cuda:  # where this daemon's pool landed, against the GPU's NUMA node
+            from gpu_raw import numa
+
+            out["numa"] = numa(daemon.pid)
+        socket = daemon.socket
+    client = KvdClient(socket, model_id="bench", tp_rank=args.tp_rank, tp_world_size=args.tp_world_size)
     client.register_kv_caches({f"layer{i}": c for i, c in enumerate(caches)}, block_dim=1, block_size_tokens=16)
     client.start()
-    if not client.wait_ready(60):
-        raise SystemExit("client did not register:\n" + (daemon.log_text() if daemon else ""))
     try:
-        out.update(run_kvd(client, args, block_bytes))
+        if not client.wait_ready(60):
+            raise SystemExit("client did not register:\n" + (daemon.log_text() if daemon else ""))
+        work = Workload(client, args.blocks, block_bytes)
+        hook = trace_hook(TraceFile(trace_path), block_bytes) if trace_path is not None else None
+        out["phases"] = standard(work, shape, hook, quick=quick)
+        if not quick:
+            out["floors"] = floors(client, str(socket), args.small)
+            out.update(model_thread(work))
+            if caches[0].is_cuda:
+                out.update(interference(client, shape.big))
     finally:
         client.close()
         if daemon is not None:
             daemon.close()
-    print(json.dumps(out, indent=1))
-    return 0
+    return out
 
 
-def run_kvd(client: KvdClient, args: argparse.Namespace, block_bytes: int) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    n_blocks = args.blocks
-    big = args.big
-    call_us: list[float] = []
+def trace_hook(trace: TraceFile, block_bytes: int) -> PhaseHook:
+    def hook(phase: str, start_ns: int, end_ns: int) -> dict[str, Any] | None:
+        time.sleep(0.05)  # the waiters write an operation's line just after its notice went out
+        records = trace.records(start_ns, end_ns)
+        return {"trace": summarize(records, trace.header, block_bytes)} if records else None
 
-    def save(tag: str, n: int, first: int = 0) -> int:
-        pairs = [(first + i, h) for i, h in enumerate(hashes(tag, n))]
-        t = time.perf_counter()
-        op = client.save(pairs)
-        call_us.append((time.perf_counter() - t) * 1e6)
-        return op
-
-    def load(tag: str, n: int, first: int) -> int:
-        pairs = [(first + i, h) for i, h in enumerate(hashes(tag, n))]
-        t = time.perf_counter()
-        op = client.load(pairs)
-        call_us.append((time.perf_counter() - t) * 1e6)
-        return op
-
-    # Warm-up: the first operations compile nothing but do open events and warm the pool.
-    wait_all(client, {save("warm", big)})
-    wait_all(client, {load("warm", big, big)})
-
-    # Save throughput: `reps` 1 GiB saves in flight at once.
-    t = time.perf_counter()
-    done = wait_all(client, {save(f"s{r}", big, (r * big) % (n_blocks - big)) for r in range(args.reps)})
-    res["kvd_save_gbps"] = gbps(args.reps * big * block_bytes, time.perf_counter() - t)
-    res["kvd_save_ok"] = all(c.ok for c in done)
-    res["kvd_save_daemon_ms"] = daemon_ms(done)
-
-    # Load throughput: load the last saved request `reps` times.
-    tag = f"s{args.reps - 1}"
-    t = time.perf_counter()
-    done = wait_all(client, {load(tag, big, (r * big) % (n_blocks - big)) for r in range(args.reps)})
-    res["kvd_load_gbps"] = gbps(args.reps * big * block_bytes, time.perf_counter() - t)
-    res["kvd_load_ok"] = all(c.ok for c in done)
-    res["kvd_load_daemon_ms"] = daemon_ms(done)
-
-    # Both directions at once, equal bytes each way. Loads go first so their blocks are pinned before the saves
-    # need room; two new 1 GiB saves evict only the two oldest requests, never the one being loaded.
-    t = time.perf_counter()
-    ops = {load(tag, big, big) for _ in range(2)} | {save(f"b{r}", big, 0) for r in range(2)}
-    done = wait_all(client, ops)
-    res["kvd_both_gbps"] = gbps(4 * big * block_bytes, time.perf_counter() - t)
-    res["kvd_both_ok"] = all(c.ok for c in done)
-    res["kvd_both_daemon_ms"] = daemon_ms(done)
-
-    # The floor under a small request's latency: one round trip through the client's thread and the daemon.
-    lookups = []
-    for r in range(100):
-        t = time.perf_counter()
-        client.lookup(hashes(f"small{r % 8}", args.small)).result(timeout=10)
-        lookups.append((time.perf_counter() - t) * 1e3)
-    res["lookup_ms_p50"] = round(statistics.median(lookups), 3)
-
-    # Small requests: latency from the call to the completion notice, one at a time.
-    small = args.small
-    lat_save, lat_load, inside_save, inside_load = [], [], [], []
-    for r in range(40):
-        t = time.perf_counter()
-        (saved,) = wait_all(client, {save(f"small{r}", small, 0)})
-        lat_save.append((time.perf_counter() - t) * 1e3)
-        t = time.perf_counter()
-        (loaded,) = wait_all(client, {load(f"small{r}", small, small)})
-        lat_load.append((time.perf_counter() - t) * 1e3)
-        inside_save.append(saved.duration_s * 1e3)
-        inside_load.append(loaded.duration_s * 1e3)
-    res["small_save_ms_p50"] = round(statistics.median(lat_save), 3)
-    res["small_save_ms_p99"] = round(sorted(lat_save)[int(0.99 * len(lat_save))], 3)
-    res["small_load_ms_p50"] = round(statistics.median(lat_load), 3)
-    res["small_load_ms_p99"] = round(sorted(lat_load)[int(0.99 * len(lat_load))], 3)
-    # The daemon's own share: from the request's arrival to the notice being queued.
-    res["small_save_daemon_ms_p50"] = round(statistics.median(inside_save), 3)
-    res["small_load_daemon_ms_p50"] = round(statistics.median(inside_load), 3)
-    # Many small requests in flight at once.
-    t = time.perf_counter()
-    done = wait_all(client, {save(f"many{r}", small, (r * small) % (n_blocks - small)) for r in range(64)})
-    res["small_save_concurrent_gbps"] = gbps(64 * small * block_bytes, time.perf_counter() - t)
-
-    res["model_thread_call_us_p50"] = round(statistics.median(call_us), 1)
-    res["model_thread_call_us_max"] = round(max(call_us), 1)
-    res.update(interference(client, big))
-    return res
+    return hook
 
 
 def interference(client: KvdClient, big: int) -> dict[str, Any]:
-    """bf16 matmul throughput on the model stream alone, then while saving at full rate."""
+    """bf16 matmul throughput on the model stream alone, then while saving 1 GiB requests back to back."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     iters = 300
+    counter = [0]
 
     def loop(saving: bool) -> float:
         in_flight: set[int] = set()
-        counter = [0]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
             torch.mm(a, b)
             if saving and len(in_flight) < 2:
-                in_flight |= {client.save([(j, h) for j, h in enumerate(hashes(f"mm{counter[0]}", big))])}
+                in_flight.add(client.save(list(enumerate(hashes(f"mm{counter[0]}", big)))))
                 counter[0] += 1
             for c in client.wait(in_flight, 0):
                 in_flight.discard(c.op_id)
         end.record()
         end.synchronize()
         if in_flight:
-            wait_all(client, in_flight)
+            client.wait(in_flight, 60)
         return start.elapsed_time(end) / 1000
 
     loop(False)
@@ -356,6 +228,30 @@ def interference(client: KvdClient, big: int) -> dict[str, Any]:
         "matmul_tflops_alone": round(tflops / alone, 1),
         "matmul_tflops_while_saving": round(tflops / busy, 1),
         "model_stream_slowdown_pct": round(100 * (busy / alone - 1), 2),
+    }
+
+
+def summary(out: dict[str, Any]) -> dict[str, Any]:
+    """Issue #18's table: each figure, the raw limit from this run, the target."""
+    raw, main = out.get("raw", {}), out["main"]
+    phases = main["phases"]
+    small = phases["small_alone"]
+
+    def row(value: Any, limit: Any, target: str) -> dict[str, Any]:
+        return {"kvd": value, "raw": limit, "target": target}
+
+    return {
+        "save_1g_gbps": row(phases["big_save"]["gbps"], raw.get("raw_d2h_gbps"), ">= 52"),
+        "load_1g_gbps": row(phases["big_load"]["gbps"], raw.get("raw_h2d_gbps"), ">= 52"),
+        "both_gbps": row(phases["big_both"]["gbps"], raw.get("raw_both_gbps"), ">= 0.9 x raw"),
+        "small_save_ms_p50": row(small["save"]["call_to_notice_ms_p50"], raw.get("raw_small_d2h_ms"), "<= 1.2"),
+        "small_load_ms_p50": row(small["load"]["call_to_notice_ms_p50"], raw.get("raw_small_h2d_ms"), "<= 1.2"),
+        "many_save_gbps": row(phases["many_save"]["gbps"], raw.get("raw_d2h_gbps"), ">= 48"),
+        "many_load_gbps": row(phases["many_load"]["gbps"], raw.get("raw_h2d_gbps"), ">= 48"),
+        "many_mixed_gbps": row(phases["many_mixed"]["gbps"], raw.get("raw_both_gbps"), "-"),
+        "model_thread_call_us_p50": row(main.get("model_thread_call_us_p50"), None, "<= 50"),
+        "matmul_slowdown_pct": row(main.get("model_stream_slowdown_pct"), None, "<= 2"),
+        "floor_aio_heartbeat_us_p50": row(main.get("floors", {}).get("aio_heartbeat_us", {}).get("p50"), None, "-"),
     }
 
 

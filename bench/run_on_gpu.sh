@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU path needs checked on a CUDA machine, in one go: the CUDA tests, then the benchmark.
 #   bench/run_on_gpu.sh OUTDIR [gpu_transfer.py args...]
-# Writes OUTDIR/cuda_tests.log, OUTDIR/gpu_bench.json (+ .err) and OUTDIR/env.txt. Optional stages:
+# Writes OUTDIR/cuda_tests.log, OUTDIR/gpu_bench.json (+ .err), OUTDIR/traces/ (the chunk traces of the benchmark's
+# configuration variants) and OUTDIR/env.txt. The benchmark prints its summary table last. Optional stages:
 #   KVD_COMPARE="KVD_X=V ..."  bench/event_wait.py (OUTDIR/event_wait.json), and the benchmark again with the
 #                   daemon configured so (OUTDIR/gpu_bench_compare.json)
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
@@ -13,15 +14,22 @@ out=${1:-.}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c 'import torch, cupy, grpc, google.protobuf as p; print(torch.__version__, cupy.__version__, grpc.__version__, p.__version__)'; nproc; } > "$out/env.txt" 2>&1
+{
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,pci.bus_id,pcie.link.gen.current,pcie.link.width.current,pcie.link.gen.max \
+        --format=csv
+    nvidia-smi topo -m
+    lscpu | grep -Ei 'model name|numa|^cpu\(s\)'
+    python3 -c 'import torch, cupy, grpc, google.protobuf as p; print(torch.__version__, cupy.__version__, grpc.__version__, p.__version__)'
+} > "$out/env.txt" 2>&1
 if [[ "${KVD_SKIP_MAIN:-0}" != 1 ]]; then  # KVD_SKIP_MAIN=1: only the optional stages below
     timeout "${KVD_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -m cuda \
         tests/kvd/test_cuda_ipc.py 2>&1 | tee "$out/cuda_tests.log"
-    timeout "${KVD_BENCH_TIMEOUT:-150}" python3 bench/gpu_transfer.py "${@:2}" > "$out/gpu_bench.json" \
-        2> "$out/gpu_bench.err"
+    # The benchmark starts no configuration variant after --budget-s (120 s); the timeout leaves room for the last.
+    timeout "${KVD_BENCH_TIMEOUT:-200}" python3 bench/gpu_transfer.py --trace-dir "$out/traces" "${@:2}" \
+        > "$out/gpu_bench.json" 2> "$out/gpu_bench.err"
     echo "bench rc $?"
-    cat "$out/gpu_bench.json"
-    tail -20 "$out/gpu_bench.err"
+    tail -40 "$out/gpu_bench.err"  # ends with the benchmark's summary table
 fi
 
 if [[ -n "${KVD_COMPARE:-}" ]]; then
@@ -29,7 +37,7 @@ if [[ -n "${KVD_COMPARE:-}" ]]; then
     cat "$out/event_wait.json"
     compare=()
     for kv in $KVD_COMPARE; do compare+=(--daemon-env "$kv"); done
-    timeout "${KVD_BENCH_TIMEOUT:-150}" python3 bench/gpu_transfer.py "${compare[@]}" "${@:2}" \
+    timeout "${KVD_BENCH_TIMEOUT:-200}" python3 bench/gpu_transfer.py --no-variants "${compare[@]}" "${@:2}" \
         > "$out/gpu_bench_compare.json" 2>> "$out/gpu_bench.err"
     echo "compare bench rc $?"
     cat "$out/gpu_bench_compare.json"
@@ -48,7 +56,7 @@ if [[ "${KVD_SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer > /dev/null; 
 fi
 
 if [[ "${KVD_PROFILE:-0}" == 1 ]] && command -v py-spy > /dev/null; then
-    python3 bench/gpu_transfer.py "${@:2}" > "$out/gpu_bench_profiled.json" 2>> "$out/gpu_bench.err" &
+    python3 bench/gpu_transfer.py --no-variants "${@:2}" > "$out/gpu_bench_profiled.json" 2>> "$out/gpu_bench.err" &
     bench=$!
     daemon=
     for _ in $(seq 300); do

@@ -100,6 +100,10 @@ class TransportsConfig(_Section):
     # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
     # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
     cuda_completion_wait: CompletionWait = CompletionWait.POLL
+    # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
+    # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
+    # more event records per chunk.
+    cuda_trace_path: Path | None = None
 
 
 class RuntimeConfig(_Section):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvd_client.layout import KvLayout, Namespace
-from kvd_client.types import LookupResult, OpKind, Tier  # shared with the client; Tier is numbered as kvd.v1.Tier
+
+# Shared with the client: Tier is numbered as kvd.v1.Tier; DaemonStages is what a notice's stages say.
+from kvd_client.types import DaemonStages, LookupResult, OpKind, Tier
+
+from kvd.errors import InvalidArgument
 
 BlockHash = bytes
 BlockKey = tuple[str, BlockHash]  # (namespace key, block hash): different models never share a key
@@ -71,9 +76,22 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
-class BlockTransfer:
-    block_index: int
-    block_hash: BlockHash
+class BlockBatch:
+    """The blocks of one save or load, column by column: `hashes[i]` is the key of worker block `indices[i]`. Two
+    lists per request instead of an object per block (a large request has hundreds)."""
+
+    indices: Sequence[int]
+    hashes: Sequence[BlockHash]
+
+    def __post_init__(self) -> None:
+        if len(self.indices) != len(self.hashes):
+            raise InvalidArgument(f"{len(self.indices)} block indices for {len(self.hashes)} block hashes")
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
+Stamps = DaemonStages | None  # an operation's stage times, where it keeps them (every layer stamps its own stages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,7 @@ class Notice:
     bytes_moved: int = 0
     duration_us: int = 0
     done_event: bytes = b""
+    stages: DaemonStages | None = None  # complete once queued but for `sent`, which the servicer stamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +180,15 @@ class StatsSnapshot:
 
 
 __all__ = [
+    "BlockBatch",
     "BlockHash",
     "BlockKey",
-    "BlockTransfer",
     "CpuMemory",
     "CpuRegion",
     "CudaAllocation",
     "CudaLayer",
     "CudaMemory",
+    "DaemonStages",
     "LookupResult",
     "Notice",
     "OpKind",
@@ -176,6 +196,7 @@ __all__ = [
     "Registration",
     "ServiceCounters",
     "SessionSnapshot",
+    "Stamps",
     "StatsSnapshot",
     "Tier",
     "TierSnapshot",

@@ -3,11 +3,12 @@
 from kvd_client.client import KvdClient
 from kvd_client.errors import KvdError, Unavailable
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
-from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.types import Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
 
 __all__ = [
     "Completion",
     "DType",
+    "DaemonStages",
     "KvLayout",
     "KvdClient",
     "KvdError",
@@ -15,6 +16,7 @@ __all__ = [
     "LookupResult",
     "Namespace",
     "OpKind",
+    "OperationStages",
     "Tier",
     "Unavailable",
 ]

@@ -19,8 +19,8 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.handoff import Finished, Inbox, settle_when_done
 from kvd_client.layout import KvLayout
+from kvd_client.messages import PendingOp
 from kvd_client.session import open_channel, register_session
 from kvd_client.types import Completion, LookupResult, OpKind
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
@@ -38,14 +39,6 @@ log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Op:
-    op_id: int
-    kind: OpKind
-    blocks: tuple[tuple[int, bytes], ...]
-    ready_event: bytes
 
 
 class KvdClient:
@@ -72,7 +65,7 @@ class KvdClient:
         self._cuda = False
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._pending: dict[int, _Op] = {}
+        self._pending: dict[int, PendingOp] = {}
         self._lookups: set[concurrent.futures.Future[LookupResult]] = set()
         self._inbox = Inbox()  # work handed from callers to the loop thread
         self._broken: asyncio.Event | None = None  # set when a call finds the daemon gone: ends the session
@@ -85,6 +78,7 @@ class KvdClient:
         self._session_id = ""
         self.boot_id = ""
         self.block_bytes = 0
+        self._columnar = False
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -145,21 +139,22 @@ class KvdClient:
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
         current stream, unless one is given: the daemon copies only after the work queued before it."""
+        call_ns = time.monotonic_ns()  # the operation's first stage (Completion.stages)
         if self._cuda and not ready_event and blocks:
             from kvd_client.cuda import record_ready_event
 
             ready_event = record_ready_event()
-        return self._enqueue(OpKind.SAVE, blocks, ready_event)
+        return self._enqueue(OpKind.SAVE, blocks, ready_event, call_ns)
 
     def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
         """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
         the caller's current stream (nothing queued may still be reading those blocks)."""
-        ready_event = b""
+        call_ns, ready_event = time.monotonic_ns(), b""
         if self._cuda and blocks:
             from kvd_client.cuda import record_ready_event
 
             ready_event = record_ready_event()
-        return self._enqueue(OpKind.LOAD, blocks, ready_event)
+        return self._enqueue(OpKind.LOAD, blocks, ready_event, call_ns)
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -210,8 +205,8 @@ class KvdClient:
 
     # -- internals: caller side ----------------------------------------------------------------------------------
 
-    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes) -> int:
-        op = _Op(next(self._ids), kind, tuple(blocks), ready_event)
+    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int) -> int:
+        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
@@ -221,7 +216,7 @@ class KvdClient:
         self._inbox.post(lambda: self._submit(op))
         return op.op_id
 
-    def _complete_failed(self, op: _Op, error: str) -> None:
+    def _complete_failed(self, op: PendingOp, error: str) -> None:
         self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
 
     def _fail_all(self, error: str) -> None:
@@ -290,6 +285,7 @@ class KvdClient:
         self._session_id = response.session_id
         self.boot_id = response.boot_id
         self.block_bytes = response.block_bytes
+        self._columnar = response.columnar_blocks  # the daemon takes a request's blocks as two columns
         self._lease_s = response.lease_ms / 1000
         self.registrations += 1
         log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
@@ -325,11 +321,12 @@ class KvdClient:
 
     async def _watch(self, call: Any) -> None:
         async for notice in call:
+            notice_ns = time.monotonic_ns()
             with self._lock:
                 op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
-            self._finished.push(messages.completion(op.op_id, op.kind, notice))
+            self._finished.push(messages.completion(op, notice, notice_ns))
 
     async def _heartbeat(self, stub: kvd_pb2_grpc.KvdStub) -> None:
         while True:
@@ -340,7 +337,7 @@ class KvdClient:
             if response.boot_id != self.boot_id:
                 return  # the daemon restarted: our session and everything in flight are gone
 
-    def _submit(self, op: _Op) -> None:
+    def _submit(self, op: PendingOp) -> None:
         asyncio.get_running_loop().create_task(self._send(op))
 
     def _start_lookup(self, future: concurrent.futures.Future[LookupResult], hashes: list[bytes]) -> None:
@@ -349,15 +346,18 @@ class KvdClient:
         task = asyncio.get_running_loop().create_task(self._lookup(hashes))
         settle_when_done(future, task, lambda: Unavailable("kvd lookup cancelled (connection closing)"))
 
-    async def _send(self, op: _Op) -> None:
+    async def _send(self, op: PendingOp) -> None:
+        op.loop_ns = time.monotonic_ns()
         stub = self._stub
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
             return
-        request = messages.transfer_request(self._session_id, op.blocks, op.ready_event, op.op_id)
+        request = messages.transfer_request(self._session_id, op, self._columnar)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
+            op.send_ns = time.monotonic_ns()
             await method(request, timeout=self.timeout_s)
+            op.accepted_ns = time.monotonic_ns()  # after the notice, if that came first: then not in its stages
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             self._connection_lost(error)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from kvd_client.errors import InvalidArgument, KvdError
 from kvd_client.layout import KvLayout
-from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
 
@@ -64,27 +65,53 @@ def registration_request(
     return request
 
 
-def transfer_request(
-    session_id: str, blocks: tuple[tuple[int, bytes], ...], ready_event: bytes, client_tag: int
-) -> kvd_pb2.TransferRequest:
-    return kvd_pb2.TransferRequest(
-        session_id=session_id,
-        blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in blocks],
-        ready_event=ready_event,
-        client_tag=client_tag,
+@dataclass(slots=True)
+class PendingOp:
+    """A save or load from the caller's call to its notice. The stamps are time.monotonic_ns() of the client's stages
+    (OperationStages): the caller's thread stamps `call_ns`, the client's loop thread the others, one after another."""
+
+    op_id: int
+    kind: OpKind
+    blocks: tuple[tuple[int, bytes], ...]
+    ready_event: bytes
+    call_ns: int = 0
+    loop_ns: int = 0
+    send_ns: int = 0
+    accepted_ns: int = 0
+
+
+def transfer_request(session_id: str, op: PendingOp, columnar: bool) -> kvd_pb2.TransferRequest:
+    """`columnar`: the daemon takes the blocks as two columns (no message per block: microseconds, not a
+    millisecond, for hundreds of blocks); else the per-block form every daemon takes."""
+    request = kvd_pb2.TransferRequest(session_id=session_id, ready_event=op.ready_event, client_tag=op.op_id)
+    if columnar:
+        request.block_indices.extend([i for i, _ in op.blocks])
+        request.block_hashes.extend([h for _, h in op.blocks])
+    else:
+        request.blocks.extend(kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks)
+    return request
+
+
+def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> Completion:
+    daemon = notice.stages  # all zero from a daemon that records no stages
+    stages = OperationStages(
+        call_ns=op.call_ns,
+        loop_ns=op.loop_ns,
+        send_ns=op.send_ns,
+        accepted_ns=op.accepted_ns,
+        notice_ns=notice_ns,
+        daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
     )
-
-
-def completion(op_id: int, kind: OpKind, notice: kvd_pb2.CompletionNotice) -> Completion:
     return Completion(
-        op_id=op_id,
-        kind=kind,
+        op_id=op.op_id,
+        kind=op.kind,
         ok=notice.ok,
         failed_hashes=frozenset(notice.failed_block_hashes),
         error=notice.error,
         nbytes=notice.bytes_moved,
         duration_s=notice.duration_us / 1e6,
         done_event=notice.done_event,
+        stages=stages,
     )
 
 

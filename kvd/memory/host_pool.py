@@ -62,6 +62,10 @@ class _Slab:
 class _SizeClass:
     block_bytes: int
     slabs: set[int] = field(default_factory=set)
+    # Its slabs with a free slot, oldest first (a dict as an ordered set): a reservation takes a slot in O(1)
+    # instead of scanning every slab of the size (a 512-block save into a full 4 GiB pool scanned 64 slabs per block,
+    # twice, milliseconds per request).
+    open: dict[int, None] = field(default_factory=dict)
     lru: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # READY entries, oldest first
 
 
@@ -145,6 +149,25 @@ class HostPool:
             n += 1
         return n
 
+    def pin_stored(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
+        """For a load: each key's READY entry pinned (never evicted while read) and marked used, or None where the
+        key is not stored. One pass and one clock read for the whole request."""
+        now = time.monotonic()
+        entries, slabs, classes = self._entries, self._slabs, self._classes
+        ready = SlotState.READY
+        out: list[Entry | None] = []
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None or entry.state is not ready:
+                out.append(None)
+                continue
+            entry.pins += 1
+            entry.last_use = now
+            slabs[entry.slab].last_use = now
+            classes[entry.nbytes].lru.move_to_end(key)
+            out.append(entry)
+        return out
+
     def touch(self, entry: Entry) -> None:
         entry.last_use = time.monotonic()
         self._slabs[entry.slab].last_use = entry.last_use
@@ -160,17 +183,33 @@ class HostPool:
 
     def reserve(self, key: BlockKey, nbytes: int) -> Entry:
         """A RESERVED slot for `key` (which must not be stored); evicts LRU blocks if the pool is full."""
+        entries = self.reserve_many([key], nbytes)
+        if not entries:
+            raise ResourceExhausted("host pool is full and every block in it is in use")
+        return entries[0]
+
+    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int) -> list[Entry]:
+        """RESERVED slots for `keys` (none of them stored), in order, evicting LRU blocks as needed; fewer than
+        asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
+        One call per request, not per block: a large save reserves hundreds."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
-        if key in self._entries:
-            raise InvalidArgument("block is already stored or being stored")
-        slab, slot = self._take_slot(nbytes)
-        entry = Entry(key=key, slab=slab, slot=slot, address=self._slot_address(slab, slot, nbytes), nbytes=nbytes)
-        self._entries[key] = entry
-        self._slabs[slab].entries += 1
-        self._slabs[slab].last_use = entry.last_use
-        self.used_bytes += nbytes
-        return entry
+        now = time.monotonic()
+        entries, slabs, out = self._entries, self._slabs, []
+        for key in keys:
+            if key in entries:
+                raise InvalidArgument("block is already stored or being stored")
+            try:
+                slab, slot = self._take_slot(nbytes)
+            except ResourceExhausted:
+                break
+            entry = Entry(key, slab, slot, self._slot_address(slab, slot, nbytes), nbytes, last_use=now)
+            entries[key] = entry
+            slabs[slab].entries += 1
+            slabs[slab].last_use = now
+            out.append(entry)
+        self.used_bytes += nbytes * len(out)
+        return out
 
     def commit(self, entry: Entry) -> None:
         """The slot's bytes are complete: make it visible to lookups."""
@@ -208,27 +247,36 @@ class HostPool:
         if slab.entries == 0:
             # An empty slab goes back to the shared free list, so another block size can use it.
             size_class.slabs.discard(slab.index)
+            size_class.open.pop(slab.index, None)
             slab.block_bytes = 0
             slab.free_slots.clear()
             self._free_slabs.append(slab.index)
+        else:
+            size_class.open[slab.index] = None
 
     def _take_slot(self, nbytes: int) -> tuple[int, int]:
         size_class = self._classes.setdefault(nbytes, _SizeClass(nbytes))
         for _ in range(2):
-            for slab_index in size_class.slabs:
-                slab = self._slabs[slab_index]
-                if slab.free_slots:
-                    return slab_index, slab.free_slots.pop()
-            if self._free_slabs:
+            if size_class.open:
+                slab_index = next(iter(size_class.open))
+            elif self._free_slabs:
                 slab_index = self._free_slabs.pop()
                 slab = self._slabs[slab_index]
                 slab.block_bytes = nbytes
                 # Hand out low slots first: consecutive saves land in consecutive slots, so copies merge into runs.
                 slab.free_slots = list(range(self.slab_bytes // nbytes - 1, -1, -1))
                 size_class.slabs.add(slab_index)
-                return slab_index, slab.free_slots.pop()
-            if not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
+            elif not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
                 break
+            else:
+                continue  # the eviction opened a slot
+            slab = self._slabs[slab_index]
+            slot = slab.free_slots.pop()
+            if slab.free_slots:
+                size_class.open[slab_index] = None
+            else:
+                size_class.open.pop(slab_index, None)
+            return slab_index, slot
         raise ResourceExhausted("host pool is full and every block in it is in use")
 
     def _evict(self, entry: Entry) -> None:

@@ -6,8 +6,10 @@ kvd_client.errors.status_of) and anything else into INTERNAL, logged; the daemon
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,13 +21,15 @@ from kvd.errors import InvalidArgument, KvdError, Unavailable, status_of
 from kvd.rpc.credentials import CredentialIssuer
 from kvd.service.service import KvdService
 from kvd.types import (
-    BlockTransfer,
+    BlockBatch,
     CpuMemory,
     CpuRegion,
     CudaAllocation,
     CudaLayer,
     CudaMemory,
+    DaemonStages,
     Notice,
+    OpKind,
     PeerIdentity,
     Registration,
     SessionSnapshot,
@@ -87,6 +91,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             boot_id=service.boot_id,
             block_bytes=layout.block_bytes if layout is not None else 0,
             max_batch_blocks=service.config.max_batch_blocks,
+            columnar_blocks=True,
         )
 
     def _peer(self, request: kvd_pb2.RegisterSessionRequest) -> PeerIdentity:
@@ -122,14 +127,20 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     async def Save(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        op = self._svc().save(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
-        return kvd_pb2.TransferAccepted(operation_id=op)
+        return self._transfer(OpKind.SAVE, request)
 
     @_mapped
     async def Load(
         self, request: kvd_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.TransferAccepted:
-        op = self._svc().load(request.session_id, _blocks(request), _event(request.ready_event), request.client_tag)
+        return self._transfer(OpKind.LOAD, request)
+
+    def _transfer(self, kind: OpKind, request: kvd_pb2.TransferRequest) -> kvd_pb2.TransferAccepted:
+        stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
+        service = self._svc()
+        blocks, ready_event = _blocks(request), _event(request.ready_event)
+        start = service.save if kind is OpKind.SAVE else service.load
+        op = start(request.session_id, blocks, ready_event, request.client_tag, stamps)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(
@@ -183,6 +194,7 @@ def _notice(notice: Notice) -> kvd_pb2.CompletionNotice:
         bytes_moved=notice.bytes_moved,
         duration_us=notice.duration_us,
         done_event=notice.done_event,
+        stages=_stages(notice.stages),
     )
 
 
@@ -268,8 +280,20 @@ def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
     return None
 
 
-def _blocks(request: kvd_pb2.TransferRequest) -> list[BlockTransfer]:
-    return [BlockTransfer(block_index=b.block_index, block_hash=b.block_hash) for b in request.blocks]
+def _blocks(request: kvd_pb2.TransferRequest) -> BlockBatch:
+    """The request's blocks as two columns, from either form on the wire."""
+    if request.blocks:
+        if request.block_indices or request.block_hashes:
+            raise InvalidArgument("a request carries its blocks as `blocks` or as columns, not both")
+        return BlockBatch([b.block_index for b in request.blocks], [b.block_hash for b in request.blocks])
+    return BlockBatch(list(request.block_indices), list(request.block_hashes))
+
+
+def _stages(stamps: DaemonStages | None) -> kvd_pb2.OperationStages | None:
+    """The notice's stage times, stamped `sent` now: the Watch stream is about to write it."""
+    if stamps is None:
+        return None
+    return kvd_pb2.OperationStages(**{**dataclasses.asdict(stamps), "sent_ns": time.monotonic_ns()})
 
 
 def _event(handle: bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from kvd_client.layout import KvLayout
 from kvd.errors import FailureReason, TransferError
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment, SlotRef
-from kvd.types import BlockHash, BlockKey, BlockTransfer
+from kvd.types import BlockBatch, BlockHash, BlockKey, DaemonStages
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,11 @@ class Operation:
     store: BlockStore
     attachment: Attachment | None
     layout: KvLayout
-    blocks: Sequence[BlockTransfer]
+    blocks: BlockBatch
     keys: Sequence[BlockKey]  # one per block: (namespace key, block hash)
     ready_event: bytes
     what: str  # "save 3 of session 1a2b...", for the log
+    stamps: DaemonStages  # stamped here: planned, submitted, resumed (the transport stamps its own stages)
 
     def memory(self) -> Attachment:
         if self.attachment is None:
@@ -61,49 +63,48 @@ class Operation:
 
 async def run_save(op: Operation) -> Outcome:
     """Copy the blocks not stored yet into fresh slots and commit them; wait for other saves of the same blocks."""
-    store, blocks, layout = op.store, op.blocks, op.layout
+    store, (indices, hashes), layout, stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.layout, op.stamps
     plan = store.prepare_save(op.keys, layout.block_bytes)
+    stamps.planned_ns = time.monotonic_ns()
     outcome = Outcome()
     if plan.no_room:
-        outcome.fail([blocks[i].block_hash for i in plan.no_room], NO_ROOM)
+        outcome.fail([hashes[i] for i in plan.no_room], NO_ROOM)
     entries = plan.entries
     try:
         if entries:
-            await op.memory().save(
-                [blocks[i].block_index for i, _ in plan.to_write],
-                [SlotRef(e.address, e.nbytes) for e in entries],
-                op.ready_event,
-            )
+            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries]
+            stamps.submitted_ns = time.monotonic_ns()
+            await memory.save([indices[i] for i, _ in plan.to_write], slots, op.ready_event, stamps)
+            stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)
-        outcome.fail([blocks[i].block_hash for i, _ in plan.to_write], failure_of(exc, op.what))
+        outcome.fail([hashes[i] for i, _ in plan.to_write], failure_of(exc, op.what))
     for i, waiter in plan.in_flight:
         if not await waiter:
-            outcome.fail([blocks[i].block_hash], outcome.failure or CONCURRENT_SAVE)
+            outcome.fail([hashes[i]], outcome.failure or CONCURRENT_SAVE)
     return outcome
 
 
 async def run_load(op: Operation) -> Outcome:
     """Copy the stored blocks into the worker; the missing ones fail (the worker recomputes them)."""
-    store, blocks = op.store, op.blocks
+    store, (indices, hashes), stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.stamps
     entries = await store.prepare_load(op.keys)
-    present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
+    stamps.planned_ns = time.monotonic_ns()
+    present = [i for i, e in enumerate(entries) if e is not None]
     outcome = Outcome()
-    missing = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
-    if missing:
-        outcome.fail(missing, NOT_STORED)
+    if len(present) < len(entries):
+        outcome.fail({h for h, e in zip(hashes, entries, strict=True) if e is None}, NOT_STORED)
     try:
         if present:
-            outcome.done_event = await op.memory().load(
-                [b.block_index for b, _ in present],
-                [SlotRef(e.address, e.nbytes) for _, e in present],
-                op.ready_event,
-            )
+            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries if e is not None]
+            stamps.submitted_ns = time.monotonic_ns()
+            outcome.done_event = await memory.load([indices[i] for i in present], slots, op.ready_event, stamps)
+            stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:
-        outcome.fail([b.block_hash for b, _ in present], failure_of(exc, op.what))
+        outcome.fail([hashes[i] for i in present], failure_of(exc, op.what))
     finally:
         store.complete_load(entries)
     return outcome

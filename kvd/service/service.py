@@ -38,13 +38,15 @@ from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
 from kvd.transports.router import TransportRouter
 from kvd.types import (
-    BlockTransfer,
+    BlockBatch,
+    DaemonStages,
     LookupResult,
     Notice,
     OpKind,
     Registration,
     ServiceCounters,
     SessionSnapshot,
+    Stamps,
     StatsSnapshot,
     Tier,
 )
@@ -205,21 +207,25 @@ class KvdService:
 
     # -- save / load ---------------------------------------------------------------------------------------------
 
-    def save(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+    # `stamps`: the operation's stage times, begun by the rpc layer ("received"); the layers below stamp theirs.
+    def save(
+        self, session_id: str, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
+    ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag))
+        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
-    def load(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
+    def load(
+        self, session_id: str, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
+    ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
-        indices = [b.block_index for b in blocks]
-        if len(set(indices)) != len(indices):
+        if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag))
+        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
     async def _run(
@@ -228,22 +234,24 @@ class KvdService:
         session: Session,
         layout: KvLayout,
         op_id: int,
-        blocks: Sequence[BlockTransfer],
+        blocks: BlockBatch,
         ready_event: bytes,
         client_tag: int,
+        stamps: Stamps,
     ) -> None:
         start = time.monotonic()
-        keys = block_keys(session.namespace_key, [b.block_hash for b in blocks])
+        stamps = stamps or DaemonStages(received_ns=time.monotonic_ns())
+        keys = block_keys(session.namespace_key, blocks.hashes)
         what = f"{kind} {op_id} of session {session.id[:12]}"
         run = run_save if kind is OpKind.SAVE else run_load
-        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what))
+        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what, stamps))
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit
             self.counters.load_miss_blocks += len(outcome.failed)
             if self.metrics is not None:
                 self.metrics.observe_load_blocks(hit, len(outcome.failed))
-        notice = Notice(op_id, kind, not outcome.failed, client_tag=client_tag)
+        notice = Notice(op_id, kind, not outcome.failed, client_tag=client_tag, stages=stamps)
         self._finish(session, notice, outcome, start, len(blocks))
 
     def _finish(self, session: Session, notice: Notice, outcome: Outcome, start: float, nblocks: int) -> None:
@@ -267,6 +275,8 @@ class KvdService:
                 len(outcome.failed),
                 error,
             )
+        if notice.stages is not None:
+            notice.stages.queued_ns = time.monotonic_ns()
         session.end_operation(
             dataclasses.replace(
                 notice,
@@ -313,14 +323,14 @@ class KvdService:
         if self._draining:
             raise Unavailable("kvd is shutting down")
 
-    def _begin_transfer(self, session_id: str, blocks: Sequence[BlockTransfer]) -> tuple[Session, KvLayout]:
+    def _begin_transfer(self, session_id: str, blocks: BlockBatch) -> tuple[Session, KvLayout]:
         self._check_open()
         session = self.sessions.get(session_id)
         layout = session.registration.layout
         if layout is None or session.attachment is None:
             raise FailedPrecondition("a lookup-only session cannot save or load: register its KV memory")
-        check_hashes([b.block_hash for b in blocks], self.config.max_batch_blocks)
-        check_block_indices(blocks, layout.num_blocks)
+        check_hashes(blocks.hashes, self.config.max_batch_blocks)
+        check_block_indices(blocks.indices, layout.num_blocks)
         if session.in_flight >= self.config.max_inflight_ops:
             raise ResourceExhausted(f"{session.in_flight} operations already in flight for this session")
         return session, layout

@@ -18,7 +18,6 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvd.errors import ResourceExhausted
 from kvd.memory.host_pool import Entry, HostPool
 from kvd.types import BlockKey, Tier, TierSnapshot
 
@@ -146,22 +145,26 @@ class HostStore(BlockStore):
     def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
         plan = SavePlan()
         seen: set[BlockKey] = set()
+        fresh: list[int] = []
+        pool, writing = self.pool, self._writing
         for i, key in enumerate(keys):
             if key in seen:
                 continue
             seen.add(key)
-            if key in self.pool:
+            if pool.get(key) is not None:
                 continue
-            pending = self._writing.get(key)
+            pending = writing.get(key)
             if pending is not None:
                 plan.in_flight.append((i, pending))
                 continue
-            try:
-                entry = self.reserve(key, nbytes)
-            except ResourceExhausted:
-                plan.no_room.append(i)
-                continue
+            fresh.append(i)
+        # One reservation call and one future for the whole save (finish_writes settles its blocks together).
+        entries = pool.reserve_many([keys[i] for i in fresh], nbytes)
+        done = asyncio.get_running_loop().create_future()
+        for i, entry in zip(fresh, entries, strict=False):
+            writing[entry.key] = done
             plan.to_write.append((i, entry))
+        plan.no_room = fresh[len(entries) :]
         return plan
 
     def complete_save(self, plan: SavePlan, ok: bool) -> None:
@@ -191,7 +194,7 @@ class HostStore(BlockStore):
     # -- loads ---------------------------------------------------------------------------------------------------
 
     async def prepare_load(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
-        return [self.pin(key) for key in keys]
+        return self.pool.pin_stored(keys)  # one pass, one clock read
 
     def pin(self, key: BlockKey) -> Entry | None:
         """The stored entry for `key`, pinned for reading and marked used; None where it is not in L1."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
 
-from kvd.types import PeerIdentity, TransportKind, WorkerMemory
+from kvd.types import PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +31,18 @@ class Attachment(abc.ABC):
     kind: TransportKind
 
     @abc.abstractmethod
-    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
-        """Copy worker blocks into slots, after the worker's `ready_event` (if any). Raises TransferError."""
+    async def save(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> None:
+        """Copy worker blocks into slots, after the worker's `ready_event` (if any). Raises TransferError. Stamps
+        the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given."""
 
     @abc.abstractmethod
-    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
-        """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"")."""
+    async def load(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> bytes:
+        """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"").
+        Stamps `stamps` as save does."""
 
     @abc.abstractmethod
     async def close(self) -> None:

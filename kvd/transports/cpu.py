@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
 from kvd.transports.base import Attachment, SlotRef, Transport, block_segments
-from kvd.types import CpuMemory, PeerIdentity, TransportKind, WorkerMemory
+from kvd.types import CpuMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 IOV_MAX = 1024
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -30,12 +31,17 @@ for _name in ("process_vm_readv", "process_vm_writev"):
     _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
 
 
-def _vm_copy(write: bool, pid: int, local: array.array, remote: array.array, count: int, nbytes: int) -> None:
-    """One process_vm_* call over `count` iovec pairs (each array holds base, len, base, len, ...)."""
+def _vm_copy(
+    write: bool, pid: int, local: array.array, remote: array.array, count: int, nbytes: int
+) -> tuple[int, int]:
+    """One process_vm_* call over `count` iovec pairs (each array holds base, len, base, len, ...); when it began
+    and ended (time.monotonic_ns)."""
     fn = _libc.process_vm_writev if write else _libc.process_vm_readv
     local_ptr, _ = local.buffer_info()
     remote_ptr, _ = remote.buffer_info()
+    began = time.monotonic_ns()
     done = fn(pid, local_ptr, count, remote_ptr, count, 0)
+    ended = time.monotonic_ns()
     if done < 0:
         err = ctypes.get_errno()
         call = f"process_vm_{'writev' if write else 'readv'}"
@@ -44,6 +50,7 @@ def _vm_copy(write: bool, pid: int, local: array.array, remote: array.array, cou
         raise TransferError(
             f"partial copy with pid {pid}: {done} of {nbytes} bytes (its memory changed?)", FailureReason.PARTIAL_COPY
         )
+    return began, ended
 
 
 class CpuAttachment(Attachment):
@@ -74,23 +81,32 @@ class CpuAttachment(Attachment):
             )
         return batches
 
-    async def _copy(self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef]) -> None:
+    async def _copy(self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef], stamps: Stamps) -> None:
         loop = asyncio.get_running_loop()
         jobs = []
         for local, remote in self._batches(block_indices, slots):
             count = len(local) // 2
             nbytes = sum(local[1::2])
             jobs.append(loop.run_in_executor(self._executor, _vm_copy, write, self._pid, local, remote, count, nbytes))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for result in results:
+        spans: list[tuple[int, int]] = []
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result if isinstance(result, TransferError) else TransferError(str(result)) from result
+            spans.append(result)
+        if stamps is not None and spans:
+            # Nothing is queued ahead of a CPU copy: it starts as it is enqueued, and is done when the last call ends.
+            stamps.enqueue_start_ns = stamps.enqueue_end_ns = min(began for began, _ in spans)
+            stamps.copy_done_ns = max(ended for _, ended in spans)
 
-    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
-        await self._copy(False, block_indices, slots)
+    async def save(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> None:
+        await self._copy(False, block_indices, slots, stamps)
 
-    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
-        await self._copy(True, block_indices, slots)
+    async def load(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> bytes:
+        await self._copy(True, block_indices, slots, stamps)
         return b""
 
     async def close(self) -> None:

@@ -118,6 +118,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "error": c.error,
             "nbytes": c.nbytes,
             "duration_s": c.duration_s,
+            "stages": c.stages.as_dict() if c.stages is not None else None,
         }
 
     reply({"event": "ready" if client.wait_ready(args.ready_timeout) else "not_ready", **info()})

@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-from kvd_client import Completion, KvdClient  # noqa: E402
+from kvd_client import Completion, KvdClient, OperationStages  # noqa: E402
 
 from tests.helpers.daemon import REPO_ROOT, Daemon, child_env  # noqa: E402
 from tests.helpers.kvdata import block_content, block_hash  # noqa: E402
@@ -79,6 +79,9 @@ def test_save_in_one_process_load_in_another_bytes_identical(daemon: Daemon) -> 
         done = _wait(client, client.save(pairs))
         assert done.ok, done.error
         assert done.nbytes == 40 * SPEC.block_bytes
+        assert done.stages is not None
+        path = [done.stages.stamp(name) for name in OperationStages.ORDER]
+        assert all(path) and path == sorted(path), done.stages  # the engine and its waiter stamped their stages too
         assert client.lookup([h for _, h in pairs]).result(10).hit_blocks == 40
     finally:
         client.close()

@@ -166,6 +166,26 @@ def test_block_index_out_of_range(session: RawSession, stub: kvd_pb2_grpc.KvdStu
     assert session.lookup([b"a"]) == 0
 
 
+def test_blocks_as_columns_are_checked_like_blocks(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> None:
+    assert session.response.columnar_blocks  # this daemon takes TransferRequest.block_indices / block_hashes
+    cases = {
+        "out of range": ([0, SPEC.num_blocks], [b"a", b"b"]),
+        "2 block indices for 1 block hashes": ([0, 1], [b"a"]),
+        "64": ([0, 1], [b"a", b"x" * 65]),
+    }
+    for rpc in (stub.Save, stub.Load):
+        for expected, (indices, hashes) in cases.items():
+            request = kvd_pb2.TransferRequest(session_id=session.id, block_indices=indices, block_hashes=hashes)
+            code, details = code_of(rpc, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
+        both = transfer(session.id, [(0, b"a")])
+        both.block_indices.append(1)
+        both.block_hashes.append(b"b")
+        code, details = code_of(rpc, both)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not both" in details
+    assert session.lookup([b"a"]) == 0
+
+
 @pytest.mark.parametrize("rpc", ["Save", "Load", "Lookup"])
 def test_empty_batch(session: RawSession, stub: kvd_pb2_grpc.KvdStub, rpc: str) -> None:
     request = (

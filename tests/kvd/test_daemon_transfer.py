@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
-from kvd_client import KvdClient
+from kvd_client import KvdClient, OperationStages
 
 from tests.conftest import DaemonFactory, WorkerFactory
 from tests.helpers.clients import Completions
@@ -44,6 +44,22 @@ def test_worker_a_saves_worker_b_loads_into_other_blocks(daemon: Daemon, worker_
     assert stats.bytes_loaded == len(hashes) * spec_b.block_bytes
     assert {s.worker_name for s in stats.sessions} == {"worker-a", "worker-b"}
     assert {s.transport for s in stats.sessions} == {"cpu"}
+
+
+def test_every_completion_carries_its_stages_in_order(daemon: Daemon, worker_factory: WorkerFactory) -> None:
+    """Each save and load is stamped at every stage of its path, client and daemon on one clock, in path order."""
+    w = worker_factory(daemon.socket, CacheSpec(), "model-stages")
+    w.wait_ready()
+    pairs = [(i, block_hash(i, "stages")) for i in range(6)]
+    w.fill(pairs)
+    for result in (w.save(pairs), w.load([(10 + i, h) for i, h in pairs])):
+        assert result["ok"], result
+        stages = result["stages"]
+        path = [stages[f"{name}_ns"] for name in OperationStages.ORDER]
+        assert all(path), stages  # every stage reached and stamped
+        assert path == sorted(path), stages
+        # The TransferAccepted may arrive after the notice (then it is not in the completion): never before the send.
+        assert stages["accepted_ns"] == 0 or stages["accepted_ns"] >= stages["send_ns"]
 
 
 def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon, worker_factory: WorkerFactory) -> None:

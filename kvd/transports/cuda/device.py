@@ -23,12 +23,13 @@ behind a chunk's DMA (which would hold a save's gather back while loads stream i
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kvd_client.layout import KvLayout
@@ -44,7 +45,7 @@ from kvd.transports.cuda.driver import (
     Driver,
     Enqueue,
 )
-from kvd.transports.cuda.kernels import MAX_GRID_Y, THREADS_PER_BLOCK, Kernels, load_kernels, slot_runs
+from kvd.transports.cuda.kernels import MAX_GRID_Y, Kernels, launch_chunk, load_kernels, slot_runs
 from kvd.transports.cuda.resources import (
     CompletionWaiter,
     DoneEvents,
@@ -55,14 +56,15 @@ from kvd.transports.cuda.resources import (
     StagingRing,
     WaiterContext,
 )
-from kvd.types import CudaMemory
+from kvd.transports.cuda.trace import NO_TRACE, ChunkTrace, Tracer, traced
+from kvd.types import CudaMemory, DaemonStages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DONE_EVENT_RING = 128  # interprocess events handed to workers; reuse only makes a late waiter wait longer
 INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB of mapped pinned memory)
-Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]
+Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], DaemonStages | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -87,9 +89,15 @@ class DeviceEngine:
     """The thread that owns one GPU. `call(fn, *args)` runs fn on it and returns a future for its result."""
 
     def __init__(
-        self, ordinal: int, chunk_bytes: int, staging_bytes: int, wait: CompletionWait = CompletionWait.POLL
+        self,
+        ordinal: int,
+        chunk_bytes: int,
+        staging_bytes: int,
+        wait: CompletionWait = CompletionWait.POLL,
+        trace_path: Path | None = None,
     ) -> None:
         self.ordinal = ordinal
+        self._trace_path = trace_path  # the chunk trace's file (a diagnostic; see trace.py), or None: off
         self.completion_wait = wait
         # Completion events: blocking-sync ones let a BLOCK waiter sleep in the driver; others spin in it.
         self._completion_flags = EVENT_DISABLE_TIMING | (EVENT_BLOCKING_SYNC if wait is CompletionWait.BLOCK else 0)
@@ -117,6 +125,7 @@ class DeviceEngine:
         self._events: EventPool | None = None
         self._mappings: IpcMappings | None = None
         self._indices: IndexRing | None = None
+        self._tracer: Tracer | None = None
 
     # The driver bindings, the pools and the rings exist once the engine thread has set the device (in _init).
 
@@ -163,12 +172,16 @@ class DeviceEngine:
             waiter.stop()
         self.call(self._shutdown).result(timeout=30)
         self._stopping = True
-        self._jobs.put((lambda: None, (), concurrent.futures.Future()))
+        self._jobs.put((lambda: None, (), concurrent.futures.Future(), None))
         self._thread.join(timeout=30)
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def call(
+        self, fn: Callable[..., Any], *args: Any, stages: DaemonStages | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """Run fn(*args) on the engine thread. `stages`: an operation's stamps; the engine stamps when its job began
+        and ended (enqueue_start, enqueue_end) and the completion waiter when its GPU work was done (copy_done)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((fn, args, future))
+        self._jobs.put((fn, args, future, stages))
         return future
 
     # -- the engine thread ---------------------------------------------------------------------------------------
@@ -208,7 +221,10 @@ class DeviceEngine:
         self._done_events = DoneEvents(runtime, self._completion_flags, DONE_EVENT_RING)
         # Saves complete on the D2H stream, loads on the load stream: one waiter each.
         poll = self.completion_wait is CompletionWait.POLL
-        context = WaiterContext(self.ordinal, runtime, driver, gpu, events, poll)
+        if self._trace_path is not None:
+            header = {"device": self.ordinal, "chunk_bytes": self.chunk_bytes, "buffers_per_direction": per_direction}
+            self._tracer = Tracer(self._trace_path, runtime, gpu, header)
+        context = WaiterContext(self.ordinal, runtime, driver, gpu, events, poll, self._tracer)
         for stream, name in ((self.d2h_stream, "save"), (self.load_stream, "load")):
             self._waiters[stream] = CompletionWaiter(context, f"kvd-cuda{self.ordinal}-{name}-done")
         log.info(
@@ -237,16 +253,20 @@ class DeviceEngine:
         if self._indices is not None:
             self._indices.close()
         self.events.close()
+        if self._tracer is not None:
+            self._tracer.close()
         for stream in (self.save_stream, self.d2h_stream, self.h2d_stream, self.load_stream):
             runtime.streamDestroy(stream)
 
     def _execute(self, job: Job) -> None:
-        fn, args, future = job
+        fn, args, future, stages = job
         if not future.set_running_or_notify_cancel():
             return
         if self._closing and fn != self._shutdown:
             future.set_exception(CudaError(f"GPU {self.ordinal}: the engine is stopping"))
             return
+        if stages is not None:
+            stages.enqueue_start_ns = time.monotonic_ns()
         try:
             result = fn(*args)
         except BaseException as exc:
@@ -255,6 +275,9 @@ class DeviceEngine:
         if not isinstance(result, Pending):
             future.set_result(result)
             return
+        if stages is not None:
+            stages.enqueue_end_ns = time.monotonic_ns()
+            result.stages = stages
         waiter = self._waiters.get(result.stream)
         if waiter is None:
             future.set_exception(CudaError(f"no completion waiter for stream {result.stream:#x}"))
@@ -316,33 +339,11 @@ class DeviceEngine:
             mapping.worker_events[handle] = event
         return event
 
-    def _launch(
-        self, mapping: WorkerMapping, kernel: int, stream: int, block_indices: Sequence[int], staging: int
-    ) -> None:
-        """One gather/scatter kernel for a whole chunk: every block, every layer, K and V."""
-        ring, gpu = self.indices, self.gpu
-        pointer, start, end = ring.put(block_indices)
-        bases, lengths, offsets = mapping.tables
-        u64 = ctypes.c_uint64
-        gpu.launch(
-            kernel,
-            (mapping.nseg, len(block_indices)),
-            THREADS_PER_BLOCK,
-            stream,
-            u64(bases.data.ptr),
-            u64(lengths.data.ptr),
-            u64(offsets.data.ptr),
-            u64(pointer),
-            u64(mapping.block_bytes),
-            u64(staging),
-            ctypes.c_int32(mapping.vec16),
-        )
-        ring.guard(start, end, stream)
-
     def save_job(
         self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
     ) -> Pending:
         gpu, ring, block_bytes = self.gpu, self._started_part(self._save_ring), mapping.block_bytes
+        trace = self._trace("save")
         if ready_event:
             gpu.wait(self.save_stream, self._worker_event(mapping, ready_event))
         step = mapping.chunk_blocks
@@ -350,32 +351,48 @@ class DeviceEngine:
             chunk = block_indices[start : start + step]
             staging = ring.next()
             gpu.wait(self.save_stream, staging.free)  # its previous D2H is done
-            self._launch(mapping, self.kernels.gather, self.save_stream, chunk, staging.address)
+            trace.mark(self.save_stream)
+            launch_chunk(gpu, self.indices, self.kernels.gather, self.save_stream, mapping, chunk, staging.address)
+            trace.mark(self.save_stream)
             gpu.record(staging.filled, self.save_stream)
             gpu.wait(self.d2h_stream, staging.filled)
-            for first, host, nbytes in slot_runs(addresses[start : start + step], block_bytes):
+            trace.mark(self.d2h_stream)
+            runs = slot_runs(addresses[start : start + step], block_bytes)
+            for first, host, nbytes in runs:
                 gpu.d2h(host, staging.address + first * block_bytes, nbytes, self.d2h_stream)
+            trace.mark(self.d2h_stream)
+            trace.chunk(len(chunk), len(runs))
             gpu.record(staging.free, self.d2h_stream)
-        return Pending(self.events.record(self.d2h_stream), self.d2h_stream, b"", recycle=True)
+        return Pending(self.events.record(self.d2h_stream), self.d2h_stream, b"", True, trace=traced(trace))
 
     def load_job(
         self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
     ) -> Pending:
         gpu, ring, block_bytes = self.gpu, self._started_part(self._load_ring), mapping.block_bytes
         worker = self._worker_event(mapping, ready_event) if ready_event else 0
+        trace = self._trace("load")
         step = mapping.chunk_blocks
         for start in range(0, len(block_indices), step):
             chunk = block_indices[start : start + step]
             staging = ring.next()
             gpu.wait(self.h2d_stream, staging.free)  # its previous scatter is done
-            for first, host, nbytes in slot_runs(addresses[start : start + step], block_bytes):
+            trace.mark(self.h2d_stream)
+            runs = slot_runs(addresses[start : start + step], block_bytes)
+            for first, host, nbytes in runs:
                 gpu.h2d(staging.address + first * block_bytes, host, nbytes, self.h2d_stream)
+            trace.mark(self.h2d_stream)
+            trace.chunk(len(chunk), len(runs))
             gpu.record(staging.filled, self.h2d_stream)
             gpu.wait(self.load_stream, staging.filled)
             if worker and start == 0:
                 gpu.wait(self.load_stream, worker)  # nothing queued before may still read them
-            self._launch(mapping, self.kernels.scatter, self.load_stream, chunk, staging.address)
+            trace.mark(self.load_stream)
+            launch_chunk(gpu, self.indices, self.kernels.scatter, self.load_stream, mapping, chunk, staging.address)
+            trace.mark(self.load_stream)
             gpu.record(staging.free, self.load_stream)
         event, handle = self._started_part(self._done_events).next()
         gpu.record(event, self.load_stream)
-        return Pending(event, self.load_stream, handle, recycle=False)
+        return Pending(event, self.load_stream, handle, recycle=False, trace=traced(trace))
+
+    def _trace(self, kind: str) -> ChunkTrace:
+        return self._tracer.begin(kind) if self._tracer is not None else NO_TRACE

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from kvd.transports.cuda.driver import function_pointer
+from kvd.transports.cuda.driver import Enqueue, function_pointer
+from kvd.transports.cuda.resources import IndexRing
 
 MAX_GRID_Y = 65_535  # blocks per chunk: one kernel grid row per block
 THREADS_PER_BLOCK = 256
@@ -64,6 +66,47 @@ def load_kernels(cupy: Any) -> Kernels:
         gather=function_pointer(module.get_function("kvd_gather")),
         scatter=function_pointer(module.get_function("kvd_scatter")),
     )
+
+
+class SegmentTables(Protocol):
+    """What a launch needs of a worker's mapping (device.WorkerMapping): its segment tables on the device."""
+
+    tables: Any  # (segment bases, lengths, offsets in the stored block) as device arrays
+    nseg: int
+    vec16: int
+
+    @property
+    def block_bytes(self) -> int: ...
+
+
+def launch_chunk(
+    gpu: Enqueue,
+    ring: IndexRing,
+    kernel: int,
+    stream: int,
+    mapping: SegmentTables,
+    block_indices: Sequence[int],
+    staging: int,
+) -> None:
+    """One gather/scatter kernel for a whole chunk: every block, every layer, K and V. Its block indices go through
+    the index ring, guarded until the kernel has read them."""
+    pointer, start, end = ring.put(block_indices)
+    bases, lengths, offsets = mapping.tables
+    u64 = ctypes.c_uint64
+    gpu.launch(
+        kernel,
+        (mapping.nseg, len(block_indices)),
+        THREADS_PER_BLOCK,
+        stream,
+        u64(bases.data.ptr),
+        u64(lengths.data.ptr),
+        u64(offsets.data.ptr),
+        u64(pointer),
+        u64(mapping.block_bytes),
+        u64(staging),
+        ctypes.c_int32(mapping.vec16),
+    )
+    ring.guard(start, end, stream)
 
 
 def slot_runs(addresses: Sequence[int], block_bytes: int) -> list[tuple[int, int, int]]:

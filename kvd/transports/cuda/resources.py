@@ -11,13 +11,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvd.transports.cuda.driver import (
     EVENT_DISABLE_TIMING,
@@ -29,7 +30,12 @@ from kvd.transports.cuda.driver import (
     Driver,
     Enqueue,
 )
+from kvd.types import DaemonStages
 
+if TYPE_CHECKING:
+    from kvd.transports.cuda.trace import OpTrace, Tracer
+
+log = logging.getLogger(__name__)
 POLL_NAP_S = 0.00002
 
 
@@ -41,6 +47,8 @@ class Pending:
     stream: int
     value: Any
     recycle: bool  # the event is ours to reuse afterwards
+    stages: DaemonStages | None = None  # the waiter stamps copy_done when the event completed
+    trace: OpTrace | None = None  # the chunk trace (transports.cuda_trace_path), finished by the waiter
 
 
 @dataclass(slots=True)
@@ -222,6 +230,7 @@ class WaiterContext:
     gpu: Enqueue
     events: EventPool
     poll: bool  # query with naps; else wait in cuEventSynchronize (spins or sleeps, as the event's flags say)
+    tracer: Tracer | None = None
 
 
 class CompletionWaiter:
@@ -254,6 +263,8 @@ class CompletionWaiter:
                     time.sleep(POLL_NAP_S)
             else:
                 status = driver.event_synchronize(pending.event)  # spins or sleeps, as the event's flags say
+            if pending.stages is not None:
+                pending.stages.copy_done_ns = time.monotonic_ns()
             if pending.recycle:
                 events.give(pending.event)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
@@ -261,3 +272,13 @@ class CompletionWaiter:
                     future.set_result(pending.value)
                 else:
                     future.set_exception(CudaError(f"GPU {context.ordinal}: copy failed with CUresult {status}"))
+            if pending.trace is not None and context.tracer is not None and status == 0:
+                self._trace(context.tracer, pending.trace, pending.stages)  # after: it never delays the operation
+
+    @staticmethod
+    def _trace(tracer: Tracer, trace: OpTrace, stages: DaemonStages | None) -> None:
+        """A diagnostic never fails an operation."""
+        try:
+            tracer.finish(trace, stages)
+        except Exception:
+            log.exception("chunk trace")

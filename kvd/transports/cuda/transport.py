@@ -21,7 +21,7 @@ from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, SlotRef, Transport
 from kvd.transports.cuda.device import DeviceEngine, WorkerMapping
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
-from kvd.types import CudaMemory, PeerIdentity, TransportKind, WorkerMemory
+from kvd.types import CudaMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,23 @@ class CudaAttachment(Attachment):
         self._engine = engine
         self._mapping = mapping
 
-    async def _run(self, job: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, job: Callable[..., Any], stamps: Stamps, *args: Any) -> Any:
         try:
-            return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args))
+            return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args, stages=stamps))
         except (CudaError, RuntimeError, ValueError) as exc:
             raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
-    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
-        await self._run(self._engine.save_job, list(block_indices), [s.address for s in slots], ready_event)
+    async def save(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> None:
+        addresses = [s.address for s in slots]
+        await self._run(self._engine.save_job, stamps, list(block_indices), addresses, ready_event)
 
-    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
-        engine = self._engine
-        handle: bytes = await self._run(engine.load_job, list(block_indices), [s.address for s in slots], ready_event)
+    async def load(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> bytes:
+        addresses = [s.address for s in slots]
+        handle: bytes = await self._run(self._engine.load_job, stamps, list(block_indices), addresses, ready_event)
         return handle
 
     async def close(self) -> None:
@@ -85,6 +90,7 @@ class CudaTransport(Transport):
                 self._config.cuda_chunk_bytes,
                 self._config.cuda_staging_bytes,
                 self._config.cuda_completion_wait,
+                self._config.cuda_trace_path,
             )
             engine.start()
             self._engines[engine.uuid] = engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
@@ -27,12 +27,13 @@ from kvd.service.service import KvdService
 from kvd.tiers.store import HostStore
 from kvd.transports.base import Attachment, SlotRef
 from kvd.types import (
-    BlockTransfer,
+    BlockBatch,
     CpuMemory,
     CpuRegion,
     Notice,
     PeerIdentity,
     Registration,
+    Stamps,
     Tier,
     TransportKind,
     WorkerMemory,
@@ -65,10 +66,14 @@ class MemoryAttachment(Attachment):
             dst, src = (worker, slot.address) if to_worker else (slot.address, worker)
             ctypes.memmove(dst, src, BLOCK)
 
-    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
+    async def save(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> None:
         await self._copy(block_indices, slots, to_worker=False)
 
-    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
+    async def load(
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+    ) -> bytes:
         await self._copy(block_indices, slots, to_worker=True)
         return b"done"
 
@@ -101,6 +106,11 @@ async def parts() -> AsyncIterator[tuple[KvdService, MemoryAttachment, HostPool]
     pool.close()
 
 
+def batch(pairs: Iterable[tuple[int, bytes]]) -> BlockBatch:
+    indices, hashes = zip(*pairs, strict=True)
+    return BlockBatch(list(indices), list(hashes))
+
+
 def registration(pid: int = 7, memory: bool = True) -> Registration:
     return Registration(
         namespace=Namespace("model", LAYOUT.fingerprint(), 0, 1),
@@ -124,15 +134,19 @@ async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> N
     session = await service.register(registration())
     for b in range(4):
         attachment.cache[b * BLOCK : (b + 1) * BLOCK] = bytes([b + 1]) * BLOCK
-    op = service.save(session.id, [BlockTransfer(b, h(b)) for b in range(4)], b"", client_tag=9)
+    op = service.save(session.id, batch((b, h(b)) for b in range(4)), b"", client_tag=9)
     notice = await next_notice(service, session.id)
     assert (notice.operation_id, notice.ok, notice.client_tag, notice.bytes_moved) == (op, True, 9, 4 * BLOCK)
     result = await service.lookup(session.id, [h(0), h(1), h(2), h(3), h(99)])
     assert result.hit_blocks == 4 and result.tiers == (Tier.HOST_MEMORY,) * 4
     attachment.cache[:] = bytes(len(attachment.cache))
-    service.load(session.id, [BlockTransfer(10 + b, h(b)) for b in range(4)], b"", client_tag=0)
+    service.load(session.id, batch((10 + b, h(b)) for b in range(4)), b"", client_tag=0)
     loaded = await next_notice(service, session.id)
     assert loaded.ok and loaded.done_event == b"done"
+    for done in (notice, loaded):  # each layer stamped its stages, in order (the transport's are its own business)
+        assert done.stages is not None
+        stamps = [getattr(done.stages, f"{stage}_ns") for stage in ("received", "planned", "submitted", "resumed")]
+        assert all(stamps) and stamps == sorted(stamps) and done.stages.queued_ns >= stamps[-1]
     assert all(attachment.cache[(10 + b) * BLOCK : (11 + b) * BLOCK] == bytes([b + 1]) * BLOCK for b in range(4))
     counters = service.stats().counters
     assert (counters.saves_ok, counters.loads_ok, counters.lookup_hit_blocks, counters.bytes_loaded) == (
@@ -146,9 +160,9 @@ async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> N
 async def test_a_load_fails_exactly_the_blocks_not_stored(parts) -> None:
     service, _, _ = parts
     session = await service.register(registration())
-    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
+    service.save(session.id, batch([(0, h(0))]), b"", 0)
     assert (await next_notice(service, session.id)).ok
-    service.load(session.id, [BlockTransfer(1, h(0)), BlockTransfer(2, h(5))], b"", 0)
+    service.load(session.id, batch([(1, h(0)), (2, h(5))]), b"", 0)
     notice = await next_notice(service, session.id)
     assert not notice.ok and notice.failed_hashes == (h(5),) and notice.error == "not stored"
     assert service.stats().counters.load_miss_blocks == 1
@@ -158,7 +172,7 @@ async def test_a_failed_copy_fails_its_blocks_and_stores_nothing(parts) -> None:
     service, attachment, pool = parts
     session = await service.register(registration())
     attachment.fail_with = TransferError("worker memory gone", FailureReason.PROCESS_VM)
-    service.save(session.id, [BlockTransfer(0, h(0)), BlockTransfer(1, h(1))], b"", 0)
+    service.save(session.id, batch([(0, h(0)), (1, h(1))]), b"", 0)
     notice = await next_notice(service, session.id)
     assert not notice.ok and set(notice.failed_hashes) == {h(0), h(1)} and "worker memory gone" in notice.error
     assert (await service.lookup(session.id, [h(0)])).hit_blocks == 0 and pool.used_bytes == 0
@@ -178,7 +192,7 @@ async def test_a_save_without_room_fails_those_blocks(parts) -> None:
         pool.commit(entry)
         pool.pin(entry)
         pins.append(entry)
-    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
+    service.save(session.id, batch([(0, h(0))]), b"", 0)
     notice = await next_notice(service, session.id)
     assert not notice.ok and notice.failed_hashes == (h(0),) and notice.error == "host pool full"
     for entry in pins:
@@ -190,20 +204,20 @@ async def test_admission_limits(parts) -> None:
     session = await service.register(registration())
     lookup_only = await service.register(registration(memory=False))
     with pytest.raises(InvalidArgument):
-        service.save(session.id, [BlockTransfer(NUM_BLOCKS, h(0))], b"", 0)  # index out of range
+        service.save(session.id, batch([(NUM_BLOCKS, h(0))]), b"", 0)  # index out of range
     with pytest.raises(InvalidArgument):
-        service.save(session.id, [BlockTransfer(0, b"")], b"", 0)  # empty hash
+        service.save(session.id, batch([(0, b"")]), b"", 0)  # empty hash
     with pytest.raises(InvalidArgument):
-        service.load(session.id, [BlockTransfer(0, h(0)), BlockTransfer(0, h(1))], b"", 0)  # one index twice
+        service.load(session.id, batch([(0, h(0)), (0, h(1))]), b"", 0)  # one index twice
     with pytest.raises(FailedPrecondition):
-        service.save(lookup_only.id, [BlockTransfer(0, h(0))], b"", 0)
+        service.save(lookup_only.id, batch([(0, h(0))]), b"", 0)
     with pytest.raises(AlreadyExists):
         await service.register(registration())
     attachment.gate = asyncio.Event()
-    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
-    service.save(session.id, [BlockTransfer(1, h(1))], b"", 0)
+    service.save(session.id, batch([(0, h(0))]), b"", 0)
+    service.save(session.id, batch([(1, h(1))]), b"", 0)
     with pytest.raises(ResourceExhausted):  # max_inflight_ops = 2
-        service.save(session.id, [BlockTransfer(2, h(2))], b"", 0)
+        service.save(session.id, batch([(2, h(2))]), b"", 0)
     attachment.gate.set()
     await next_notice(service, session.id)
 

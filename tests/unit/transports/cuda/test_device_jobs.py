@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
-from kvd.types import CudaAllocation, CudaLayer, CudaMemory, PeerIdentity
+from kvd.types import CudaAllocation, CudaLayer, CudaMemory, DaemonStages, PeerIdentity
 
 MiB = 1 << 20
 LAYERS = tuple(LayerLayout(f"l{i}", (2, 64, 16, 8, 128), DType.BFLOAT16, 1) for i in range(3))
@@ -29,7 +31,7 @@ RUNTIME_CALLS = [
     *("getDeviceCount", "setDevice", "deviceSynchronize", "malloc", "free", "hostAlloc", "freeHost"),
     *("streamCreateWithFlags", "streamSynchronize", "streamDestroy", "hostRegister", "hostUnregister"),
     *("eventCreateWithFlags", "eventDestroy", "eventSynchronize", "ipcGetEventHandle", "ipcOpenEventHandle"),
-    *("ipcOpenMemHandle", "ipcCloseMemHandle"),
+    *("ipcOpenMemHandle", "ipcCloseMemHandle", "eventElapsedTime"),
 ]
 
 
@@ -196,3 +198,28 @@ async def test_closing_the_attachment_drops_its_mappings_and_stopping_unpins_the
     assert len(recorder.named("ipcCloseMemHandle")) == 2 and len(recorder.named("ipcOpenMemHandle")) == 2
     await transport.stop()
     assert recorder.named("hostUnregister") == [("hostUnregister", (0x7000_0000,))]
+
+
+async def test_each_stage_is_stamped_and_the_trace_has_a_line_per_operation(recorder: Recorder, tmp_path: Path) -> None:
+    """The engine stamps an operation's enqueue and its waiter the copy's end; with transports.cuda_trace_path set,
+    four timing events bracket each chunk's kernel and DMA and each operation becomes one JSON line."""
+    from kvd.transports.cuda.transport import CudaTransport
+
+    path = tmp_path / "trace.jsonl"
+    config = TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB, cuda_trace_path=path)
+    transport = CudaTransport(config, PinnedRegion(0x7000_0000, 64 * MiB))
+    await transport.start()
+    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(1, 0, 0, True))
+    saved, loaded = DaemonStages(received_ns=1), DaemonStages(received_ns=2)
+    await attachment.save(list(range(12)), slots([0, 1, 2, 3, 4, 9, 11, 12, 20, 30, 31, 32]), WORKER_EVENT, saved)
+    await attachment.load([7, 3, 5, 1, 0, 2, 4], slots(list(range(7))), WORKER_EVENT, loaded)
+    for stamps in (saved, loaded):
+        assert 0 < stamps.enqueue_start_ns <= stamps.enqueue_end_ns <= stamps.copy_done_ns
+    await attachment.close()
+    await transport.stop()
+    header, save, load = (json.loads(line) for line in path.read_text().splitlines())
+    assert header["trace"] == "kvd-cuda" and header["buffers_per_direction"] == 4
+    assert save["kind"] == "save" and save["stages"]["received_ns"] == 1
+    assert [(c["blocks"], c["runs"]) for c in save["chunks"]] == [(5, 1), (5, 4), (2, 1)]  # DMA runs per chunk
+    assert load["kind"] == "load" and [c["blocks"] for c in load["chunks"]] == [5, 2]
+    assert all(len(c["kernel"]) == len(c["dma"]) == 2 for c in save["chunks"] + load["chunks"])

@@ -388,6 +388,7 @@ class RegisterSessionResponse(_message.Message):
     BOOT_ID_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BLOCKS_FIELD_NUMBER: _builtins.int
+    COLUMNAR_BLOCKS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """opaque; pass it with every call"""
     lease_ms: _builtins.int
@@ -398,6 +399,8 @@ class RegisterSessionResponse(_message.Message):
     """bytes of one stored block (all layers, K and V)"""
     max_batch_blocks: _builtins.int
     """the largest Save/Load/Lookup batch this daemon accepts"""
+    columnar_blocks: _builtins.bool
+    """Save/Load accept TransferRequest.block_indices/block_hashes (send those)"""
     def __init__(
         self,
         *,
@@ -406,10 +409,11 @@ class RegisterSessionResponse(_message.Message):
         boot_id: _builtins.str = ...,
         block_bytes: _builtins.int = ...,
         max_batch_blocks: _builtins.int = ...,
+        columnar_blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,6 +576,8 @@ class TransferRequest(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     READY_EVENT_FIELD_NUMBER: _builtins.int
     CLIENT_TAG_FIELD_NUMBER: _builtins.int
+    BLOCK_INDICES_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     ready_event: _builtins.bytes
     """CUDA transport only: an interprocess cudaEvent (cudaIpcEventHandle_t, 64 bytes) recorded on the model's stream
@@ -581,6 +587,17 @@ class TransferRequest(_message.Message):
     """echoed in the completion notice; free for the client's bookkeeping"""
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockTransfer]: ...
+    @_builtins.property
+    def block_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The same (block index, block hash) pairs as `blocks`, column by column: no message per block, so a request of
+        hundreds of blocks is built and parsed in microseconds rather than a millisecond. A request carries its blocks
+        one way or the other, never both; send these only to a daemon that registered you with `columnar_blocks`.
+        """
+
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """block_hashes[i] is the key of block block_indices[i]"""
+
     def __init__(
         self,
         *,
@@ -588,10 +605,12 @@ class TransferRequest(_message.Message):
         blocks: _abc.Iterable[Global___BlockTransfer] | None = ...,
         ready_event: _builtins.bytes = ...,
         client_tag: _builtins.int = ...,
+        block_indices: _abc.Iterable[_builtins.int] | None = ...,
+        block_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "client_tag", b"client_tag", "ready_event", b"ready_event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "ready_event", b"ready_event", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -648,6 +667,7 @@ class CompletionNotice(_message.Message):
     BYTES_MOVED_FIELD_NUMBER: _builtins.int
     DURATION_US_FIELD_NUMBER: _builtins.int
     DONE_EVENT_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.int
     ok: _builtins.bool
     """every block succeeded"""
@@ -666,6 +686,10 @@ class CompletionNotice(_message.Message):
     def failed_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """the blocks that did not (empty when ok)"""
 
+    @_builtins.property
+    def stages(self) -> Global___OperationStages:
+        """When each stage of the operation happened inside the daemon (diagnostics; see OperationStages)."""
+
     def __init__(
         self,
         *,
@@ -677,14 +701,72 @@ class CompletionNotice(_message.Message):
         bytes_moved: _builtins.int = ...,
         duration_us: _builtins.int = ...,
         done_event: _builtins.bytes = ...,
+        stages: Global___OperationStages | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stages", b"stages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "client_tag", b"client_tag", "done_event", b"done_event", "duration_us", b"duration_us", "error", b"error", "failed_block_hashes", b"failed_block_hashes", "ok", b"ok", "operation_id", b"operation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "client_tag", b"client_tag", "done_event", b"done_event", "duration_us", b"duration_us", "error", b"error", "failed_block_hashes", b"failed_block_hashes", "ok", b"ok", "operation_id", b"operation_id", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompletionNotice: _TypeAlias = CompletionNotice  # noqa: Y015
+
+@_typing.final
+class OperationStages(_message.Message):
+    """Stage times of one operation in the daemon, in CLOCK_MONOTONIC nanoseconds (Linux's monotonic clock is
+    system-wide, so a client on the same node can line them up with its own stamps). 0: the stage was not reached
+    or not recorded. A few clock reads per operation, never per block.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIVED_NS_FIELD_NUMBER: _builtins.int
+    PLANNED_NS_FIELD_NUMBER: _builtins.int
+    SUBMITTED_NS_FIELD_NUMBER: _builtins.int
+    ENQUEUE_START_NS_FIELD_NUMBER: _builtins.int
+    ENQUEUE_END_NS_FIELD_NUMBER: _builtins.int
+    COPY_DONE_NS_FIELD_NUMBER: _builtins.int
+    RESUMED_NS_FIELD_NUMBER: _builtins.int
+    QUEUED_NS_FIELD_NUMBER: _builtins.int
+    SENT_NS_FIELD_NUMBER: _builtins.int
+    received_ns: _builtins.int
+    """the Save/Load handler began"""
+    planned_ns: _builtins.int
+    """the block store planned it (slots reserved for a save, blocks pinned for a load)"""
+    submitted_ns: _builtins.int
+    """handed to the transport's copy thread"""
+    enqueue_start_ns: _builtins.int
+    """that thread began (CUDA: queueing GPU work; CPU: the first copy call)"""
+    enqueue_end_ns: _builtins.int
+    """CUDA: every copy and kernel queued; CPU: the first copy call began"""
+    copy_done_ns: _builtins.int
+    """the bytes were in place (CUDA: the completion waiter saw the last event)"""
+    resumed_ns: _builtins.int
+    """the daemon's event loop took the operation back"""
+    queued_ns: _builtins.int
+    """the notice was queued on the session's Watch stream"""
+    sent_ns: _builtins.int
+    """the Watch stream took the notice to send it"""
+    def __init__(
+        self,
+        *,
+        received_ns: _builtins.int = ...,
+        planned_ns: _builtins.int = ...,
+        submitted_ns: _builtins.int = ...,
+        enqueue_start_ns: _builtins.int = ...,
+        enqueue_end_ns: _builtins.int = ...,
+        copy_done_ns: _builtins.int = ...,
+        resumed_ns: _builtins.int = ...,
+        queued_ns: _builtins.int = ...,
+        sent_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_done_ns", b"copy_done_ns", "enqueue_end_ns", b"enqueue_end_ns", "enqueue_start_ns", b"enqueue_start_ns", "planned_ns", b"planned_ns", "queued_ns", b"queued_ns", "received_ns", b"received_ns", "resumed_ns", b"resumed_ns", "sent_ns", b"sent_ns", "submitted_ns", b"submitted_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationStages: _TypeAlias = OperationStages  # noqa: Y015
 
 @_typing.final
 class StatsRequest(_message.Message):
