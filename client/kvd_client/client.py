@@ -86,6 +86,7 @@ class KvdClient:
         self.timeout_s = timeout_s
         self.layout: KvLayout | None = None
         self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
+        self._tensors: dict[str, Any] = {}
         self._cuda = False
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -111,8 +112,9 @@ class KvdClient:
     # -- set-up ----------------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any], *, block_dim: int, block_size_tokens: int = 0) -> None:
-        """Describe the worker's KV tensors (call before start()). CPU tensors use the CPU transport (the daemon
-        reads this process's memory); CUDA tensors are exported by CUDA IPC."""
+        """Describe the worker's KV tensors. CPU tensors use the CPU transport (the daemon reads this process's
+        memory); CUDA tensors are exported by CUDA IPC. Called after start() (a wake-up from sleep), it registers
+        the new memory in a new session."""
         tensors = dict(kv_caches)
         layout = KvLayout.from_tensors(tensors, block_dim=block_dim, block_size_tokens=block_size_tokens)
         devices = {str(t.device) for t in tensors.values()}
@@ -135,6 +137,16 @@ class KvdClient:
         self._tensors = tensors  # keep them alive as long as the daemon may copy into them
         if self.layout_fingerprint is None:
             self.layout_fingerprint = layout.fingerprint()
+        if self._thread is not None:
+            self._renew_session(wait=False)  # started already (a wake-up): register the new memory now
+
+    def release_memory(self) -> None:
+        """Have the daemon drop every mapping of the KV memory now, e.g. before vLLM's sleep mode releases it. The
+        client stays registered without memory (lookups keep working) until `register_kv_caches` hands it memory
+        again. Waits for the daemon's answer, at most `timeout_s`."""
+        self._memory, self._cuda, self.layout, self._tensors = None, False, None, {}
+        if self._thread is not None:
+            self._renew_session(wait=True)
 
     def start(self) -> None:
         """Start the background thread; returns at once. Registration happens there, with retries."""
@@ -283,6 +295,19 @@ class KvdClient:
         if not self._wake_pending and self._wake_w >= 0:
             self._wake_pending = True
             _libc_keep_gil.write(self._wake_w, b"\0", 1)  # at most one byte is ever pending: never EAGAIN
+
+    def _renew_session(self, *, wait: bool) -> None:
+        """End the current session (the daemon unmaps what it registered); the background thread then registers
+        again with whatever memory the client has now."""
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._end_session(), loop)
+        if wait:
+            try:
+                future.result(timeout=self.timeout_s)
+            except Exception as exc:  # the daemon is gone: it holds no mapping either
+                log.debug("kvd session renewal: %s", exc)
 
     def _complete_failed(self, op: _Op, error: str) -> None:
         self._push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
@@ -508,6 +533,17 @@ class KvdClient:
             # the documented Unavailable, not a bare CancelledError outside the KvdError family.
             raise Unavailable("kvd connection closed during the lookup") from None
         return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
+
+    async def _end_session(self) -> None:
+        stub, session = self._stub, self._session_id
+        self._ready.clear()
+        if stub is not None and session:
+            try:
+                await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("unregister: %s", exc.details())
+        if self._broken is not None:
+            self._broken.set()
 
     async def _shutdown(self) -> None:
         stub, session = self._stub, self._session_id

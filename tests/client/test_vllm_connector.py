@@ -207,11 +207,16 @@ class FakeClient:
         self.finished: list[Any] = []
         self.registered: dict[str, Any] = {}
         self.block_dim = -1
+        self.registrations = 0
         self._ids = 0
         self.closed = False
 
     def register_kv_caches(self, kv_caches: Any, *, block_dim: int, block_size_tokens: int) -> None:
         self.registered, self.block_dim = dict(kv_caches), block_dim
+        self.registrations += 1
+
+    def release_memory(self) -> None:
+        self.registered = {}
 
     def start(self) -> None:
         pass
@@ -258,7 +263,7 @@ def _vllm_config(model: Path, socket: str) -> Any:
         max_model_len=2048,
         kv_transfer_config=KVTransferConfig(
             kv_connector="KvdConnector",
-            kv_connector_module_path="kvd_client.vllm_connector",
+            kv_connector_module_path="kvd_client.vllm.connector",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={"socket": socket},
@@ -294,7 +299,7 @@ def vllm_config(tiny_model: Path) -> Any:
 
 @pytest.fixture
 def fake_clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
-    from kvd_client import vllm_connector
+    from kvd_client.vllm import clients
 
     made: list[FakeClient] = []
 
@@ -302,8 +307,8 @@ def fake_clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
         made.append(FakeClient(spec))
         return made[-1]
 
-    monkeypatch.setattr(vllm_connector, "client_factory", factory)
-    monkeypatch.setattr(vllm_connector, "_shared", {})
+    monkeypatch.setattr(clients, "client_factory", factory)
+    monkeypatch.setattr(clients, "_shared", {})
     return made
 
 
