@@ -114,15 +114,6 @@ def test_extras_separate_equal_tokens() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not HAVE_VLLM:
-        pytest.skip("vLLM is not installed")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([sys.executable, str(WORKER), "make-model", str(out)], check=True, capture_output=True)
-    return out
-
-
 class Daemon:
     """A kvd daemon in a subprocess, on a socket that outlives restarts."""
 

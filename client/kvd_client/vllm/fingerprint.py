@@ -80,11 +80,19 @@ def spec_facts(spec: object) -> dict[str, object]:
     return facts
 
 
+def _device_type(vllm_config: VllmConfig) -> str:
+    """The engine's device type ("cuda", "cpu"): with the layout, it decides the attention backend's page shape."""
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
+    if device:
+        return str(device)
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
 def layout_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> dict[str, object]:
     """The facts behind the fingerprint. They must be equal on the scheduler and on every worker: configuration,
     never tensors."""
-    from vllm.platforms import current_platform
-
     model = vllm_config.model_config
     groups: list[object] = []
     layout = None
@@ -104,7 +112,7 @@ def layout_facts(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None)
         "cache_dtype": str(vllm_config.cache_config.cache_dtype),
         "block_size": int(vllm_config.cache_config.block_size),
         "kv_cache_layout": str(layout or os.environ.get("VLLM_KV_CACHE_LAYOUT", "")),
-        "device": str(current_platform.device_type),
+        "device": _device_type(vllm_config),
         "groups": groups,
         "tp": int(parallel.tensor_parallel_size),
         "pp": int(parallel.pipeline_parallel_size),
