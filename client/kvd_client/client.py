@@ -32,6 +32,7 @@ import grpc
 
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
+from kvd_client.fdpass import close_fds
 from kvd_client.layout import KvLayout
 from kvd_client.types import Completion, LookupResult, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
@@ -87,6 +88,7 @@ class KvdClient:
         self.layout: KvLayout | None = None
         self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
         self._tensors: dict[str, Any] = {}
+        self._fds: list[int] = []  # driver-mapped KV memory, exported as POSIX descriptors (kvd_client.cuda_vmm)
         self._cuda = False
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -123,7 +125,8 @@ class KvdClient:
         if devices.pop().startswith("cuda"):
             from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
 
-            self._memory = describe_cuda_memory(list(tensors.values()))
+            self._memory, fds = describe_cuda_memory(list(tensors.values()))
+            self._set_fds(fds)
             prepare_ready_events()
             self._cuda = True
         else:
@@ -144,9 +147,16 @@ class KvdClient:
         """Have the daemon drop every mapping of the KV memory now, e.g. before vLLM's sleep mode releases it. The
         client stays registered without memory (lookups keep working) until `register_kv_caches` hands it memory
         again. Waits for the daemon's answer, at most `timeout_s`."""
+        fds, self._fds = self._fds, []
         self._memory, self._cuda, self.layout, self._tensors = None, False, None, {}
         if self._thread is not None:
             self._renew_session(wait=True)
+        close_fds(fds)  # after the daemon let go: the last references that keep the memory from being freed
+
+    def _set_fds(self, fds: list[int]) -> None:
+        """Keep the descriptors of driver-mapped KV memory (passed again at every registration); close the old."""
+        old, self._fds = self._fds, list(fds)
+        close_fds(old)
 
     def start(self) -> None:
         """Start the background thread; returns at once. Registration happens there, with retries."""
@@ -258,6 +268,7 @@ class KvdClient:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
+        self._set_fds([])
         if self._wake_w >= 0:
             # Only now, long after _closed stopped new posts: an fd closed under a late writer could be reused.
             wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
@@ -368,7 +379,7 @@ class KvdClient:
         await asyncio.wait_for(channel.channel_ready(), timeout=self.timeout_s)
         stub = kvd_pb2_grpc.KvdStub(channel)
         token, daemon_pid = await asyncio.get_running_loop().run_in_executor(
-            None, fetch_token, self.socket_path, self.timeout_s
+            None, fetch_token, self.socket_path, self.timeout_s, list(self._fds)
         )
         if self._memory is not None and not self._cuda:
             allow_ptrace(daemon_pid)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+
+from kvd_client.fdpass import send_fds
 
 TOKEN_BYTES = 32
 PR_SET_PTRACER = 0x59616D61  # Yama: let one named process ptrace (and process_vm_readv) us
@@ -19,9 +22,10 @@ def credential_socket_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + ".cred")
 
 
-def fetch_token(socket_path: Path, timeout_s: float) -> tuple[bytes, int]:
+def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) -> tuple[bytes, int]:
     """A single-use token bound by the daemon to this process's kernel-verified pid, and the daemon's pid as this
-    process's pid namespace sees it (from SO_PEERCRED of the same connection)."""
+    process's pid namespace sees it (from SO_PEERCRED of the same connection). `fds` (driver-mapped KV memory) are
+    passed on the same connection and bound to the token (kvd_client.fdpass)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(str(credential_socket_path(socket_path)))
@@ -32,6 +36,7 @@ def fetch_token(socket_path: Path, timeout_s: float) -> tuple[bytes, int]:
             if not chunk:
                 raise ConnectionError("credential socket closed before sending a token")
             token += chunk
+        send_fds(sock, fds)
     return token, daemon_pid
 
 
