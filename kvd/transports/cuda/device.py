@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from kvd_client.fdpass import close_fds
 from kvd_client.layout import KvLayout
 
 from kvd.config import CompletionWait
@@ -55,7 +56,8 @@ from kvd.transports.cuda.resources import (
     StagingRing,
     WaiterContext,
 )
-from kvd.types import CudaMemory
+from kvd.transports.cuda.vmm import VmmDriver, VmmMappings, VmmRange
+from kvd.types import CudaAllocation, CudaMemory
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -73,6 +75,7 @@ class WorkerMapping:
     layout: KvLayout
     chunk_blocks: int  # blocks per chunk: one kernel launch and one staging buffer each
     opened: list[bytes] = field(default_factory=list)  # IPC handles this session holds a reference to
+    vmm_ranges: list[VmmRange] = field(default_factory=list)  # its driver-mapped allocations, imported by fd
     worker_events: dict[bytes, int] = field(default_factory=dict)
     tables: Any = None  # (segment bases, lengths, offsets in the stored block) as device arrays
     nseg: int = 0
@@ -116,6 +119,7 @@ class DeviceEngine:
         self._gpu: Enqueue | None = None
         self._events: EventPool | None = None
         self._mappings: IpcMappings | None = None
+        self._vmm: VmmMappings | None = None
         self._indices: IndexRing | None = None
 
     # The driver bindings, the pools and the rings exist once the engine thread has set the device (in _init).
@@ -194,6 +198,7 @@ class DeviceEngine:
         self._gpu = gpu = Enqueue()
         self._events = events = EventPool(runtime, gpu, self._completion_flags)
         self._mappings = IpcMappings(runtime, driver)
+        self._vmm = VmmMappings(VmmDriver(), self.ordinal)
         self.uuid = driver.uuid(self.ordinal)
         self.save_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.d2h_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
@@ -228,6 +233,8 @@ class DeviceEngine:
         runtime = self.runtime
         if self._mappings is not None:
             self._mappings.close_all()
+        if self._vmm is not None:
+            self._vmm.close_all()
         for ring in (self._save_ring, self._load_ring):
             if ring is not None:
                 ring.close()
@@ -274,15 +281,14 @@ class DeviceEngine:
     def open_worker(self, memory: CudaMemory, layout: KvLayout) -> WorkerMapping:
         """Map the worker's allocations and upload the segment tables its copies read."""
         mapping = WorkerMapping(layout, max(1, min(MAX_GRID_Y, self.chunk_bytes // layout.block_bytes)))
-        ipc = self._started_part(self._mappings)
-        pointers = []
+        fds = memory.fds.take()  # ours now: imported below, closed after (the imports hold the memory)
         try:
-            for allocation in memory.allocations:
-                pointers.append(ipc.open(allocation.ipc_handle, allocation.nbytes))
-                mapping.opened.append(allocation.ipc_handle)
+            pointers = [self._open_allocation(mapping, allocation, fds) for allocation in memory.allocations]
         except Exception:
             self.close_worker(mapping)
             raise
+        finally:
+            close_fds(fds)
         bases, lengths, offsets = [], [], []
         layer_base = [pointers[layer.allocation] + layer.offset for layer in memory.layers]
         for li, segment_offset, size, stored in block_segments(layout):
@@ -297,6 +303,15 @@ class DeviceEngine:
         self.runtime.streamSynchronize(0)
         return mapping
 
+    def _open_allocation(self, mapping: WorkerMapping, allocation: CudaAllocation, fds: Sequence[int]) -> int:
+        if allocation.vmm_chunks:
+            mapped = self._started_part(self._vmm).open(allocation, fds)
+            mapping.vmm_ranges.append(mapped)
+            return mapped.base
+        pointer = self._started_part(self._mappings).open(allocation.ipc_handle, allocation.nbytes)
+        mapping.opened.append(allocation.ipc_handle)
+        return pointer
+
     def close_worker(self, mapping: WorkerMapping) -> None:
         runtime = self.runtime
         for stream in (self.save_stream, self.load_stream):
@@ -307,6 +322,9 @@ class DeviceEngine:
         for handle in mapping.opened:
             self._started_part(self._mappings).close(handle)
         mapping.opened.clear()
+        for mapped in mapping.vmm_ranges:
+            self._started_part(self._vmm).close(mapped)
+        mapping.vmm_ranges.clear()
         mapping.tables = None
 
     def _worker_event(self, mapping: WorkerMapping, handle: bytes) -> int:
