@@ -41,6 +41,8 @@ def describe_cuda_memory(tensors: Sequence[torch.Tensor]) -> tuple[kvd_pb2.CudaM
     index = tensors[0].device.index
     if index is None:
         index = torch.cuda.current_device()
+    if _shares_by_ipc(tensors[0]):
+        return _describe_ipc(tensors, index), []
     from kvd_client import cuda_vmm
 
     ranges = [(int(t.data_ptr()), int(t.numel()) * t.element_size()) for t in tensors]
@@ -51,7 +53,18 @@ def describe_cuda_memory(tensors: Sequence[torch.Tensor]) -> tuple[kvd_pb2.CudaM
             for (a, offset), (_, nbytes) in zip(places, ranges, strict=True)
         ]
         return kvd_pb2.CudaMemory(device_uuid=device_uuid(index), allocations=allocations, layers=layers), fds
-    return _describe_ipc(tensors, index), []
+    raise InvalidArgument("the KV cache is neither cudaMalloc memory torch can share nor driver-mapped memory")
+
+
+def _shares_by_ipc(tensor: torch.Tensor) -> bool:
+    """Whether torch can export the tensor's allocation as a legacy CUDA IPC handle (a cudaMalloc segment of its
+    caching allocator). Expandable segments and memory torch did not allocate (vLLM's extensible KV cache) cannot."""
+    try:
+        share = tensor.untyped_storage()._share_cuda_()
+    except Exception:  # torch refuses memory its allocator did not make (RuntimeError from c10::Error)
+        return False
+    handle = bytes(share[1])
+    return len(handle) == IPC_HANDLE_BYTES or (len(handle) == IPC_HANDLE_BYTES + 2 and handle[1] == _TYPE_CUDA_MALLOC)
 
 
 def _describe_ipc(tensors: Sequence[torch.Tensor], index: int) -> kvd_pb2.CudaMemory:
