@@ -50,6 +50,7 @@ def make_configs(model: str, socket: str, num_blocks: int) -> tuple[Any, Any]:
             max_model_len=2048,
             is_encoder_decoder=False,
             enable_chunked_prefill=True,
+            max_num_inflight_kv_loads=2,  # 0.34: loads may start while the batch is full (may_load_async)
         )
     )
     cache_config = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, enable_prefix_caching=True)

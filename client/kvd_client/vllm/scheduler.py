@@ -190,6 +190,8 @@ class KvdScheduler:
         st = self._reqs.get(request.request_id)
         if self.client is None or st is None or not self._loadable(request):
             return False
+        if st.result is None and st.lookup is not None and st.lookup.done():
+            self._take_answer(st, request)
         if st.result is not None:
             return min(st.result[0], st.lookup_blocks, self._max_blocks(request)) > 0
         return st.lookup is not None and self._hit_rate >= 0.5
