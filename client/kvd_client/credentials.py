@@ -11,7 +11,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvd_client.fdpass import send_fds
+from kvd_client.fdpass import recv_exactly, send_fds
 
 TOKEN_BYTES = 32
 PR_SET_PTRACER = 0x59616D61  # Yama: let one named process ptrace (and process_vm_readv) us
@@ -30,12 +30,7 @@ def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) ->
         sock.settimeout(timeout_s)
         sock.connect(str(credential_socket_path(socket_path)))
         daemon_pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        token = b""
-        while len(token) < TOKEN_BYTES:
-            chunk = sock.recv(TOKEN_BYTES - len(token))
-            if not chunk:
-                raise ConnectionError("credential socket closed before sending a token")
-            token += chunk
+        token = recv_exactly(sock, TOKEN_BYTES, "a token")
         send_fds(sock, fds)
     return token, daemon_pid
 

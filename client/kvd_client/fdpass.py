@@ -40,7 +40,7 @@ def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
         batch = list(fds[start : start + FDS_PER_MESSAGE])
         header = _HEADER.pack(MAGIC, len(batch), len(fds))
         sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())])
-    ack = _recv_exactly(sock, _ACK.size)
+    ack = recv_exactly(sock, _ACK.size, "the acknowledgement of the descriptors")
     magic, total = _ACK.unpack(ack)
     if magic != MAGIC or total != len(fds):
         raise FdPassError(f"the daemon acknowledged {total} descriptors of {len(fds)}")
@@ -98,12 +98,13 @@ def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int, what: str) -> bytes:
+    """`n` bytes from the daemon; ConnectionError if it closes the connection before sending `what`."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
-            raise FdPassError("the daemon closed the connection during the descriptor exchange")
+            raise ConnectionError(f"the credential socket closed before sending {what}")
         data += chunk
     return data
 

@@ -226,19 +226,21 @@ def test_driver_mapped_memory_saves_and_loads_across_processes(daemon: Daemon, k
         time.sleep(0.05)
 
 
+def _ready_worker(*args: str) -> subprocess.Popen[str]:
+    """A Python worker process started with `args`, once it printed "ready"."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the worker did not get ready (rc {proc.wait(10)})")
+    return proc
+
+
 def test_worker_exit_leaves_no_mapping(daemon: Daemon) -> None:
     """A worker holding 1 GiB of cuMemCreate'd KV memory is killed: once its session is freed the GPU has that
     memory back. Had the daemon kept its mapping, the physical memory would stay allocated."""
     free_before = torch.cuda.mem_get_info()[0]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.kvd.cuda_worker", str(daemon.socket), "hold", "cumem", "1024"],
-        cwd=REPO_ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = _ready_worker("-m", "tests.kvd.cuda_worker", str(daemon.socket), "hold", "cumem", "1024")
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         assert _mapped_ranges(daemon) >= 1
         assert free_before - torch.cuda.mem_get_info()[0] >= 1 << 30
         proc.kill()
@@ -272,15 +274,8 @@ def test_worker_crash_frees_its_session_and_mappings(daemon: Daemon) -> None:
         "c = KvdClient(sys.argv[1], model_id='cuda-crash'); c.register_kv_caches(caches, block_dim=1)\n"
         "c.start(); assert c.wait_ready(30); print('ready', flush=True); import time; time.sleep(60)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(daemon.socket)],
-        cwd=REPO_ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = _ready_worker("-c", code, str(daemon.socket))
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         names = lambda: {s.worker_name for s in daemon.stats().sessions}  # noqa: E731
         assert f"pid{proc.pid}" in names()
         proc.kill()
