@@ -86,7 +86,7 @@ def memcpy_baselines(nbytes: int, rounds: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--copy-threads", type=int, help="KVD_ENGINE__CPU_COPY_THREADS (default: the daemon's)")
+    parser.add_argument("--copy-threads", type=int, help="KVD_TRANSPORTS__CPU_COPY_THREADS (default: the daemon's)")
     args = parser.parse_args()
 
     nbytes = SPEC.num_blocks * SPEC.block_bytes
@@ -103,7 +103,7 @@ def main() -> int:
     }
     env = {}
     if args.copy_threads:
-        env["KVD_ENGINE__CPU_COPY_THREADS"] = str(args.copy_threads)
+        env["KVD_TRANSPORTS__CPU_COPY_THREADS"] = str(args.copy_threads)
     with Daemon(capacity_bytes=512 * MiB, slab_bytes=8 * MiB, lease_ms=10_000, log_level="WARNING", env=env) as d:
         out["pool_bytes"] = d.host_tier().capacity_bytes
         with tempfile.TemporaryDirectory(prefix="kvd-bench-") as tmp:

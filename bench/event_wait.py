@@ -3,9 +3,10 @@
     python bench/event_wait.py > result.json
 
 Each rep queues a 32 MiB device-to-host copy (a 16-block request) and an event after it, then waits for the event:
-`blocking` sleeps in cuEventSynchronize on a blocking-sync event (kvd's default), `spin` spins in it on a plain
-event (engine.cuda_spin_wait), `poll` calls cuEventQuery with 20 µs naps (kvd before). Reports the median time from
-queueing to waking, less the copy's own GPU time: the notice's latency. Needs a CUDA GPU.
+`blocking` sleeps in cuEventSynchronize on a blocking-sync event (transports.cuda_completion_wait = "block"),
+`spin` spins in it on a plain event ("spin"), `poll` calls cuEventQuery with 20 µs naps ("poll", kvd's default).
+Reports the median time from queueing to waking, less the copy's own GPU time: the notice's latency. Needs a CUDA
+GPU.
 """
 
 from __future__ import annotations

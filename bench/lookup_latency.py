@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--hashes", type=int, default=1000)
-    parser.add_argument("--gil-switch-us", type=int, default=None, help="the daemon's engine.gil_switch_interval_us")
+    parser.add_argument("--gil-switch-us", type=int, default=None, help="the daemon's runtime.gil_switch_interval_us")
     parser.add_argument("--profile-daemon", type=Path, help="run py-spy record on the daemon during the sync phase")
     args = parser.parse_args()
 
@@ -67,7 +67,7 @@ def main() -> int:
     hashes = [block_hash(i, "bench-lookup") for i in range(args.hashes)]
     out: dict[str, Any] = {"bench": "lookup_latency", "hashes": args.hashes, "hash_bytes": 32, "stored": stored}
 
-    env = {} if args.gil_switch_us is None else {"KVD_ENGINE__GIL_SWITCH_INTERVAL_US": str(args.gil_switch_us)}
+    env = {} if args.gil_switch_us is None else {"KVD_RUNTIME__GIL_SWITCH_INTERVAL_US": str(args.gil_switch_us)}
     with Daemon(lease_ms=10_000, log_level="WARNING", env=env) as daemon:
         caches = make_caches(spec)
         client = KvdClient(daemon.socket, model_id="bench-lookup", worker_name="bench")

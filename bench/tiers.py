@@ -3,7 +3,7 @@
     python bench/tiers.py [--request-mib 32] [--blocks-per-request 8] [--iterations 20] [--dir DIR]
 
 Per tier, put and get of `request-mib` MiB requests (`blocks-per-request` blocks each) through the tier's real
-backend: L1 (copy into / out of host-pool slots, what the engine does), disk (a directory under --dir, default the
+backend: L1 (copy into / out of host-pool slots, what the transports do), disk (a directory under --dir, default the
 system temp dir), and Redis (a redis-server started here on loopback, skipped if absent). Then a lookup whose
 prefix crosses L1 -> disk -> Redis, through TieredBlockStore. Reported: MiB/s over the run and p50/p99 per request.
 """
@@ -32,6 +32,7 @@ from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
 from kvd.tiers.disk import DiskBackend
 from kvd.tiers.kvstore import RedisBackend
+from kvd.tiers.store import HostStore
 from kvd.types import BlockKey
 
 MiB = 1 << 20
@@ -80,14 +81,15 @@ async def bench_backend(backend: StorageBackend, payloads: list[bytes], per_requ
 
 
 async def bench_host(pool: HostPool, payloads: list[bytes], per_request: int, n: int) -> dict[str, Any]:
-    """L1 as the engine sees it: reserve + copy in + commit, and pin + copy out (one CPU thread each way)."""
-    store = TieredBlockStore(pool, [], TiersConfig())
+    """L1 as the transports see it: reserve + copy in + commit, and pin + copy out (one CPU thread each way)."""
+    store = TieredBlockStore(HostStore(pool), [], TiersConfig())
+    await store.start()
     block = len(payloads[0])
     loop = asyncio.get_running_loop()
     sink = bytearray(block)
 
     async def put(r: int) -> None:
-        plan = store.plan_save([key(10_000 + r * per_request + j) for j in range(per_request)], block)
+        plan = store.prepare_save([key(10_000 + r * per_request + j) for j in range(per_request)], block)
         views = [pool.slot_view(e) for _, e in plan.to_write]
 
         def copy() -> None:
@@ -96,10 +98,10 @@ async def bench_host(pool: HostPool, payloads: list[bytes], per_request: int, n:
                 view.release()
 
         await loop.run_in_executor(None, copy)
-        store.finish_save([e for _, e in plan.to_write], ok=True)
+        store.complete_save(plan, ok=True)
 
     async def get(r: int) -> None:
-        entries = await store.acquire([key(10_000 + r * per_request + j) for j in range(per_request)])
+        entries = await store.prepare_load([key(10_000 + r * per_request + j) for j in range(per_request)])
         views = [pool.slot_view(e) for e in entries if e is not None]
 
         def copy() -> None:
@@ -108,7 +110,7 @@ async def bench_host(pool: HostPool, payloads: list[bytes], per_request: int, n:
                 view.release()
 
         await loop.run_in_executor(None, copy)
-        store.release(entries)
+        store.complete_load(entries)
 
     n = min(n, pool.capacity_bytes // (block * per_request))
     return {
@@ -120,13 +122,14 @@ async def bench_host(pool: HostPool, payloads: list[bytes], per_request: int, n:
 async def bench_lookup(pool: HostPool, disk: DiskBackend, remote: RedisBackend | None, n: int) -> dict[str, Any]:
     """A 48-block lookup: 16 in L1, 16 only on disk, 16 only in Redis (no promotion, so every run is the same)."""
     backends: list[StorageBackend] = [disk] if remote is None else [disk, remote]
-    store = TieredBlockStore(pool, backends, TiersConfig(promote_on_hit=False, recompute_us_per_token=1e6))
+    store = TieredBlockStore(HostStore(pool), backends, TiersConfig(promote_on_hit=False, recompute_us_per_token=1e6))
+    await store.start()
     small = os.urandom(64 * 1024)
     keys = [key(1_000_000 + i) for i in range(48)]
-    plan = store.plan_save(keys[:16], len(small))
+    plan = store.prepare_save(keys[:16], len(small))
     for _, e in plan.to_write:
         pool.slot_view(e)[:] = small
-    store.finish_save([e for _, e in plan.to_write], ok=True)
+    store.complete_save(plan, ok=True)
     await disk.put([(k, small) for k in keys[16:32]])
     if remote is not None:
         await remote.put([(k, small) for k in keys[32:]])

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 # The TOML file for the KvdConfig being built right now (a source needs it before the model exists).
@@ -30,6 +30,13 @@ def default_socket_path() -> Path:
         return run / "kvd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kvd-{os.getuid()}"
     return Path(runtime) / "kvd" / "kvd.sock"
+
+
+# The `engine` section was split by layer; an old setting must not be ignored without a word.
+RENAMED_ENGINE = (
+    "the [engine] section is now [transports] (KVD_TRANSPORTS__*); engine.max_inflight_ops is now the top-level"
+    " max_inflight_ops and engine.gil_switch_interval_us is runtime.gil_switch_interval_us"
+)
 
 
 class _Section(BaseModel):
@@ -83,17 +90,23 @@ class CompletionWait(enum.StrEnum):
     BLOCK = "block"
 
 
-class EngineConfig(_Section):
+class TransportsConfig(_Section):
+    """How kvd/transports move bytes (the CPU transport's threads, each GPU's pipeline)."""
+
     cpu_copy_threads: int = Field(default=4, ge=1)  # CPU transport: process_vm_* calls in flight at once
-    max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
     cuda_chunk_bytes: int = Field(default=64 * MiB, ge=1 * MiB)  # pipelining unit between gather and PCIe copy
     cuda_staging_bytes: int = Field(default=512 * MiB, ge=4 * MiB)  # device staging per GPU, half per direction
     # How a GPU's completion waiters learn that copies finished (bench/event_wait.py measures each): POLL queries
     # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
     # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
     cuda_completion_wait: CompletionWait = CompletionWait.POLL
-    # The daemon's GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep
-    # a GPU engine thread from submitting or completing copies for that long; the daemon is ours to tune.
+
+
+class RuntimeConfig(_Section):
+    """The daemon process's interpreter (set once by kvd.daemon before anything starts)."""
+
+    # The GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep a GPU
+    # engine thread from submitting or completing copies for that long; the daemon is ours to tune.
     gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)
 
 
@@ -112,21 +125,34 @@ class KvdConfig(BaseSettings):
         env_prefix="KVD_", env_nested_delimiter="__", frozen=True, extra="forbid", toml_file=None
     )
 
+    # The listener (kvd/rpc) and who may register.
     socket: Path = Field(default_factory=default_socket_path)
     socket_mode: int = 0o600  # 0660 plus a shared group lets workers of other users connect
     tcp: str | None = None  # "host:port"; off unless set (CUDA IPC and CPU transports still need a local peer)
+    allowed_uids: tuple[int, ...] = ()  # peers besides the daemon's own uid and root that may register
+    # The service (kvd/service): sessions and the limits it admits work under.
     lease_ms: int = Field(default=10_000, ge=100)
     max_batch_blocks: int = Field(default=16_384, ge=1)
     max_lookup_blocks: int = Field(default=65_536, ge=1)
+    max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    allowed_uids: tuple[int, ...] = ()  # peers besides the daemon's own uid and root that may register
-    host_pool: HostPoolConfig = HostPoolConfig()
-    disk: DiskTierConfig = DiskTierConfig()
+    # One section per layer below.
+    host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
+    transports: TransportsConfig = TransportsConfig()  # kvd/transports
+    disk: DiskTierConfig = DiskTierConfig()  # kvd/tiers
     redis: RedisTierConfig = RedisTierConfig()
     tiers: TiersConfig = TiersConfig()
-    engine: EngineConfig = EngineConfig()
+    runtime: RuntimeConfig = RuntimeConfig()  # kvd/daemon.py
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """A file or flags written for the old `[engine]` section get a clear error, not a silent default."""
+        if isinstance(data, dict) and "engine" in data:
+            raise ValueError(RENAMED_ENGINE)
+        return data
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -156,6 +182,8 @@ class KvdConfig(BaseSettings):
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> KvdConfig:
         """flags (overrides) > env > TOML file > defaults. `config_file` falls back to $KVD_CONFIG."""
+        if stale := sorted(name for name in os.environ if name.startswith("KVD_ENGINE__")):
+            raise ValueError(f"{', '.join(stale)}: {RENAMED_ENGINE}")
         path = config_file or (Path(os.environ["KVD_CONFIG"]) if os.environ.get("KVD_CONFIG") else None)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")

@@ -1,10 +1,10 @@
 """The composition root: builds every layer, owns their start and close, in order, with all state in one object.
 
     start:    rpc listening (health NOT_SERVING) -> metrics -> host pool (first touch, slow for GiBs) -> transports
-              (the CUDA one page-locks the pool) -> block store -> service -> SERVING, READY=1
+              (the CUDA one page-locks the pool) -> block store (its backends) -> service -> SERVING, READY=1
     serve:    until SIGTERM / SIGINT (a second one skips the drain)
-    shutdown: NOT_SERVING -> refuse new operations, drain in-flight ones -> close sessions -> stop listening ->
-              transports -> pool -> metrics
+    shutdown: NOT_SERVING -> refuse new operations, drain in-flight ones -> close sessions -> block store (flush
+              write-downs) -> stop listening -> transports -> pool -> metrics
 
 `KvdDaemon(config)` builds a real daemon that tests can run on a temporary socket; `run_daemon(config)` is
 `kvd serve`.
@@ -26,6 +26,7 @@ from kvd.metrics import Metrics
 from kvd.rpc.server import RpcEndpoint
 from kvd.service.service import KvdService
 from kvd.tiers.build import build_store
+from kvd.tiers.store import BlockStore
 from kvd.transports.router import TransportRouter
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class KvdDaemon:
         self.rpc = RpcEndpoint(config)
         self.pool: HostPool | None = None
         self.transports: TransportRouter | None = None
+        self.store: BlockStore | None = None
         self.service: KvdService | None = None
         self.metrics: Metrics | None = None
         self._stop = asyncio.Event()
@@ -54,9 +56,10 @@ class KvdDaemon:
         self.metrics.start(config.metrics)
         self.pool = pool = HostPool(config.host_pool)
         await asyncio.get_running_loop().run_in_executor(None, pool.populate)  # parallel first touch
-        self.transports = TransportRouter(config.engine, pool.region if config.host_pool.pin else None)
+        self.transports = TransportRouter(config.transports, pool.region if config.host_pool.pin else None)
         await self.transports.start()
-        store = build_store(config, pool)
+        self.store = store = build_store(config, pool)
+        await store.start()
         self.service = KvdService(config, self.transports, store, self.metrics)
         await self.service.start()
         await self.rpc.serve(self.service)
@@ -106,6 +109,8 @@ class KvdDaemon:
         log.info("shutting down: draining")
         if self.service is not None:
             await self.service.drain(self.config.drain_timeout_s)
+        if self.store is not None:
+            await self.store.close()
         await self.rpc.stop(grace_s=min(5.0, self.config.drain_timeout_s))
         if self.transports is not None:
             await self.transports.stop()
@@ -133,7 +138,7 @@ def run_daemon(config: KvdConfig) -> int:
     """`kvd serve`: run until stopped; exit code 0 on a clean stop."""
     import uvloop
 
-    sys.setswitchinterval(config.engine.gil_switch_interval_us / 1e6)
+    sys.setswitchinterval(config.runtime.gil_switch_interval_us / 1e6)
     daemon = KvdDaemon(config)
     try:
         uvloop.run(daemon.serve())

@@ -60,7 +60,14 @@ class Metrics:
             PlatformCollector(registry=r)
             GCCollector(registry=r)
         Info("kvd_build", "kvd version", registry=r).info({"version": __version__})
+        self._add_operation_metrics(r)
+        self._add_state_metrics(r)
+        self._lock = threading.Lock()
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
 
+    def _add_operation_metrics(self, r: CollectorRegistry) -> None:
+        """Counters and histograms of lookups, saves and loads."""
         self._lookups = Counter("kvd_lookups_total", "Lookup calls", registry=r)
         self._lookup_blocks = Counter("kvd_lookup_blocks_total", "Block hashes asked about by Lookup", registry=r)
         self._lookup_hit_blocks = Counter(
@@ -92,6 +99,9 @@ class Metrics:
         self._tier_hit_blocks = Counter(
             "kvd_tier_hit_blocks_total", "Blocks served from each tier", ["tier"], registry=r
         )
+
+    def _add_state_metrics(self, r: CollectorRegistry) -> None:
+        """Gauges of what the daemon holds now."""
         self._sessions = Gauge("kvd_sessions", "Registered worker sessions", registry=r)
         self._sessions_by_transport = Gauge(
             "kvd_sessions_by_transport", "Registered worker sessions by transport", ["transport"], registry=r
@@ -99,10 +109,6 @@ class Metrics:
         self._pinned_used = Gauge("kvd_pinned_bytes_used", "Bytes of the pinned host pool in use", registry=r)
         self._pinned_capacity = Gauge("kvd_pinned_bytes_capacity", "Size of the pinned host pool", registry=r)
         self._tier_healthy = Gauge("kvd_tier_healthy", "1 when the tier is usable, else 0", ["tier"], registry=r)
-
-        self._lock = threading.Lock()
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---- HTTP endpoint ---------------------------------------------------------------------------------------
 
@@ -152,8 +158,8 @@ class Metrics:
         failed_blocks: int,
         reason: str = "",
     ) -> None:
-        """One completed save or load. `reason` becomes a label: pass a short fixed code ("timeout",
-        "tier_error", ...), never free text, or the series count explodes."""
+        """One completed save or load. `reason` becomes a label: a kvd.errors.FailureReason value ("not_stored",
+        "host_pool_full", ...), never free text, or the series count explodes."""
         try:
             kind = str(kind)
             self._operations.labels(kind, "ok" if ok else "failed").inc()

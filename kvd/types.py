@@ -155,6 +155,37 @@ class TierSnapshot:
     healthy: bool = True
 
 
+@dataclass(slots=True)
+class ServiceCounters:
+    """What the service counts since the daemon started (the same names as kvd.v1.StatsResponse's fields)."""
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    lookup_hit_blocks: int = 0
+    saves_ok: int = 0
+    saves_failed: int = 0
+    loads_ok: int = 0
+    loads_failed: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: int = 0
+    load_hit_blocks: int = 0
+    load_miss_blocks: int = 0
+
+    def count_operation(self, kind: OpKind, ok: bool, moved: int) -> None:
+        if kind is OpKind.SAVE:
+            self.bytes_saved += moved
+            if ok:
+                self.saves_ok += 1
+            else:
+                self.saves_failed += 1
+        else:
+            self.bytes_loaded += moved
+            if ok:
+                self.loads_ok += 1
+            else:
+                self.loads_failed += 1
+
+
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
     boot_id: str
@@ -162,7 +193,7 @@ class StatsSnapshot:
     uptime_s: int
     sessions: tuple[SessionSnapshot, ...]
     tiers: tuple[TierSnapshot, ...]
-    counters: dict[str, int] = field(default_factory=dict)
+    counters: ServiceCounters = field(default_factory=ServiceCounters)  # a copy, never the live one
     tier_counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -180,6 +211,7 @@ __all__ = [
     "OpKind",
     "PeerIdentity",
     "Registration",
+    "ServiceCounters",
     "SessionSnapshot",
     "StatsSnapshot",
     "Tier",

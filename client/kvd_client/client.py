@@ -14,48 +14,31 @@ by itself as soon as the daemon is back.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import contextlib
-import ctypes
 import itertools
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kvd_client.credentials import allow_ptrace, fetch_token
+from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
-from kvd_client.layout import KvLayout
-from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
+from kvd_client.memory import KvMemory
+from kvd_client.session import heartbeat, open_channel, register_session
+from kvd_client.types import Completion, LookupResult, OpKind
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
-
-# libc's write() called through PyDLL keeps the GIL. The model thread wakes our loop with it instead of
-# call_soon_threadsafe (a socket send that drops the GIL): once the GIL is dropped, the busy background thread can
-# keep it for the interpreter's switch interval (5 ms), which the model thread would then wait out.
-_libc_keep_gil = ctypes.PyDLL(None, use_errno=True)
-_libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-_libc_keep_gil.write.restype = ctypes.c_ssize_t
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,22 +68,14 @@ class KvdClient:
         self.tp_world_size = tp_world_size
         self.worker_name = worker_name or f"pid{os.getpid()}"
         self.timeout_s = timeout_s
-        self.layout: KvLayout | None = None
-        self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
-        self._tensors: dict[str, Any] = {}
-        self._fds: list[int] = []  # driver-mapped KV memory, exported as POSIX descriptors (kvd_client.cuda_vmm)
-        self._cuda = False
+        self._kv = KvMemory()
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: dict[int, _Op] = {}
         self._lookups: set[concurrent.futures.Future[LookupResult]] = set()
-        # Work handed from callers to the loop thread: appended here, then one byte on the wake pipe.
-        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_pending = False
-        self._wake_r = self._wake_w = -1
+        self._inbox = Inbox()  # work handed from callers to the loop thread
         self._broken: asyncio.Event | None = None  # set when a call finds the daemon gone: ends the session
-        self._finished: collections.deque[Completion] = collections.deque()
-        self._finished_changed = threading.Condition(self._lock)
+        self._finished = Finished(self._lock)  # completions handed from the loop thread to callers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -115,48 +90,22 @@ class KvdClient:
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any], *, block_dim: int, block_size_tokens: int = 0) -> None:
         """Describe the worker's KV tensors. CPU tensors use the CPU transport (the daemon reads this process's
-        memory); CUDA tensors are exported by CUDA IPC. Called after start() (a wake-up from sleep), it registers
-        the new memory in a new session."""
-        tensors = dict(kv_caches)
-        layout = KvLayout.from_tensors(tensors, block_dim=block_dim, block_size_tokens=block_size_tokens)
-        devices = {str(t.device) for t in tensors.values()}
-        if len(devices) != 1:
-            raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
-        if devices.pop().startswith("cuda"):
-            from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
-
-            self._memory, fds = describe_cuda_memory(list(tensors.values()))
-            self._set_fds(fds)
-            prepare_ready_events()
-            self._cuda = True
-        else:
-            self._memory = kvd_pb2.CpuMemory(
-                layers=[
-                    kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size())
-                    for t in tensors.values()
-                ]
-            )
-        self.layout = layout
-        self._tensors = tensors  # keep them alive as long as the daemon may copy into them
-        if self.layout_fingerprint is None:
-            self.layout_fingerprint = layout.fingerprint()
+        memory); CUDA tensors go by CUDA IPC handle, or by file descriptor for driver-mapped memory. Called after
+        start() (a wake-up from sleep), it registers the new memory in a new session."""
+        self._kv.describe(kv_caches, block_dim=block_dim, block_size_tokens=block_size_tokens)
+        if self.layout_fingerprint is None and self._kv.layout is not None:
+            self.layout_fingerprint = self._kv.layout.fingerprint()
         if self._thread is not None:
-            self._renew_session(wait=False)  # started already (a wake-up): register the new memory now
+            self._renew_session(wait=False)
 
     def release_memory(self) -> None:
         """Have the daemon drop every mapping of the KV memory now, e.g. before vLLM's sleep mode releases it. The
         client stays registered without memory (lookups keep working) until `register_kv_caches` hands it memory
         again. Waits for the daemon's answer, at most `timeout_s`."""
-        fds, self._fds = self._fds, []
-        self._memory, self._cuda, self.layout, self._tensors = None, False, None, {}
+        fds = self._kv.release()
         if self._thread is not None:
             self._renew_session(wait=True)
         close_fds(fds)  # after the daemon let go: the last references that keep the memory from being freed
-
-    def _set_fds(self, fds: list[int]) -> None:
-        """Keep the descriptors of driver-mapped KV memory (passed again at every registration); close the old."""
-        old, self._fds = self._fds, list(fds)
-        close_fds(old)
 
     def start(self) -> None:
         """Start the background thread; returns at once. Registration happens there, with retries."""
@@ -166,7 +115,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._inbox.open()
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
 
@@ -197,27 +146,18 @@ class KvdClient:
             self._lookups.add(future)
         future.add_done_callback(self._lookups.discard)
         hashes = list(block_hashes)
-        self._post(lambda: self._start_lookup(future, hashes))
+        self._inbox.post(lambda: self._start_lookup(future, hashes))
         return future
 
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
         current stream, unless one is given: the daemon copies only after the work queued before it."""
-        if self._cuda and not ready_event and blocks:
-            from kvd_client.cuda import record_ready_event
-
-            ready_event = record_ready_event()
-        return self._enqueue(OpKind.SAVE, blocks, ready_event)
+        return self._enqueue(OpKind.SAVE, blocks, self._kv.ready_event(blocks, ready_event))
 
     def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
         """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
         the caller's current stream (nothing queued may still be reading those blocks)."""
-        ready_event = b""
-        if self._cuda and blocks:
-            from kvd_client.cuda import record_ready_event
-
-            ready_event = record_ready_event()
-        return self._enqueue(OpKind.LOAD, blocks, ready_event)
+        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks))
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -229,28 +169,12 @@ class KvdClient:
 
     def poll_finished(self) -> list[Completion]:
         """Every operation finished since the last call (never blocks)."""
-        with self._lock:
-            out = list(self._finished)
-            self._finished.clear()
-        return out
+        return self._finished.take_all()
 
     def wait(self, op_ids: Iterable[int], timeout_s: float) -> list[Completion]:
         """Block until these operations finished or `timeout_s` passed; their completions (the others stay queued
         for poll_finished). For shutdown and preemption flushes, never the serving path."""
-        wanted = set(op_ids)
-        found: list[Completion] = []
-        deadline = time.monotonic() + timeout_s
-        with self._finished_changed:
-            while True:
-                keep: collections.deque[Completion] = collections.deque()
-                for completion in self._finished:
-                    (found if completion.op_id in wanted else keep).append(completion)
-                self._finished = keep
-                wanted -= {c.op_id for c in found}
-                left = deadline - time.monotonic()
-                if not wanted or left <= 0:
-                    return found
-                self._finished_changed.wait(left)
+        return self._finished.wait(op_ids, timeout_s)
 
     def close(self) -> None:
         """Unregister (best effort) and stop the background thread; pending operations complete as failed."""
@@ -260,20 +184,12 @@ class KvdClient:
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None:
             loop.call_soon_threadsafe(lambda: None)  # wake the loop so it sees _closed
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-            try:
-                fut.result(timeout=self.timeout_s)
-            except Exception as exc:  # closing must never raise into the caller
-                log.debug("kvd client shutdown: %s", exc)
+            run_on_loop(loop, self._shutdown(), self.timeout_s, "shutdown")
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
-        self._set_fds([])
-        if self._wake_w >= 0:
-            # Only now, long after _closed stopped new posts: an fd closed under a late writer could be reused.
-            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
-            os.close(wake_r)
-            os.close(wake_w)
+        close_fds(self._kv.release())
+        self._inbox.close()  # only now, long after _closed stopped new posts
         with self._lock:
             lookups = list(self._lookups)
         for future in lookups:  # the loop is gone: nothing else would ever resolve them
@@ -297,36 +213,16 @@ class KvdClient:
             return op.op_id
         with self._lock:
             self._pending[op.op_id] = op
-        self._post(lambda: self._submit(op))
+        self._inbox.post(lambda: self._submit(op))
         return op.op_id
 
-    def _post(self, work: Callable[[], None]) -> None:
-        """Run `work` on the loop thread soon, from any thread, without ever releasing the GIL here."""
-        self._inbox.append(work)
-        if not self._wake_pending and self._wake_w >= 0:
-            self._wake_pending = True
-            _libc_keep_gil.write(self._wake_w, b"\0", 1)  # at most one byte is ever pending: never EAGAIN
-
     def _renew_session(self, *, wait: bool) -> None:
-        """End the current session (the daemon unmaps what it registered); the background thread then registers
-        again with whatever memory the client has now."""
-        loop = self._loop
-        if loop is None or self._closed:
-            return
-        future = asyncio.run_coroutine_threadsafe(self._end_session(), loop)
-        if wait:
-            try:
-                future.result(timeout=self.timeout_s)
-            except Exception as exc:  # the daemon is gone: it holds no mapping either
-                log.debug("kvd session renewal: %s", exc)
+        """End the session (the daemon unmaps its memory); the loop thread registers again with the memory now."""
+        if self._loop is not None and not self._closed:
+            run_on_loop(self._loop, self._end_session(), self.timeout_s if wait else None, "session renewal")
 
     def _complete_failed(self, op: _Op, error: str) -> None:
-        self._push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
-
-    def _push(self, completion: Completion) -> None:
-        with self._finished_changed:
-            self._finished.append(completion)
-            self._finished_changed.notify_all()
+        self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -342,27 +238,27 @@ class KvdClient:
         if loop is None:
             return
         asyncio.set_event_loop(loop)
-        loop.add_reader(self._wake_r, self._drain_inbox)
+        loop.add_reader(self._inbox.read_fd, self._inbox.drain)
         self._main_task = loop.create_task(self._main())
         try:
             loop.run_forever()
         finally:
             self._main_task.cancel()
             loop.run_until_complete(asyncio.gather(self._main_task, return_exceptions=True))
-            loop.remove_reader(self._wake_r)
+            loop.remove_reader(self._inbox.read_fd)
             loop.close()
 
     async def _main(self) -> None:
         delay = RETRY_MIN_S
         while not self._closed:
-            channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
+            channel = open_channel(self.socket_path)
             try:
                 await self._register(channel)
                 delay = RETRY_MIN_S
                 await self._serve_session()
                 reason = "kvd session ended (daemon restarted or stopped)"
             except (TimeoutError, grpc.aio.AioRpcError, KvdError, OSError) as exc:
-                reason = f"kvd unavailable: {_describe(exc)}"
+                reason = f"kvd unavailable: {messages.describe(exc)}"
             finally:
                 self._ready.clear()
                 self._session_id = ""
@@ -376,36 +272,20 @@ class KvdClient:
             delay = min(RETRY_MAX_S, delay * 2)
 
     async def _register(self, channel: grpc.aio.Channel) -> None:
-        await asyncio.wait_for(channel.channel_ready(), timeout=self.timeout_s)
-        stub = kvd_pb2_grpc.KvdStub(channel)
-        token, daemon_pid = await asyncio.get_running_loop().run_in_executor(
-            None, fetch_token, self.socket_path, self.timeout_s, list(self._fds)
+        namespace = kvd_pb2.Namespace(
+            model_id=self.model_id,
+            layout_fingerprint=self.layout_fingerprint or "",
+            tp_rank=self.tp_rank,
+            tp_world_size=self.tp_world_size,
         )
-        if self._memory is not None and not self._cuda:
-            allow_ptrace(daemon_pid)
-        request = kvd_pb2.RegisterSessionRequest(
-            namespace=kvd_pb2.Namespace(
-                model_id=self.model_id,
-                layout_fingerprint=self.layout_fingerprint or "",
-                tp_rank=self.tp_rank,
-                tp_world_size=self.tp_world_size,
-            ),
-            pid=os.getpid(),
-            credential_token=token,
-            worker_name=self.worker_name,
-        )
-        if self.layout is not None:
-            request.layout.CopyFrom(_layout_message(self.layout))
-        if isinstance(self._memory, kvd_pb2.CpuMemory):
-            request.cpu.CopyFrom(self._memory)
-        elif self._memory is not None:
-            request.cuda.CopyFrom(self._memory)
-        try:
-            response = await stub.RegisterSession(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            log.warning("kvd registration refused: %s: %s", type(error).__name__, error.message)
-            raise error from None
+
+        kv = self._kv
+
+        def request(token: bytes) -> kvd_pb2.RegisterSessionRequest:
+            return messages.registration_request(namespace, token, self.worker_name, os.getpid(), kv.layout, kv.message)
+
+        ptrace = kv.message is not None and not kv.cuda
+        stub, response = await register_session(channel, self.socket_path, self.timeout_s, request, ptrace, kv.fds)
         self._stub = stub
         self._session_id = response.session_id
         self.boot_id = response.boot_id
@@ -423,7 +303,8 @@ class KvdClient:
         self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
-        beat = asyncio.create_task(self._heartbeat(stub))
+        every_s = max(0.05, self._lease_s / 3)
+        beat = asyncio.create_task(heartbeat(stub, self._session_id, self.boot_id, every_s, self.timeout_s))
         broken = asyncio.create_task(self._broken.wait())
         try:
             done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
@@ -449,38 +330,7 @@ class KvdClient:
                 op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
-            self._push(
-                Completion(
-                    op_id=op.op_id,
-                    kind=op.kind,
-                    ok=notice.ok,
-                    failed_hashes=frozenset(notice.failed_block_hashes),
-                    error=notice.error,
-                    nbytes=notice.bytes_moved,
-                    duration_s=notice.duration_us / 1e6,
-                    done_event=notice.done_event,
-                )
-            )
-
-    async def _heartbeat(self, stub: kvd_pb2_grpc.KvdStub) -> None:
-        while True:
-            await asyncio.sleep(max(0.05, self._lease_s / 3))
-            response = await stub.Heartbeat(
-                kvd_pb2.HeartbeatRequest(session_id=self._session_id), timeout=self.timeout_s
-            )
-            if response.boot_id != self.boot_id:
-                return  # the daemon restarted: our session and everything in flight are gone
-
-    def _drain_inbox(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
-        self._wake_pending = False  # before draining: work posted from now on writes a new byte
-        while True:
-            try:
-                work = self._inbox.popleft()
-            except IndexError:
-                return
-            work()
+            self._finished.push(messages.completion(op.op_id, op.kind, notice))
 
     def _submit(self, op: _Op) -> None:
         asyncio.get_running_loop().create_task(self._send(op))
@@ -489,30 +339,14 @@ class KvdClient:
         if not future.set_running_or_notify_cancel():
             return  # the caller cancelled it
         task = asyncio.get_running_loop().create_task(self._lookup(hashes))
-
-        def finished(task: asyncio.Task[LookupResult]) -> None:
-            if future.done():  # failed by close() already
-                return
-            if task.cancelled():
-                future.set_exception(Unavailable("kvd lookup cancelled (connection closing)"))
-            elif (error := task.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(task.result())
-
-        task.add_done_callback(finished)
+        settle_when_done(future, task, lambda: Unavailable("kvd lookup cancelled (connection closing)"))
 
     async def _send(self, op: _Op) -> None:
         stub = self._stub
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
             return
-        request = kvd_pb2.TransferRequest(
-            session_id=self._session_id,
-            blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks],
-            ready_event=op.ready_event,
-            client_tag=op.op_id,
-        )
+        request = messages.transfer_request(self._session_id, op.blocks, op.ready_event, op.op_id)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
             await method(request, timeout=self.timeout_s)
@@ -543,48 +377,23 @@ class KvdClient:
             # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
             # the documented Unavailable, not a bare CancelledError outside the KvdError family.
             raise Unavailable("kvd connection closed during the lookup") from None
-        return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
+        return messages.lookup_result(response)
 
-    async def _end_session(self) -> None:
+    async def _unregister(self) -> None:
         stub, session = self._stub, self._session_id
-        self._ready.clear()
         if stub is not None and session:
             try:
                 await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 log.debug("unregister: %s", exc.details())
+
+    async def _end_session(self) -> None:
+        self._ready.clear()
+        await self._unregister()
         if self._broken is not None:
             self._broken.set()
 
     async def _shutdown(self) -> None:
-        stub, session = self._stub, self._session_id
-        if stub is not None and session:
-            try:
-                await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                log.debug("unregister: %s", exc.details())
+        await self._unregister()
         if hasattr(self, "_main_task"):
             self._main_task.cancel()
-
-
-def _layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
-    return kvd_pb2.KvLayout(
-        layers=[
-            kvd_pb2.LayerLayout(
-                name=layer.name,
-                shape=layer.shape,
-                dtype=kvd_pb2.DType.ValueType(layer.dtype),
-                block_dim=layer.block_dim,
-            )
-            for layer in layout.layers
-        ],
-        block_size_tokens=layout.block_size_tokens,
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, KvdError):
-        return f"{type(exc).__name__}: {exc.message}"
-    return f"{type(exc).__name__}: {exc}"

@@ -25,9 +25,12 @@ from kvd.types import (
     CudaAllocation,
     CudaLayer,
     CudaMemory,
+    Notice,
     PassedFds,
     PeerIdentity,
     Registration,
+    SessionSnapshot,
+    TierSnapshot,
     VmmChunk,
     WorkerMemory,
 )
@@ -59,7 +62,7 @@ def _mapped(handler: Handler[R]) -> Handler[R]:
 class KvdServicer(kvd_pb2_grpc.KvdServicer):
     def __init__(self, credentials: CredentialIssuer | None) -> None:
         self._credentials = credentials
-        self.service: KvdService | None = None  # set once the engine is ready; until then: UNAVAILABLE
+        self.service: KvdService | None = None  # set once every layer below is ready; until then: UNAVAILABLE
 
     def _svc(self) -> KvdService:
         if self.service is None:
@@ -147,60 +150,80 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         # Headers go out now, so the client knows the stream is live before the first notice.
         await context.send_initial_metadata(())
         async for notice in notices:
-            yield kvd_pb2.CompletionNotice(
-                operation_id=notice.operation_id,
-                ok=notice.ok,
-                failed_block_hashes=notice.failed_hashes,
-                error=notice.error,
-                client_tag=notice.client_tag,
-                bytes_moved=notice.bytes_moved,
-                duration_us=notice.duration_us,
-                done_event=notice.done_event,
-            )
+            yield _notice(notice)
 
     @_mapped
     async def Stats(self, request: kvd_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.StatsResponse:
         snap = self._svc().stats()
+        c = snap.counters
         return kvd_pb2.StatsResponse(
             boot_id=snap.boot_id,
             version=snap.version,
             uptime_s=snap.uptime_s,
-            sessions=[
-                kvd_pb2.SessionStats(
-                    session_id=s.session_id,
-                    worker_name=s.worker_name,
-                    namespace=kvd_pb2.Namespace(
-                        model_id=s.namespace.model_id,
-                        layout_fingerprint=s.namespace.layout_fingerprint,
-                        tp_rank=s.namespace.tp_rank,
-                        tp_world_size=s.namespace.tp_world_size,
-                    ),
-                    pid=max(0, s.pid),
-                    transport=s.transport,
-                    saves=s.saves,
-                    loads=s.loads,
-                    in_flight=s.in_flight,
-                )
-                for s in snap.sessions
-            ],
-            tiers=[
-                kvd_pb2.TierStats(
-                    tier=kvd_pb2.Tier.ValueType(t.tier),
-                    name=t.name,
-                    capacity_bytes=t.capacity_bytes,
-                    used_bytes=t.used_bytes,
-                    blocks=t.blocks,
-                    hits=t.hits,
-                    misses=t.misses,
-                    evictions=t.evictions,
-                    corrupt=t.corrupt,
-                    healthy=t.healthy,
-                )
-                for t in snap.tiers
-            ],
+            sessions=[_session_stats(s) for s in snap.sessions],
+            tiers=[_tier_stats(t) for t in snap.tiers],
             tier_counters=snap.tier_counters,
-            **snap.counters,
+            lookups=c.lookups,
+            lookup_blocks=c.lookup_blocks,
+            lookup_hit_blocks=c.lookup_hit_blocks,
+            saves_ok=c.saves_ok,
+            saves_failed=c.saves_failed,
+            loads_ok=c.loads_ok,
+            loads_failed=c.loads_failed,
+            bytes_saved=c.bytes_saved,
+            bytes_loaded=c.bytes_loaded,
+            load_hit_blocks=c.load_hit_blocks,
+            load_miss_blocks=c.load_miss_blocks,
         )
+
+
+# -- value types -> protobuf -------------------------------------------------------------------------------------
+
+
+def _notice(notice: Notice) -> kvd_pb2.CompletionNotice:
+    return kvd_pb2.CompletionNotice(
+        operation_id=notice.operation_id,
+        ok=notice.ok,
+        failed_block_hashes=notice.failed_hashes,
+        error=notice.error,
+        client_tag=notice.client_tag,
+        bytes_moved=notice.bytes_moved,
+        duration_us=notice.duration_us,
+        done_event=notice.done_event,
+    )
+
+
+def _session_stats(s: SessionSnapshot) -> kvd_pb2.SessionStats:
+    return kvd_pb2.SessionStats(
+        session_id=s.session_id,
+        worker_name=s.worker_name,
+        namespace=kvd_pb2.Namespace(
+            model_id=s.namespace.model_id,
+            layout_fingerprint=s.namespace.layout_fingerprint,
+            tp_rank=s.namespace.tp_rank,
+            tp_world_size=s.namespace.tp_world_size,
+        ),
+        pid=max(0, s.pid),
+        transport=s.transport,
+        saves=s.saves,
+        loads=s.loads,
+        in_flight=s.in_flight,
+    )
+
+
+def _tier_stats(t: TierSnapshot) -> kvd_pb2.TierStats:
+    return kvd_pb2.TierStats(
+        tier=kvd_pb2.Tier.ValueType(t.tier),
+        name=t.name,
+        capacity_bytes=t.capacity_bytes,
+        used_bytes=t.used_bytes,
+        blocks=t.blocks,
+        hits=t.hits,
+        misses=t.misses,
+        evictions=t.evictions,
+        corrupt=t.corrupt,
+        healthy=t.healthy,
+    )
 
 
 # -- protobuf -> value types (every field checked here or in the dataclasses' own __post_init__) ----------------

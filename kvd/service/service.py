@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -28,20 +29,21 @@ from kvd.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
-    TransferError,
     Unavailable,
 )
+from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
+from kvd.service.operations import Operation, Outcome, run_load, run_save
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
-from kvd.transports.base import SlotRef
+from kvd.transports.base import Attachment
 from kvd.transports.router import TransportRouter
 from kvd.types import (
-    BlockKey,
     BlockTransfer,
     LookupResult,
     Notice,
     OpKind,
     Registration,
+    ServiceCounters,
     SessionSnapshot,
     StatsSnapshot,
     Tier,
@@ -51,8 +53,6 @@ if TYPE_CHECKING:
     from kvd.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-MAX_HASH_BYTES = 64
 
 
 class KvdService:
@@ -70,22 +70,7 @@ class KvdService:
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.counters = dict.fromkeys(
-            (
-                "lookups",
-                "lookup_blocks",
-                "lookup_hit_blocks",
-                "saves_ok",
-                "saves_failed",
-                "loads_ok",
-                "loads_failed",
-                "bytes_saved",
-                "bytes_loaded",
-                "load_hit_blocks",
-                "load_miss_blocks",
-            ),
-            0,
-        )
+        self.counters = ServiceCounters()
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -107,7 +92,6 @@ class KvdService:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.store.close()
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
@@ -122,29 +106,8 @@ class KvdService:
         if self.sessions.find(peer, ns_key, with_memory=registration.memory is not None) is not None:
             kind = "memory" if registration.memory is not None else "lookup-only"
             raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
-        layout = registration.layout
-        if layout is not None:
-            if layout.block_bytes > self.store.pool.slab_bytes:
-                raise InvalidArgument(
-                    f"a block of {layout.block_bytes} bytes exceeds the host pool's slab of"
-                    f" {self.store.pool.slab_bytes} bytes: raise host_pool.slab_bytes"
-                )
-            canonical = tuple(layer.canonical() for layer in layout.layers)
-            self._check_layout(ns_key, self._layouts.get(ns_key, canonical), canonical)
-        if (registration.memory is None) != (layout is None):
-            raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
-        attachment = None
-        if registration.memory is not None and layout is not None:
-            attachment = await self.transports.attach(registration.memory, layout, peer)
-            if self.sessions.find(peer, ns_key, with_memory=True) is not None:
-                await attachment.close()  # a twin registration won the race during the await
-                raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
-            # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)
-            # must not lock the namespace to its layout. Re-checked, as another one may have claimed it meanwhile.
-            known = self._layouts.setdefault(ns_key, canonical)
-            if known != canonical:
-                await attachment.close()
-                self._check_layout(ns_key, known, canonical)
+        canonical = self._canonical_layout(registration)
+        attachment = await self._attach(registration, canonical) if canonical is not None else None
         session = Session(
             id=self.sessions.new_id(),
             registration=registration,
@@ -166,12 +129,43 @@ class KvdService:
         self._update_session_gauges()
         return session
 
-    @staticmethod
-    def _check_layout(ns_key: str, known: tuple[str, ...], canonical: tuple[str, ...]) -> None:
+    def _canonical_layout(self, registration: Registration) -> tuple[str, ...] | None:
+        """The layout's canonical form once it is checked against the pool and its namespace; None: lookup-only."""
+        layout, ns_key = registration.layout, registration.namespace.key
+        canonical = None
+        if layout is not None:
+            if layout.block_bytes > self.store.max_block_bytes:
+                raise InvalidArgument(
+                    f"a block of {layout.block_bytes} bytes exceeds the host pool's slab of"
+                    f" {self.store.max_block_bytes} bytes: raise host_pool.slab_bytes"
+                )
+            canonical = tuple(layer.canonical() for layer in layout.layers)
+            check_layout(ns_key, self._layouts.get(ns_key, canonical), canonical)
+        if (registration.memory is None) != (layout is None):
+            raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
+        return canonical
+
+    async def _attach(self, registration: Registration, canonical: tuple[str, ...]) -> Attachment:
+        """Map the worker's memory through its transport, then claim the namespace's layout."""
+        peer, ns_key, layout, memory = (
+            registration.peer,
+            registration.namespace.key,
+            registration.layout,
+            registration.memory,
+        )
+        if layout is None or memory is None:
+            raise InvalidArgument("a session with memory needs its KV layout")
+        attachment = await self.transports.attach(memory, layout, peer)
+        if self.sessions.find(peer, ns_key, with_memory=True) is not None:
+            await attachment.close()  # a twin registration won the race during the await
+            raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
+        # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)
+        # must not lock the namespace to its layout. Re-checked, as another one may have claimed it meanwhile.
+        known = self._layouts.setdefault(ns_key, canonical)
         if known != canonical:
-            raise InvalidArgument(
-                f"namespace {ns_key!r} is registered with another KV layout; the fingerprint must cover the layout"
-            )
+            await attachment.close()
+            check_layout(ns_key, known, canonical)
+        return attachment
 
     def heartbeat(self, session_id: str) -> None:
         self.sessions.get(session_id)
@@ -187,20 +181,21 @@ class KvdService:
 
     async def lookup(self, session_id: str, hashes: Sequence[bytes]) -> LookupResult:
         session = self.sessions.get(session_id)
-        self._check_hashes(hashes, self.config.max_lookup_blocks)
+        check_hashes(hashes, self.config.max_lookup_blocks)
         ns = session.registration.namespace
         # Tensor-parallel ranks store separate shards; a prefix is a hit only if every rank has it.
         hit_blocks = len(hashes)
         tiers: tuple[Tier, ...] = ()
         for rank in range(ns.tp_world_size):
-            keys = self._keys(ns.key if rank == ns.tp_rank else self._rank_key(session, rank), hashes[:hit_blocks])
+            key = ns.key if rank == ns.tp_rank else rank_namespace_key(ns, rank)
+            keys = block_keys(key, hashes[:hit_blocks])
             hit, rank_tiers = await self.store.lookup(keys)
             hit_blocks = min(hit_blocks, hit)
             if rank == ns.tp_rank:
                 tiers = rank_tiers
-        self.counters["lookups"] += 1
-        self.counters["lookup_blocks"] += len(hashes)
-        self.counters["lookup_hit_blocks"] += hit_blocks
+        self.counters.lookups += 1
+        self.counters.lookup_blocks += len(hashes)
+        self.counters.lookup_hit_blocks += hit_blocks
         hit_tiers = tiers[:hit_blocks]
         if self.metrics is not None:
             self.metrics.observe_lookup(len(hashes), hit_blocks)
@@ -214,7 +209,7 @@ class KvdService:
         session, layout = self._begin_transfer(session_id, blocks)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run_save(session, layout, op_id, blocks, ready_event, client_tag))
+        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag))
         return op_id
 
     def load(self, session_id: str, blocks: Sequence[BlockTransfer], ready_event: bytes, client_tag: int) -> int:
@@ -224,118 +219,62 @@ class KvdService:
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run_load(session, layout, op_id, blocks, ready_event, client_tag))
+        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag))
         return op_id
 
-    async def _run_save(
+    async def _run(
         self,
-        session: Session,
-        layout: KvLayout,
-        op_id: int,
-        blocks: Sequence[BlockTransfer],
-        ready_event: bytes,
-        client_tag: int,
-    ) -> None:
-        start = time.monotonic()
-        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
-        plan = self.store.plan_save(keys, layout.block_bytes)
-        failed = {blocks[i].block_hash for i in plan.no_room}
-        error = "host pool full" if plan.no_room else ""
-        moved = 0
-        entries = [entry for _, entry in plan.to_write]
-        try:
-            if entries:
-                if session.attachment is None:
-                    raise TransferError("session has no memory")
-                await session.attachment.save(
-                    [blocks[i].block_index for i, _ in plan.to_write],
-                    [SlotRef(e.address, e.nbytes) for e in entries],
-                    ready_event,
-                )
-                moved = len(entries) * layout.block_bytes
-            self.store.finish_save(entries, ok=True)
-        except (Exception, asyncio.CancelledError) as exc:
-            self.store.finish_save(entries, ok=False)
-            failed.update(blocks[i].block_hash for i, _ in plan.to_write)
-            error = _failure(exc, f"save {op_id} of session {session.id[:12]}")
-        for i, waiter in plan.in_flight:
-            if not await waiter:
-                failed.add(blocks[i].block_hash)
-                error = error or "a concurrent save of the same block failed"
-        self._finish(session, op_id, OpKind.SAVE, failed, error, client_tag, moved, start, len(blocks))
-
-    async def _run_load(
-        self,
-        session: Session,
-        layout: KvLayout,
-        op_id: int,
-        blocks: Sequence[BlockTransfer],
-        ready_event: bytes,
-        client_tag: int,
-    ) -> None:
-        start = time.monotonic()
-        keys = self._keys(session.namespace_key, [b.block_hash for b in blocks])
-        entries = await self.store.acquire(keys)
-        present = [(b, e) for b, e in zip(blocks, entries, strict=True) if e is not None]
-        failed = {b.block_hash for b, e in zip(blocks, entries, strict=True) if e is None}
-        error = "not stored" if failed else ""
-        done_event = b""
-        moved = 0
-        try:
-            if present:
-                if session.attachment is None:
-                    raise TransferError("session has no memory")
-                done_event = await session.attachment.load(
-                    [b.block_index for b, _ in present],
-                    [SlotRef(e.address, e.nbytes) for _, e in present],
-                    ready_event,
-                )
-                moved = len(present) * layout.block_bytes
-        except (Exception, asyncio.CancelledError) as exc:
-            failed.update(b.block_hash for b, _ in present)
-            error = _failure(exc, f"load {op_id} of session {session.id[:12]}")
-        finally:
-            self.store.release(entries)
-        hit = len(blocks) - len(failed)
-        self.counters["load_hit_blocks"] += hit
-        self.counters["load_miss_blocks"] += len(failed)
-        if self.metrics is not None:
-            self.metrics.observe_load_blocks(hit, len(failed))
-        self._finish(session, op_id, OpKind.LOAD, failed, error, client_tag, moved, start, len(blocks), done_event)
-
-    def _finish(
-        self,
-        session: Session,
-        op_id: int,
         kind: OpKind,
-        failed: set[bytes],
-        error: str,
+        session: Session,
+        layout: KvLayout,
+        op_id: int,
+        blocks: Sequence[BlockTransfer],
+        ready_event: bytes,
         client_tag: int,
-        moved: int,
-        start: float,
-        nblocks: int,
-        done_event: bytes = b"",
     ) -> None:
-        ok = not failed
+        start = time.monotonic()
+        keys = block_keys(session.namespace_key, [b.block_hash for b in blocks])
+        what = f"{kind} {op_id} of session {session.id[:12]}"
+        run = run_save if kind is OpKind.SAVE else run_load
+        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what))
+        if kind is OpKind.LOAD:
+            hit = len(blocks) - len(outcome.failed)
+            self.counters.load_hit_blocks += hit
+            self.counters.load_miss_blocks += len(outcome.failed)
+            if self.metrics is not None:
+                self.metrics.observe_load_blocks(hit, len(outcome.failed))
+        notice = Notice(op_id, kind, not outcome.failed, client_tag=client_tag)
+        self._finish(session, notice, outcome, start, len(blocks))
+
+    def _finish(self, session: Session, notice: Notice, outcome: Outcome, start: float, nblocks: int) -> None:
+        """Count the operation and queue its notice (`notice` carries its id, kind, result and tag; the rest comes
+        from `outcome`)."""
         seconds = time.monotonic() - start
-        prefix = "saves" if kind is OpKind.SAVE else "loads"
-        self.counters[f"{prefix}_{'ok' if ok else 'failed'}"] += 1
-        self.counters["bytes_saved" if kind is OpKind.SAVE else "bytes_loaded"] += moved
+        self.counters.count_operation(notice.kind, notice.ok, outcome.moved)
+        failure = outcome.failure
+        error = failure.message if failure is not None else ""
         if self.metrics is not None:
-            self.metrics.observe_operation(kind.value, ok, moved, seconds, nblocks, len(failed), _reason(error))
+            reason = failure.reason.value if failure is not None else ""
+            self.metrics.observe_operation(
+                notice.kind.value, notice.ok, outcome.moved, seconds, nblocks, len(outcome.failed), reason
+            )
         if error:
-            log.debug("%s %d of session %s: %d failed: %s", kind, op_id, session.id[:12], len(failed), error)
+            log.debug(
+                "%s %d of session %s: %d failed: %s",
+                notice.kind,
+                notice.operation_id,
+                session.id[:12],
+                len(outcome.failed),
+                error,
+            )
         session.end_operation(
-            Notice(
-                operation_id=op_id,
-                kind=kind,
-                ok=ok,
-                failed_hashes=tuple(failed),
+            dataclasses.replace(
+                notice,
+                failed_hashes=tuple(outcome.failed),
                 error=error,
-                client_tag=client_tag,
-                bytes_moved=moved,
+                bytes_moved=outcome.moved,
                 duration_us=int(seconds * 1e6),
-                done_event=done_event,
+                done_event=outcome.done_event,
             )
         )
 
@@ -360,8 +299,8 @@ class KvdService:
                 for s in self.sessions
             ),
             tiers=self.store.snapshots(),
-            counters=dict(self.counters),
-            tier_counters={k: float(v) for k, v in self.store.stats_counters().items()},
+            counters=dataclasses.replace(self.counters),
+            tier_counters={k: float(v) for k, v in self.store.counters().items()},
         )
 
     def tier_health(self) -> tuple[tuple[str, bool], ...]:
@@ -374,39 +313,17 @@ class KvdService:
         if self._draining:
             raise Unavailable("kvd is shutting down")
 
-    def _check_hashes(self, hashes: Sequence[bytes], limit: int) -> None:
-        if not hashes:
-            raise InvalidArgument("empty batch")
-        if len(hashes) > limit:
-            raise ResourceExhausted(f"batch of {len(hashes)} blocks exceeds the limit of {limit}")
-        lengths = list(map(len, hashes))
-        if min(lengths) < 1 or max(lengths) > MAX_HASH_BYTES:
-            bad = next(n for n in lengths if not 0 < n <= MAX_HASH_BYTES)
-            raise InvalidArgument(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {bad}")
-
     def _begin_transfer(self, session_id: str, blocks: Sequence[BlockTransfer]) -> tuple[Session, KvLayout]:
         self._check_open()
         session = self.sessions.get(session_id)
         layout = session.registration.layout
         if layout is None or session.attachment is None:
             raise FailedPrecondition("a lookup-only session cannot save or load: register its KV memory")
-        self._check_hashes([b.block_hash for b in blocks], self.config.max_batch_blocks)
-        num_blocks = layout.num_blocks
-        for b in blocks:
-            if not 0 <= b.block_index < num_blocks:
-                raise InvalidArgument(f"block index {b.block_index} out of range [0, {num_blocks})")
-        if session.in_flight >= self.config.engine.max_inflight_ops:
+        check_hashes([b.block_hash for b in blocks], self.config.max_batch_blocks)
+        check_block_indices(blocks, layout.num_blocks)
+        if session.in_flight >= self.config.max_inflight_ops:
             raise ResourceExhausted(f"{session.in_flight} operations already in flight for this session")
         return session, layout
-
-    @staticmethod
-    def _keys(namespace_key: str, hashes: Sequence[bytes]) -> list[BlockKey]:
-        return [(namespace_key, h) for h in hashes]
-
-    @staticmethod
-    def _rank_key(session: Session, rank: int) -> str:
-        ns = session.registration.namespace
-        return type(ns)(ns.model_id, ns.layout_fingerprint, rank, ns.tp_world_size).key
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -465,23 +382,3 @@ class KvdService:
             by_transport[s.transport] = by_transport.get(s.transport, 0) + 1
         for transport in ("cpu", "cuda_ipc", "none"):
             self.metrics.set_transport_sessions(transport, by_transport.get(transport, 0))
-
-
-def _failure(exc: BaseException, what: str) -> str:
-    """The notice's error text for a failed copy. A transfer error (the worker's memory gone, a CUDA error) or a
-    cancelled drain is expected; anything else is a bug, logged with its traceback, that fails this operation and
-    never the daemon."""
-    if isinstance(exc, TransferError | asyncio.CancelledError):
-        return str(exc) or type(exc).__name__
-    log.error("%s failed", what, exc_info=exc)
-    return f"internal error: {exc}"
-
-
-def _reason(error: str) -> str:
-    """A short, bounded label for metrics (the full text goes to the notice and the log)."""
-    if not error:
-        return ""
-    for label in ("not stored", "host pool full", "process_vm", "partial copy", "internal error", "CUDA", "cuda"):
-        if label in error:
-            return label.lower().replace(" ", "_")
-    return "other"

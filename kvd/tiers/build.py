@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from kvd.config import KvdConfig
 from kvd.memory.host_pool import HostPool
-from kvd.tiers.store import BlockStore
+from kvd.tiers.store import BlockStore, HostStore
 
 
 def build_store(config: KvdConfig, pool: HostPool) -> BlockStore:
-    """The block store with every configured tier, fastest first."""
+    """The block store with every configured tier, fastest first: the L1 host store alone when no backend is set."""
     from kvd.tiers.base import StorageBackend
     from kvd.tiers.chain import TieredBlockStore
     from kvd.tiers.disk import DiskBackend
@@ -22,6 +22,7 @@ def build_store(config: KvdConfig, pool: HostPool) -> BlockStore:
         backends.append(DiskBackend(config.disk, fsync=config.disk.fsync))
     if config.redis.url:
         backends.append(RedisBackend(config.redis))
+    l1 = HostStore(pool)
     if not backends:
-        return BlockStore(pool)
-    return TieredBlockStore(pool, backends, config.tiers)
+        return l1
+    return TieredBlockStore(l1, backends, config.tiers)

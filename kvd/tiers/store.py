@@ -1,12 +1,19 @@
 """The block store the service talks to: which blocks exist, where, and slots to copy them into or out of.
 
-The service layer decides (sessions, admission); the engine moves bytes; this module owns the bookkeeping of what
-is stored. L1 is the host pool (the only tier the engine copies to and from directly); lower tiers (disk, remote
-kvstore) sit behind it and are reached only through this class.
+The service layer decides (sessions, admission); the transports move bytes; the store keeps the books of what is
+stored. L1 is the host pool (the only tier the transports copy to and from directly); lower tiers (disk, remote
+kvstore) sit behind it (kvd.tiers.chain) and are reached only through the same interface.
+
+A save and a load are each two verbs around the copy the service runs in between:
+
+    plan = store.prepare_save(keys, nbytes)    reserve L1 slots       entries = await store.prepare_load(keys)
+    ... copy worker blocks into plan.entries ...                      ... copy entries into the worker ...
+    store.complete_save(plan, ok)              commit, or drop        store.complete_load(entries)   unpin
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,13 +31,102 @@ class SavePlan:
     in_flight: list[tuple[int, asyncio.Future[bool]]] = field(default_factory=list)  # another save is writing it
     no_room: list[int] = field(default_factory=list)
 
+    @property
+    def entries(self) -> list[Entry]:
+        """The reserved slots, in batch order."""
+        return [entry for _, entry in self.to_write]
 
-class BlockStore:
+
+class BlockStore(abc.ABC):
+    """What the service asks of storage. Every method runs on the event loop; none blocks it."""
+
+    @property
+    @abc.abstractmethod
+    def max_block_bytes(self) -> int:
+        """The largest block this store can hold (a session whose blocks are larger is refused)."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin serving (start backends and background writers). Called once, by the daemon, in its event loop."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush what can be flushed and release everything. Called once, after every operation finished."""
+
+    @abc.abstractmethod
+    async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[Tier, ...]]:
+        """How many leading `keys` are loadable, and from which tier each of them would come.
+
+        Args:
+            keys: the blocks of one request, in prefix order.
+        Returns:
+            (hit blocks, one Tier per hit block).
+        """
+
+    @abc.abstractmethod
+    def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
+        """Reserve slots for the keys not stored yet. Keys already stored need nothing; keys being written by another
+        save are waited for, so this save's notice never claims a block that is not there yet.
+
+        Args:
+            keys: the blocks to store (duplicates are planned once).
+            nbytes: the size of every block.
+        Returns:
+            The plan: slots to fill, saves to wait for, and positions that found no room.
+        """
+
+    @abc.abstractmethod
+    def complete_save(self, plan: SavePlan, ok: bool) -> None:
+        """Commit the plan's slots (their bytes are complete: lookups hit from now on) or drop them.
+
+        Args:
+            plan: what `prepare_save` returned.
+            ok: whether every slot of the plan was written.
+        """
+
+    @abc.abstractmethod
+    async def prepare_load(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
+        """Pin the stored blocks for reading (fetching them into L1 first where they are only below it).
+
+        Args:
+            keys: the blocks to load.
+        Returns:
+            One entry per key, pinned; None where the block is missing.
+        """
+
+    @abc.abstractmethod
+    def complete_load(self, entries: Sequence[Entry | None]) -> None:
+        """Unpin what `prepare_load` pinned (the copy out of the slots is over).
+
+        Args:
+            entries: what `prepare_load` returned.
+        """
+
+    @abc.abstractmethod
+    def snapshots(self) -> tuple[TierSnapshot, ...]:
+        """One snapshot per tier, fastest first."""
+
+    def counters(self) -> dict[str, int]:
+        """Counters beyond TierSnapshot (write-downs, prefetches, admission), flat, for stats and metrics."""
+        return {}
+
+    def degraded_tiers(self) -> tuple[str, ...]:
+        """Names of tiers that cannot serve now (health reports them; the daemon keeps serving from the others)."""
+        return tuple(snapshot.name for snapshot in self.snapshots() if not snapshot.healthy)
+
+
+class HostStore(BlockStore):
+    """L1 only: the host pool. It is the whole store when no backend is configured, and the part the tier chain
+    composes otherwise (the chain also reserves and finishes fetched blocks through it, so a save of a key being
+    fetched waits for the fetch like for another save)."""
+
     def __init__(self, pool: HostPool) -> None:
         self.pool = pool
-        self._writing: dict[BlockKey, asyncio.Future[bool]] = {}
+        self._writing: dict[BlockKey, asyncio.Future[bool]] = {}  # reserved, being written: True once committed
         self.hits = 0
         self.misses = 0
+
+    @property
+    def max_block_bytes(self) -> int:
+        return self.pool.slab_bytes
 
     # -- lookups -------------------------------------------------------------------------------------------------
 
@@ -40,11 +136,14 @@ class BlockStore:
         self.misses += len(keys) - hit
         return hit, (Tier.HOST_MEMORY,) * hit
 
+    def count_late_hits(self, blocks: int) -> None:
+        """`blocks` keys that missed the L1 prefix were found in L1 after all (behind a block only in a lower tier)."""
+        self.hits += blocks
+        self.misses -= blocks
+
     # -- saves ---------------------------------------------------------------------------------------------------
 
-    def plan_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
-        """Reserve slots for the keys not stored yet. Keys already stored need nothing; keys being written by
-        another save are waited for, so this save's notice never claims a block that is not there yet."""
+    def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
         plan = SavePlan()
         seen: set[BlockKey] = set()
         for i, key in enumerate(keys):
@@ -58,16 +157,28 @@ class BlockStore:
                 plan.in_flight.append((i, pending))
                 continue
             try:
-                entry = self.pool.reserve(key, nbytes)
+                entry = self.reserve(key, nbytes)
             except ResourceExhausted:
                 plan.no_room.append(i)
                 continue
-            self._writing[key] = asyncio.get_running_loop().create_future()
             plan.to_write.append((i, entry))
         return plan
 
-    def finish_save(self, entries: Sequence[Entry], ok: bool) -> None:
-        """Commit (bytes complete) or drop the reserved slots of a save, and wake saves waiting on them."""
+    def complete_save(self, plan: SavePlan, ok: bool) -> None:
+        self.finish_writes(plan.entries, ok)
+
+    def reserve(self, key: BlockKey, nbytes: int) -> Entry:
+        """A RESERVED slot for `key`, registered as being written (raises ResourceExhausted, InvalidArgument)."""
+        entry = self.pool.reserve(key, nbytes)
+        self._writing[key] = asyncio.get_running_loop().create_future()
+        return entry
+
+    def pending_write(self, key: BlockKey) -> asyncio.Future[bool] | None:
+        """The write in flight for `key`, if any: resolves True once committed, False if dropped."""
+        return self._writing.get(key)
+
+    def finish_writes(self, entries: Sequence[Entry], ok: bool) -> None:
+        """Commit (bytes complete) or drop reserved slots, and wake saves waiting on them."""
         for entry in entries:
             if ok:
                 self.pool.commit(entry)
@@ -79,18 +190,18 @@ class BlockStore:
 
     # -- loads ---------------------------------------------------------------------------------------------------
 
-    async def acquire(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
-        """Pin the stored blocks for reading; None where a block is missing."""
-        out: list[Entry | None] = []
-        for key in keys:
-            entry = self.pool.get(key)
-            if entry is not None:
-                self.pool.pin(entry)
-                self.pool.touch(entry)
-            out.append(entry)
-        return out
+    async def prepare_load(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
+        return [self.pin(key) for key in keys]
 
-    def release(self, entries: Sequence[Entry | None]) -> None:
+    def pin(self, key: BlockKey) -> Entry | None:
+        """The stored entry for `key`, pinned for reading and marked used; None where it is not in L1."""
+        entry = self.pool.get(key)
+        if entry is not None:
+            self.pool.pin(entry)
+            self.pool.touch(entry)
+        return entry
+
+    def complete_load(self, entries: Sequence[Entry | None]) -> None:
         for entry in entries:
             if entry is not None:
                 self.pool.unpin(entry)
@@ -111,14 +222,6 @@ class BlockStore:
                 evictions=pool.evictions,
             ),
         )
-
-    def degraded_tiers(self) -> tuple[str, ...]:
-        """Names of tiers that cannot serve now (health reports them; the daemon keeps serving). L1 never is."""
-        return ()
-
-    def stats_counters(self) -> dict[str, int]:
-        """Tier counters beyond TierSnapshot (write-downs, prefetches, admission), for StatsSnapshot.counters."""
-        return {}
 
     async def close(self) -> None:
         for waiter in self._writing.values():

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvd_client.layout import KvLayout
 
-from kvd.errors import InvalidArgument, PermissionDenied, TransferError
+from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
 from kvd.transports.base import Attachment, SlotRef, Transport, block_segments
 from kvd.types import CpuMemory, PeerIdentity, TransportKind, WorkerMemory
 
@@ -38,9 +38,12 @@ def _vm_copy(write: bool, pid: int, local: array.array, remote: array.array, cou
     done = fn(pid, local_ptr, count, remote_ptr, count, 0)
     if done < 0:
         err = ctypes.get_errno()
-        raise TransferError(f"process_vm_{'writev' if write else 'readv'}(pid {pid}): {os.strerror(err)}")
+        call = f"process_vm_{'writev' if write else 'readv'}"
+        raise TransferError(f"{call}(pid {pid}): {os.strerror(err)}", FailureReason.PROCESS_VM)
     if done != nbytes:
-        raise TransferError(f"partial copy with pid {pid}: {done} of {nbytes} bytes (its memory changed?)")
+        raise TransferError(
+            f"partial copy with pid {pid}: {done} of {nbytes} bytes (its memory changed?)", FailureReason.PARTIAL_COPY
+        )
 
 
 class CpuAttachment(Attachment):

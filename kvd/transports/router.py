@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
 
-from kvd.config import EngineConfig
+from kvd.config import TransportsConfig
 from kvd.errors import InvalidArgument, Unimplemented
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, Transport
@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Medium:
     kind: TransportKind
-    build: Callable[[EngineConfig, PinnedRegion | None], Transport | None]
+    build: Callable[[TransportsConfig, PinnedRegion | None], Transport | None]
 
 
-def _cpu_transport(config: EngineConfig, pinned: PinnedRegion | None) -> Transport:
+def _cpu_transport(config: TransportsConfig, pinned: PinnedRegion | None) -> Transport:
     return CpuTransport(config.cpu_copy_threads)
 
 
-def _cuda_transport(config: EngineConfig, pinned: PinnedRegion | None) -> Transport | None:
+def _cuda_transport(config: TransportsConfig, pinned: PinnedRegion | None) -> Transport | None:
     """The CUDA IPC transport when CuPy with a CUDA device is importable; else None (a CPU-only daemon)."""
     try:
         import cupy  # noqa: F401 - only to tell "not installed" apart from "no device"
@@ -57,7 +57,7 @@ MEDIA: dict[type, Medium] = {
 
 
 class TransportRouter:
-    def __init__(self, config: EngineConfig, pinned: PinnedRegion | None) -> None:
+    def __init__(self, config: TransportsConfig, pinned: PinnedRegion | None) -> None:
         """`pinned`: the host pool's region, for transports that page-lock it (None: leave it pageable)."""
         self._config = config
         self._pinned = pinned

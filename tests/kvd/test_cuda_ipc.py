@@ -39,7 +39,7 @@ def daemon():
         capacity_bytes=256 * MiB,
         slab_bytes=4 * MiB,
         lease_ms=5000,
-        env={"KVD_ENGINE__CUDA_CHUNK_BYTES": str(8 * MiB), "KVD_ENGINE__CUDA_STAGING_BYTES": str(64 * MiB)},
+        env={"KVD_TRANSPORTS__CUDA_CHUNK_BYTES": str(8 * MiB), "KVD_TRANSPORTS__CUDA_STAGING_BYTES": str(64 * MiB)},
     ) as d:
         yield d
 

@@ -56,7 +56,7 @@ from kvd.transports.cuda.resources import (
     StagingRing,
     WaiterContext,
 )
-from kvd.transports.cuda.vmm import VmmDriver, VmmMappings, VmmRange
+from kvd.transports.cuda.vmm import VmmMappings, VmmRange
 from kvd.types import CudaAllocation, CudaMemory
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class DeviceEngine:
         self._gpu = gpu = Enqueue()
         self._events = events = EventPool(runtime, gpu, self._completion_flags)
         self._mappings = IpcMappings(runtime, driver)
-        self._vmm = VmmMappings(VmmDriver(), self.ordinal)
+        self._vmm = VmmMappings(self.ordinal)
         self.uuid = driver.uuid(self.ordinal)
         self.save_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.d2h_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)

@@ -15,8 +15,8 @@ from typing import Any
 
 from kvd_client.layout import KvLayout
 
-from kvd.config import EngineConfig
-from kvd.errors import InvalidArgument, TransferError
+from kvd.config import TransportsConfig
+from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, SlotRef, Transport
 from kvd.transports.cuda.device import DeviceEngine, WorkerMapping
@@ -39,7 +39,7 @@ class CudaAttachment(Attachment):
         try:
             return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args))
         except (CudaError, RuntimeError, ValueError) as exc:
-            raise TransferError(f"CUDA: {exc}") from exc
+            raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
     async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
         await self._run(self._engine.save_job, list(block_indices), [s.address for s in slots], ready_event)
@@ -56,7 +56,7 @@ class CudaAttachment(Attachment):
 class CudaTransport(Transport):
     kind = TransportKind.CUDA_IPC
 
-    def __init__(self, config: EngineConfig, pinned: PinnedRegion | None) -> None:
+    def __init__(self, config: TransportsConfig, pinned: PinnedRegion | None) -> None:
         """`pinned`: host memory to page-lock for DMA (the host pool), or None to leave it pageable."""
         self._config = config
         self._pinned = pinned

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvd_client.vmm import (
@@ -106,25 +106,34 @@ class VmmRange:
 class VmmMappings:
     """The driver-mapped ranges one device's engine holds, for the sessions that registered them."""
 
-    def __init__(self, driver: VmmDriver, ordinal: int) -> None:
-        self._driver = driver
+    def __init__(self, ordinal: int, make_driver: Callable[[], VmmDriver] | None = None) -> None:
         self._ordinal = ordinal
-        self._granularity = driver.granularity(ordinal)
+        self._make_driver = make_driver
+        self._bound: VmmDriver | None = None  # bound at the first driver-mapped allocation, not before
+        self._granularity = 0
         self.live: set[VmmRange] = set()
+
+    @property
+    def _driver(self) -> VmmDriver:
+        if self._bound is None:
+            self._bound = (self._make_driver or VmmDriver)()
+            self._granularity = self._bound.granularity(self._ordinal)
+        return self._bound
 
     def open(self, allocation: CudaAllocation, fds: Sequence[int]) -> VmmRange:
         """Map `allocation` (its chunks tile [0, nbytes); checked by the rpc layer) from the passed `fds`."""
+        driver = self._driver
         grain = self._granularity
         for chunk in allocation.vmm_chunks:
             if chunk.offset % grain or chunk.nbytes % grain:
                 raise CudaError(f"a driver-mapped chunk is not aligned to the {grain}-byte granularity")
             if chunk.fd_index >= len(fds):
                 raise CudaError(f"descriptor {chunk.fd_index} of a driver-mapped chunk was not passed")
-        mapped = VmmRange(self._driver.reserve(allocation.nbytes), allocation.nbytes)
+        mapped = VmmRange(driver.reserve(allocation.nbytes), allocation.nbytes)
         try:
             for chunk in allocation.vmm_chunks:
                 self._map_chunk(mapped, chunk.offset, chunk.nbytes, fds[chunk.fd_index])
-            self._driver.allow(mapped.base, mapped.nbytes, self._ordinal)
+            driver.allow(mapped.base, mapped.nbytes, self._ordinal)
         except BaseException:
             self._unmap(mapped)
             raise

@@ -13,6 +13,7 @@ from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
 from kvd.tiers.disk import DiskBackend
 from kvd.tiers.kvstore import RedisBackend
+from kvd.tiers.store import HostStore
 from kvd.types import BlockKey, Tier
 from tests.kvd.tiers.conftest import KiB, MiB, RedisServer, disk_config, redis_config
 
@@ -30,24 +31,24 @@ def content(i: int) -> bytes:
 
 
 def save(store: TieredBlockStore, ids: Sequence[int]) -> None:
-    """What a save does: reserve, let the engine copy (here: write the slot), commit."""
-    plan = store.plan_save([key(i) for i in ids], BLOCK)
+    """What a save does: reserve, let a transport copy (here: write the slot), commit."""
+    plan = store.prepare_save([key(i) for i in ids], BLOCK)
     assert not plan.no_room
     for pos, entry in plan.to_write:
         store.pool.slot_view(entry)[:] = content(ids[pos])
-    store.finish_save([e for _, e in plan.to_write], ok=True)
+    store.complete_save(plan, ok=True)
 
 
 async def load(store: TieredBlockStore, ids: Sequence[int]) -> list[bytes | None]:
-    entries = await store.acquire([key(i) for i in ids])
+    entries = await store.prepare_load([key(i) for i in ids])
     try:
         return [None if e is None else bytes(store.pool.slot_view(e)) for e in entries]
     finally:
-        store.release(entries)
+        store.complete_load(entries)
 
 
 async def make(pool: HostPool, backends: list[StorageBackend], config: TiersConfig = GENEROUS) -> TieredBlockStore:
-    store = TieredBlockStore(pool, backends, config, write_queue_bytes=2 * MiB)
+    store = TieredBlockStore(HostStore(pool), backends, config, write_queue_bytes=2 * MiB)
     await store.start()
     for b in backends:
         if isinstance(b, DiskBackend):
@@ -129,7 +130,7 @@ async def test_cost_model_rejects_a_tier_slower_than_recompute(pool: HostPool, t
     try:
         await fill_and_evict(store, 320)
         assert (await store.lookup([key(0), key(1)]))[0] == 0  # on disk, but not worth loading
-        assert store.counters["tier_admission_rejected_blocks"] == 2
+        assert store.counters()["tier_admission_rejected_blocks"] == 2
         hit, tiers = await store.lookup([key(300), key(301), key(0)])
         assert hit == 2 and tiers == (Tier.HOST_MEMORY,) * 2  # L1 always counts
     finally:
@@ -144,7 +145,7 @@ async def test_measured_bandwidth_feeds_admission(pool: HostPool, tmp_path: Path
         await load(store, range(0, 32))  # 512 KiB read from disk: a bandwidth sample
         cost = store.cost.tier(Tier.DISK)
         assert cost.bandwidth_bps is not None and cost.samples >= 1
-        assert "tier_disk_read_mbps" in store.stats_counters()
+        assert "tier_disk_read_mbps" in store.counters()
     finally:
         await store.close()
 
@@ -217,12 +218,12 @@ async def test_read_your_writes_under_eviction(pool: HostPool, tmp_path: Path, p
 
 async def test_full_write_queue_drops_and_counts(pool: HostPool, tmp_path: Path) -> None:
     disk = DiskBackend(disk_config(tmp_path / "l2"))
-    store = TieredBlockStore(pool, [disk], GENEROUS, write_queue_bytes=4 * BLOCK)
+    store = TieredBlockStore(HostStore(pool), [disk], GENEROUS, write_queue_bytes=4 * BLOCK)
     await store.start()
     try:
         save(store, range(256))
         save(store, range(256, 272))  # 16 evictions at once, room in the queue for 4
-        assert store.counters["tier_write_down_dropped_blocks"] == 12
+        assert store.counters()["tier_write_down_dropped_blocks"] == 12
         assert await store.flush(10)
         assert disk.used()[1] == 4
     finally:

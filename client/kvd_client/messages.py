@@ -1,0 +1,102 @@
+"""The client's side of the wire: its value types and requests to protobuf, notices and responses back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from kvd_client.errors import InvalidArgument, KvdError
+from kvd_client.layout import KvLayout
+from kvd_client.types import Completion, LookupResult, OpKind, Tier
+from kvd_client.wire.kvd.v1 import kvd_pb2
+
+
+def layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
+    return kvd_pb2.KvLayout(
+        layers=[
+            kvd_pb2.LayerLayout(
+                name=layer.name,
+                shape=layer.shape,
+                dtype=kvd_pb2.DType.ValueType(layer.dtype),
+                block_dim=layer.block_dim,
+            )
+            for layer in layout.layers
+        ],
+        block_size_tokens=layout.block_size_tokens,
+    )
+
+
+def worker_memory(tensors: list[Any]) -> tuple[kvd_pb2.CpuMemory | Any, bool, list[int]]:
+    """The KV tensors' memory as the daemon will reach it, whether it is CUDA memory, and the file descriptors to
+    pass with the registration (driver-mapped CUDA memory; the caller's to close). CPU tensors use the CPU transport
+    (the daemon reads this process's memory); CUDA tensors go by CUDA IPC handle or by descriptor."""
+    devices = {str(t.device) for t in tensors}
+    if len(devices) != 1:
+        raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
+    if devices.pop().startswith("cuda"):
+        from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
+
+        memory, fds = describe_cuda_memory(tensors)
+        prepare_ready_events()
+        return memory, True, fds
+    regions = [kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size()) for t in tensors]
+    return kvd_pb2.CpuMemory(layers=regions), False, []
+
+
+def registration_request(
+    namespace: kvd_pb2.Namespace,
+    token: bytes,
+    worker_name: str,
+    pid: int,
+    layout: KvLayout | None,
+    memory: kvd_pb2.CpuMemory | Any | None,
+) -> kvd_pb2.RegisterSessionRequest:
+    """`memory`: a CpuMemory or CudaMemory message, or None for a lookup-only session."""
+    request = kvd_pb2.RegisterSessionRequest(
+        namespace=namespace, pid=pid, credential_token=token, worker_name=worker_name
+    )
+    if layout is not None:
+        request.layout.CopyFrom(layout_message(layout))
+    if isinstance(memory, kvd_pb2.CpuMemory):
+        request.cpu.CopyFrom(memory)
+    elif memory is not None:
+        request.cuda.CopyFrom(memory)
+    return request
+
+
+def transfer_request(
+    session_id: str, blocks: tuple[tuple[int, bytes], ...], ready_event: bytes, client_tag: int
+) -> kvd_pb2.TransferRequest:
+    return kvd_pb2.TransferRequest(
+        session_id=session_id,
+        blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in blocks],
+        ready_event=ready_event,
+        client_tag=client_tag,
+    )
+
+
+def completion(op_id: int, kind: OpKind, notice: kvd_pb2.CompletionNotice) -> Completion:
+    return Completion(
+        op_id=op_id,
+        kind=kind,
+        ok=notice.ok,
+        failed_hashes=frozenset(notice.failed_block_hashes),
+        error=notice.error,
+        nbytes=notice.bytes_moved,
+        duration_s=notice.duration_us / 1e6,
+        done_event=notice.done_event,
+    )
+
+
+def lookup_result(response: kvd_pb2.LookupResponse) -> LookupResult:
+    return LookupResult(hit_blocks=response.hit_blocks, tiers=tuple(Tier(t) for t in response.tiers))
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log about why the daemon was not reachable."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, KvdError):
+        return f"{type(exc).__name__}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,120 @@
+"""The host pool's bookkeeping: slots, LRU eviction within a block size, slab stealing between block sizes, and the
+two kinds of slot that are never evicted (being written, being read)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvd.config import HostPoolConfig
+from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.memory.host_pool import Entry, HostPool, SlotState
+from kvd.types import BlockKey
+
+KiB = 1 << 10
+SLAB = 256 * KiB  # four slabs in the smallest pool the config allows (1 MiB)
+HALF, QUARTER, SMALL = SLAB // 2, SLAB // 4, SLAB // 16
+
+
+def key(i: int) -> BlockKey:
+    return ("ns", i.to_bytes(4, "big"))
+
+
+@pytest.fixture
+def pool() -> HostPool:
+    made = HostPool(HostPoolConfig(capacity_bytes=4 * SLAB, slab_bytes=SLAB, populate_threads=1))
+    yield made
+    made.close()
+
+
+def stored(pool: HostPool, i: int, nbytes: int) -> Entry:
+    entry = pool.reserve(key(i), nbytes)
+    pool.commit(entry)
+    return entry
+
+
+def test_a_reserved_slot_is_invisible_until_committed(pool: HostPool) -> None:
+    entry = pool.reserve(key(1), SMALL)
+    assert entry.state is SlotState.RESERVED and key(1) not in pool and pool.get(key(1)) is None
+    pool.commit(entry)
+    assert pool.get(key(1)) is entry and pool.used_bytes == SMALL
+    assert pool.region.base_address == pool.base_address and pool.region.nbytes == pool.capacity_bytes
+
+
+def test_a_discarded_slot_is_reused(pool: HostPool) -> None:
+    first = stored(pool, 1, SMALL)
+    pool.discard(first)
+    assert key(1) not in pool and pool.used_bytes == 0
+    again = stored(pool, 2, SMALL)
+    assert again.address == first.address
+
+
+def test_consecutive_reservations_take_consecutive_slots(pool: HostPool) -> None:
+    entries = [stored(pool, i, SMALL) for i in range(4)]
+    assert [e.address - entries[0].address for e in entries] == [0, SMALL, 2 * SMALL, 3 * SMALL]
+
+
+def test_refuses_blocks_larger_than_a_slab_and_keys_already_there(pool: HostPool) -> None:
+    with pytest.raises(InvalidArgument):
+        pool.reserve(key(1), SLAB + 1)
+    stored(pool, 1, SMALL)
+    with pytest.raises(InvalidArgument):
+        pool.reserve(key(1), SMALL)
+
+
+def test_a_full_pool_evicts_the_least_recently_used_block(pool: HostPool) -> None:
+    per_slab = SLAB // (QUARTER)
+    for i in range(4 * per_slab):
+        stored(pool, i, QUARTER)
+    pool.touch(pool.get(key(0)))  # 0 is now the most recent; 1 the oldest
+    evicted: list[BlockKey] = []
+    pool.evict_hooks.append(lambda entry, view: evicted.append(entry.key))
+    stored(pool, 100, QUARTER)
+    assert evicted == [key(1)] and key(0) in pool and pool.evictions == 1
+
+
+def test_touch_prefix_counts_the_stored_prefix_and_refreshes_it(pool: HostPool) -> None:
+    for i in range(3):
+        stored(pool, i, SMALL)
+    assert pool.touch_prefix([key(0), key(1), key(9), key(2)]) == 2
+
+
+def test_pinned_and_reserved_blocks_are_never_evicted(pool: HostPool) -> None:
+    per_slab = SLAB // (HALF)
+    entries = [stored(pool, i, HALF) for i in range(4 * per_slab - 1)]
+    for entry in entries:
+        pool.pin(entry)
+    writing = pool.reserve(key(99), HALF)  # the last slot: being written
+    with pytest.raises(ResourceExhausted):
+        pool.reserve(key(100), HALF)
+    assert all(pool.get(e.key) is e for e in entries) and writing.state is SlotState.RESERVED
+    with pytest.raises(InvalidArgument):
+        pool.discard(entries[0])  # being read
+    pool.unpin(entries[0])
+    assert pool.reserve(key(100), HALF) is not None  # unpinned: evictable again
+
+
+def test_a_block_size_with_nothing_to_evict_steals_the_lru_slab_of_another(pool: HostPool) -> None:
+    small = [stored(pool, i, QUARTER) for i in range(4 * (SLAB // (QUARTER)))]  # every slab: quarter-slab blocks
+    for entry in small[4:]:
+        pool.touch(entry)  # slab 0's blocks are now the least recently used
+    evicted: list[BlockKey] = []
+    pool.evict_hooks.append(lambda entry, view: evicted.append(entry.key))
+    big = stored(pool, 1000, HALF)
+    assert sorted(evicted) == [key(i) for i in range(4)]  # one slab's worth, whole
+    assert big.slab == small[0].slab and all(e.key in pool for e in small[4:])
+
+
+def test_a_slab_with_a_pinned_block_is_not_stolen(pool: HostPool) -> None:
+    small = [stored(pool, i, QUARTER) for i in range(4 * (SLAB // (QUARTER)))]
+    for slab in range(4):
+        pool.pin(next(e for e in small if e.slab == slab))
+    with pytest.raises(ResourceExhausted):
+        pool.reserve(key(1000), HALF)
+
+
+def test_an_emptied_slab_serves_another_block_size(pool: HostPool) -> None:
+    entries = [stored(pool, i, QUARTER) for i in range(4)]  # one slab
+    for entry in entries:
+        pool.discard(entry)
+    big = stored(pool, 10, SLAB)
+    assert big.slab == entries[0].slab and pool.evictions == 0

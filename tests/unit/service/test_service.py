@@ -1,0 +1,218 @@
+"""The service with its real store and pool, and an in-memory attachment in place of a transport (the transports
+have their own tests; here the point is what the service decides): save -> lookup hit -> load bytes, failures per
+block with their typed reason, and the admission limits."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
+
+from kvd.config import HostPoolConfig, KvdConfig
+from kvd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FailureReason,
+    InvalidArgument,
+    ResourceExhausted,
+    TransferError,
+    Unavailable,
+)
+from kvd.memory.host_pool import HostPool
+from kvd.metrics import Metrics
+from kvd.service.service import KvdService
+from kvd.tiers.store import HostStore
+from kvd.transports.base import Attachment, SlotRef
+from kvd.types import (
+    BlockTransfer,
+    CpuMemory,
+    CpuRegion,
+    Notice,
+    PeerIdentity,
+    Registration,
+    Tier,
+    TransportKind,
+    WorkerMemory,
+)
+
+LAYOUT = KvLayout(layers=(LayerLayout("l0", (2, 16, 4, 16), DType.FLOAT32, 1),), block_size_tokens=4)
+BLOCK = LAYOUT.block_bytes  # 2 x 4 x 16 x 4 bytes: K and V of one block
+NUM_BLOCKS = LAYOUT.num_blocks
+
+
+class MemoryAttachment(Attachment):
+    """A worker cache in a bytearray: block b is BLOCK bytes at b * BLOCK (one segment per block)."""
+
+    kind = TransportKind.CPU
+
+    def __init__(self) -> None:
+        self.cache = bytearray(NUM_BLOCKS * BLOCK)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.cache))
+        self.fail_with: TransferError | None = None
+        self.gate: asyncio.Event | None = None  # when set: copies wait for it
+        self.closed = False
+
+    async def _copy(self, block_indices: Sequence[int], slots: Sequence[SlotRef], to_worker: bool) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        for index, slot in zip(block_indices, slots, strict=True):
+            worker = self.base + index * BLOCK
+            dst, src = (worker, slot.address) if to_worker else (slot.address, worker)
+            ctypes.memmove(dst, src, BLOCK)
+
+    async def save(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> None:
+        await self._copy(block_indices, slots, to_worker=False)
+
+    async def load(self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes) -> bytes:
+        await self._copy(block_indices, slots, to_worker=True)
+        return b"done"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class OneAttachment:
+    """Stands where the transport router does: every session gets the test's attachment."""
+
+    def __init__(self, attachment: MemoryAttachment) -> None:
+        self.attachment = attachment
+
+    async def attach(self, memory: WorkerMemory, layout: KvLayout, peer: PeerIdentity) -> Attachment:
+        return self.attachment
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[tuple[KvdService, MemoryAttachment, HostPool]]:
+    config = KvdConfig(host_pool=HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=64 << 10), max_inflight_ops=2)
+    pool = HostPool(config.host_pool)
+    store = HostStore(pool)
+    attachment = MemoryAttachment()
+    service = KvdService(config, OneAttachment(attachment), store, Metrics(process_metrics=False))  # type: ignore[arg-type]
+    await store.start()
+    await service.start()
+    yield service, attachment, pool
+    await service.drain(1.0)
+    await store.close()
+    pool.close()
+
+
+def registration(pid: int = 7, memory: bool = True) -> Registration:
+    return Registration(
+        namespace=Namespace("model", LAYOUT.fingerprint(), 0, 1),
+        layout=LAYOUT if memory else None,
+        memory=CpuMemory((CpuRegion(0x1000, LAYOUT.layers[0].nbytes),)) if memory else None,
+        peer=PeerIdentity(pid, 0, 0, verified=False),
+        worker_name="test",
+    )
+
+
+def h(i: int) -> bytes:
+    return b"hash" + i.to_bytes(4, "big")
+
+
+async def next_notice(service: KvdService, session_id: str) -> Notice:
+    return await asyncio.wait_for(anext(service.watch(session_id)), 5)
+
+
+async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> None:
+    service, attachment, _ = parts
+    session = await service.register(registration())
+    for b in range(4):
+        attachment.cache[b * BLOCK : (b + 1) * BLOCK] = bytes([b + 1]) * BLOCK
+    op = service.save(session.id, [BlockTransfer(b, h(b)) for b in range(4)], b"", client_tag=9)
+    notice = await next_notice(service, session.id)
+    assert (notice.operation_id, notice.ok, notice.client_tag, notice.bytes_moved) == (op, True, 9, 4 * BLOCK)
+    result = await service.lookup(session.id, [h(0), h(1), h(2), h(3), h(99)])
+    assert result.hit_blocks == 4 and result.tiers == (Tier.HOST_MEMORY,) * 4
+    attachment.cache[:] = bytes(len(attachment.cache))
+    service.load(session.id, [BlockTransfer(10 + b, h(b)) for b in range(4)], b"", client_tag=0)
+    loaded = await next_notice(service, session.id)
+    assert loaded.ok and loaded.done_event == b"done"
+    assert all(attachment.cache[(10 + b) * BLOCK : (11 + b) * BLOCK] == bytes([b + 1]) * BLOCK for b in range(4))
+    counters = service.stats().counters
+    assert (counters.saves_ok, counters.loads_ok, counters.lookup_hit_blocks, counters.bytes_loaded) == (
+        1,
+        1,
+        4,
+        4 * BLOCK,
+    )
+
+
+async def test_a_load_fails_exactly_the_blocks_not_stored(parts) -> None:
+    service, _, _ = parts
+    session = await service.register(registration())
+    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
+    assert (await next_notice(service, session.id)).ok
+    service.load(session.id, [BlockTransfer(1, h(0)), BlockTransfer(2, h(5))], b"", 0)
+    notice = await next_notice(service, session.id)
+    assert not notice.ok and notice.failed_hashes == (h(5),) and notice.error == "not stored"
+    assert service.stats().counters.load_miss_blocks == 1
+
+
+async def test_a_failed_copy_fails_its_blocks_and_stores_nothing(parts) -> None:
+    service, attachment, pool = parts
+    session = await service.register(registration())
+    attachment.fail_with = TransferError("worker memory gone", FailureReason.PROCESS_VM)
+    service.save(session.id, [BlockTransfer(0, h(0)), BlockTransfer(1, h(1))], b"", 0)
+    notice = await next_notice(service, session.id)
+    assert not notice.ok and set(notice.failed_hashes) == {h(0), h(1)} and "worker memory gone" in notice.error
+    assert (await service.lookup(session.id, [h(0)])).hit_blocks == 0 and pool.used_bytes == 0
+    failures = service.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "kvd_failures_total", {"kind": "save", "reason": "process_vm"}
+    )
+    assert failures == 1
+
+
+async def test_a_save_without_room_fails_those_blocks(parts) -> None:
+    service, _, pool = parts
+    session = await service.register(registration())
+    blocks = pool.capacity_bytes // BLOCK
+    pins = []
+    for i in range(blocks):  # fill the pool with blocks being read: nothing is evictable
+        entry = pool.reserve(("other", h(i)), BLOCK)
+        pool.commit(entry)
+        pool.pin(entry)
+        pins.append(entry)
+    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
+    notice = await next_notice(service, session.id)
+    assert not notice.ok and notice.failed_hashes == (h(0),) and notice.error == "host pool full"
+    for entry in pins:
+        pool.unpin(entry)
+
+
+async def test_admission_limits(parts) -> None:
+    service, attachment, _ = parts
+    session = await service.register(registration())
+    lookup_only = await service.register(registration(memory=False))
+    with pytest.raises(InvalidArgument):
+        service.save(session.id, [BlockTransfer(NUM_BLOCKS, h(0))], b"", 0)  # index out of range
+    with pytest.raises(InvalidArgument):
+        service.save(session.id, [BlockTransfer(0, b"")], b"", 0)  # empty hash
+    with pytest.raises(InvalidArgument):
+        service.load(session.id, [BlockTransfer(0, h(0)), BlockTransfer(0, h(1))], b"", 0)  # one index twice
+    with pytest.raises(FailedPrecondition):
+        service.save(lookup_only.id, [BlockTransfer(0, h(0))], b"", 0)
+    with pytest.raises(AlreadyExists):
+        await service.register(registration())
+    attachment.gate = asyncio.Event()
+    service.save(session.id, [BlockTransfer(0, h(0))], b"", 0)
+    service.save(session.id, [BlockTransfer(1, h(1))], b"", 0)
+    with pytest.raises(ResourceExhausted):  # max_inflight_ops = 2
+        service.save(session.id, [BlockTransfer(2, h(2))], b"", 0)
+    attachment.gate.set()
+    await next_notice(service, session.id)
+
+
+async def test_draining_refuses_new_work_and_closes_sessions(parts) -> None:
+    service, attachment, _ = parts
+    await service.register(registration())
+    await service.drain(1.0)
+    assert attachment.closed and len(service.sessions) == 0
+    with pytest.raises(Unavailable):
+        await service.register(registration(pid=8))
+    assert service.tier_health() == (("host", True),)

@@ -1,0 +1,66 @@
+"""The L1 store's verbs, as the service uses them around a copy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kvd.config import HostPoolConfig
+from kvd.memory.host_pool import HostPool
+from kvd.tiers.store import HostStore
+from kvd.types import BlockKey, Tier
+
+BLOCK = 4096
+
+
+def key(i: int) -> BlockKey:
+    return ("ns", bytes([i]))
+
+
+@pytest.fixture
+def pool() -> Iterator[HostPool]:
+    made = HostPool(HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=256 << 10, populate_threads=1))
+    yield made
+    made.close()
+
+
+async def test_a_save_reserves_each_new_key_once_and_commits_on_success(pool: HostPool) -> None:
+    store = HostStore(pool)
+    plan = store.prepare_save([key(1), key(2), key(1)], BLOCK)
+    assert [i for i, _ in plan.to_write] == [0, 1] and not plan.in_flight and not plan.no_room
+    assert (await store.lookup([key(1)]))[0] == 0  # not visible before the copy is complete
+    store.complete_save(plan, ok=True)
+    assert await store.lookup([key(1), key(2), key(3)]) == (2, (Tier.HOST_MEMORY,) * 2)
+    assert store.prepare_save([key(1)], BLOCK).to_write == []  # stored: nothing to do
+    snapshot = store.snapshots()[0]
+    assert (snapshot.hits, snapshot.misses, snapshot.blocks) == (2, 2, 2)
+    assert store.max_block_bytes == 256 << 10 and store.degraded_tiers() == () and store.counters() == {}
+
+
+async def test_a_save_of_a_key_being_written_waits_for_that_write(pool: HostPool) -> None:
+    store = HostStore(pool)
+    first = store.prepare_save([key(1)], BLOCK)
+    second = store.prepare_save([key(1)], BLOCK)
+    assert second.to_write == [] and [i for i, _ in second.in_flight] == [0]
+    store.complete_save(first, ok=False)  # the first copy failed: the slot is dropped, the waiter told
+    assert await second.in_flight[0][1] is False
+    assert key(1) not in pool and pool.used_bytes == 0
+
+
+async def test_a_load_pins_what_is_stored_until_it_completes(pool: HostPool) -> None:
+    store = HostStore(pool)
+    plan = store.prepare_save([key(1)], BLOCK)
+    store.complete_save(plan, ok=True)
+    entries = await store.prepare_load([key(1), key(2)])
+    assert entries[1] is None and entries[0] is not None and entries[0].pins == 1
+    store.complete_load(entries)
+    assert entries[0].pins == 0
+
+
+async def test_close_releases_saves_still_waiting(pool: HostPool) -> None:
+    store = HostStore(pool)
+    store.prepare_save([key(1)], BLOCK)
+    waiting = store.prepare_save([key(1)], BLOCK).in_flight[0][1]
+    await store.close()
+    assert waiting.done() and waiting.result() is False

@@ -1,0 +1,267 @@
+"""The GPU engine's save and load jobs, run on CPU against a recording stand-in for the CUDA runtime and driver:
+what they enqueue on which stream, in what order (the ordering rules of docs/design.md), chunk by chunk. The real
+thing runs in tests/kvd/test_cuda_ipc.py on a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kvd_client.layout import DType, KvLayout, LayerLayout
+
+from kvd.config import TransportsConfig
+from kvd.memory.region import PinnedRegion
+from kvd.transports.base import SlotRef
+from kvd.transports.cuda import device as device_module
+from kvd.transports.cuda.transport import CudaTransport
+from kvd.types import CudaAllocation, CudaLayer, CudaMemory, PassedFds, PeerIdentity, VmmChunk
+
+MiB = 1 << 20
+LAYERS = tuple(LayerLayout(f"l{i}", (2, 64, 16, 8, 128), DType.BFLOAT16, 1) for i in range(3))
+LAYOUT = KvLayout(layers=LAYERS, block_size_tokens=16)  # 3 layers x K, V x 32 KiB: 192 KiB blocks
+CHUNK_BLOCKS = MiB // LAYOUT.block_bytes  # 5 blocks per 1 MiB chunk
+WORKER_EVENT = b"\x09" * 64
+RUNTIME_CALLS = [
+    *("getDeviceCount", "setDevice", "deviceSynchronize", "malloc", "free", "hostAlloc", "freeHost"),
+    *("streamCreateWithFlags", "streamSynchronize", "streamDestroy", "hostRegister", "hostUnregister"),
+    *("eventCreateWithFlags", "eventDestroy", "eventSynchronize", "ipcGetEventHandle", "ipcOpenEventHandle"),
+    *("ipcOpenMemHandle", "ipcCloseMemHandle"),
+]
+
+
+class Recorder:
+    """The CUDA runtime (cupy.cuda.runtime), the driver bindings and cupy.asarray, all writing one call log."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self._handles = itertools.count(0x1000, 0x10)
+        self._buffers: list[Any] = []
+
+    def runtime_call(self, name: str, *args: Any) -> Any:
+        self.calls.append((name, args))
+        if name == "getDeviceCount":
+            return 1
+        if name == "hostAlloc":  # the index ring is written through this address: give it real memory
+            buffer = ctypes.create_string_buffer(args[0])
+            self._buffers.append(buffer)
+            return ctypes.addressof(buffer)
+        if name == "ipcGetEventHandle":
+            return args[0].to_bytes(8, "little") * 8
+        return next(self._handles)
+
+    def named(self, *names: str) -> list[tuple[str, tuple[Any, ...]]]:
+        return [call for call in self.calls if call[0] in names]
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    rec = Recorder()
+    runtime = types.SimpleNamespace()
+    for name in RUNTIME_CALLS:
+        setattr(runtime, name, lambda *args, _name=name: rec.runtime_call(_name, *args))
+
+    class Array:
+        def __init__(self, values: list[int]) -> None:
+            self.data = types.SimpleNamespace(ptr=next(rec._handles))
+
+    class Module:
+        def __init__(self, code: str, options: tuple[str, ...]) -> None:
+            pass
+
+        def get_function(self, name: str) -> Any:
+            return types.SimpleNamespace(ptr={"kvd_gather": 0xA, "kvd_scatter": 0xB}[name])
+
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.runtime = runtime  # type: ignore[attr-defined]
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda  # type: ignore[attr-defined]
+    cupy.RawModule = Module  # type: ignore[attr-defined]
+    cupy.uint64 = "uint64"  # type: ignore[attr-defined]
+    cupy.asarray = lambda values, dtype=None: Array(values)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+
+    class Enqueue:
+        def __getattr__(self, name: str) -> Any:
+            def call(*args: Any) -> int:
+                rec.calls.append((f"gpu.{name}", tuple(getattr(a, "value", a) for a in args)))
+                return 0  # every event already complete
+
+            return call
+
+    class Driver:
+        def address_range(self, pointer: int) -> tuple[int, int]:
+            return pointer, 1 << 40
+
+        def device_pointer(self, host: int) -> int:
+            return host
+
+        def event_synchronize(self, event: int) -> int:
+            return 0
+
+        def uuid(self, ordinal: int) -> str:
+            return "ab" * 16
+
+    monkeypatch.setattr(device_module, "Enqueue", Enqueue)
+    monkeypatch.setattr(device_module, "Driver", Driver)
+    yield rec
+
+
+def memory() -> CudaMemory:
+    size = LAYERS[0].nbytes
+    allocations = (CudaAllocation(b"\x01" * 64, 2 * size), CudaAllocation(b"\x02" * 64, 2 * size))
+    return CudaMemory("GPU-" + "ab" * 16, allocations, tuple(CudaLayer(i % 2, (i // 2) * size, size) for i in range(3)))
+
+
+async def attached(recorder: Recorder) -> tuple[Any, Any]:
+    from kvd.transports.cuda.transport import CudaTransport
+
+    transport = CudaTransport(
+        TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
+    )
+    await transport.start()
+    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(1, 0, 0, True))
+    return transport, attachment
+
+
+def slots(positions: list[int]) -> list[SlotRef]:
+    return [SlotRef(0x7000_0000 + p * LAYOUT.block_bytes, LAYOUT.block_bytes) for p in positions]
+
+
+def enqueued(recorder: Recorder, start: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """The engine thread's calls since `start` (the completion waiters' event queries left out)."""
+    return [call for call in recorder.calls[start:] if call[0] != "gpu.query"]
+
+
+async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chunk(recorder: Recorder) -> None:
+    transport, attachment = await attached(recorder)
+    engine = next(iter(transport._engines.values()))
+    start = len(recorder.calls)
+    # 12 blocks: chunks of 5, 5, 2. Host slots: 0-4 consecutive, then 9 | 11 12 | 20 | 30, then 31 32.
+    await attachment.save(list(range(12)), slots([0, 1, 2, 3, 4, 9, 11, 12, 20, 30, 31, 32]), WORKER_EVENT)
+    calls = enqueued(recorder, start)
+    assert calls[0] == ("ipcOpenEventHandle", (WORKER_EVENT,))
+    assert calls[1][0] == "gpu.wait" and calls[1][1][0] == engine.save_stream  # before anything reads the blocks
+    launches = [args for name, args in calls if name == "gpu.launch"]
+    assert [(args[0], args[1], args[3]) for args in launches] == [
+        (0xA, (6, 5), engine.save_stream),  # gather: 6 segments (3 layers x K, V) x 5 blocks
+        (0xA, (6, 5), engine.save_stream),
+        (0xA, (6, 2), engine.save_stream),
+    ]
+    copies = [args for name, args in calls if name == "gpu.d2h"]
+    block = LAYOUT.block_bytes
+    assert [args[2] // block for args in copies] == [5, 1, 2, 1, 1, 2]  # one DMA per run of consecutive slots
+    assert {args[3] for args in copies} == {engine.d2h_stream}
+    assert calls[-1][0] == "gpu.record" and calls[-1][1][1] == engine.d2h_stream  # the completion event
+    await attachment.close()
+    await transport.stop()
+
+
+async def test_a_load_copies_in_then_waits_for_the_worker_once_before_scattering(recorder: Recorder) -> None:
+    transport, attachment = await attached(recorder)
+    engine = next(iter(transport._engines.values()))
+    start = len(recorder.calls)
+    handle = await attachment.load([7, 3, 5, 1, 0, 2, 4], slots(list(range(7))), WORKER_EVENT)
+    calls = enqueued(recorder, start)
+    worker = next(v for n, v in recorder.calls if n == "ipcOpenEventHandle")
+    assert worker == (WORKER_EVENT,)
+    waits_on_load = [args for name, args in calls if name == "gpu.wait" and args[0] == engine.load_stream]
+    scatters = [i for i, (name, args) in enumerate(calls) if name == "gpu.launch"]
+    assert len(scatters) == 2 and all(calls[i][1][0] == 0xB and calls[i][1][3] == engine.load_stream for i in scatters)
+    # Per chunk the load stream waits for the chunk's H2D; before the first scatter, once, for the worker too.
+    assert len(waits_on_load) == 3
+    first_scatter = scatters[0]
+    worker_waits = [
+        i
+        for i, (name, args) in enumerate(calls[:first_scatter])
+        if name == "gpu.wait" and args[0] == engine.load_stream
+    ]
+    assert len(worker_waits) == 2
+    h2d = [args for name, args in calls if name == "gpu.h2d"]
+    assert {args[3] for args in h2d} == {engine.h2d_stream} and sum(a[2] for a in h2d) == 7 * LAYOUT.block_bytes
+    assert len(handle) == 64 and calls[-1][0] == "gpu.record" and calls[-1][1][1] == engine.load_stream
+    await attachment.close()
+    await transport.stop()
+
+
+async def test_closing_the_attachment_drops_its_mappings_and_stopping_unpins_the_pool(recorder: Recorder) -> None:
+    transport, attachment = await attached(recorder)
+    assert [args[1:] for _, args in recorder.named("hostRegister")] == [(64 * MiB, 1)]
+    await attachment.save([0], slots([0]), WORKER_EVENT)
+    await attachment.close()
+    assert len(recorder.named("ipcCloseMemHandle")) == 2 and len(recorder.named("ipcOpenMemHandle")) == 2
+    await transport.stop()
+    assert recorder.named("hostUnregister") == [("hostUnregister", (0x7000_0000,))]
+
+
+class VmmRecorder:
+    """The cuMem* calls of kvd.transports.cuda.vmm, into the recorder's log."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+
+    def granularity(self, ordinal: int) -> int:
+        return 2 * MiB
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> int:
+            self._recorder.calls.append((f"vmm.{name}", args))
+            return {"reserve": 0x9_0000_0000, "import_fd": 0x500 + args[0]}.get(name, 0)
+
+        return call
+
+
+async def test_driver_mapped_memory_is_imported_mapped_and_unmapped_chunk_by_chunk(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three 4 MiB chunks, one per layer, each from its own passed descriptor: one reserved range, each chunk
+    imported, mapped at its offset and its import handle dropped, read/write access for the whole range; the
+    descriptors are closed once imported; closing unmaps each chunk as it was mapped and frees the range."""
+    from kvd.transports.cuda import vmm
+
+    monkeypatch.setattr(vmm, "VmmDriver", lambda: VmmRecorder(recorder))
+    pipes = [os.pipe() for _ in range(3)]
+    size = LAYERS[0].nbytes  # 4 MiB
+    chunks = tuple(VmmChunk(i * size, size, fd_index=2 - i) for i in range(3))
+    memory = CudaMemory(
+        "GPU-" + "ab" * 16,
+        (CudaAllocation(b"", 3 * size, chunks),),
+        tuple(CudaLayer(0, i * size, size) for i in range(3)),
+        PassedFds([r for r, _ in pipes]),
+    )
+    transport = CudaTransport(
+        TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
+    )
+    await transport.start()
+    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(1, 0, 0, True))
+    base, fds = 0x9_0000_0000, [r for r, _ in pipes]
+    assert [c for c in recorder.calls if c[0].startswith("vmm.")] == [
+        ("vmm.reserve", (3 * size,)),
+        *[
+            call
+            for i in range(3)
+            for call in (
+                ("vmm.import_fd", (fds[2 - i],)),
+                ("vmm.map", (base + i * size, size, 0x500 + fds[2 - i])),
+                ("vmm.release", (0x500 + fds[2 - i],)),
+            )
+        ],
+        ("vmm.allow", (base, 3 * size, 0)),
+    ]
+    for r, w in pipes:
+        with pytest.raises(OSError):
+            os.fstat(r)  # closed by the engine once imported
+        os.close(w)
+    start = len(recorder.calls)
+    await attachment.close()
+    assert [c for c in recorder.calls[start:] if c[0].startswith("vmm.")] == [
+        *[("vmm.unmap", (base + i * size, size)) for i in range(3)],
+        ("vmm.free", (base, 3 * size)),
+    ]
+    await transport.stop()
