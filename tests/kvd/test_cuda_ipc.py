@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -202,8 +203,8 @@ EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 def _mapped_ranges(daemon: Daemon) -> int:
     """How many driver-mapped ranges the daemon holds, from its last log line about them (-1: none yet)."""
-    lines = [line for line in daemon.log_text().splitlines() if " ranges mapped" in line]
-    return int(lines[-1].rsplit(";", 1)[1].split()[0]) if lines else -1
+    counts = re.findall(r"(\d+) ranges mapped", daemon.log_text())
+    return int(counts[-1]) if counts else -1
 
 
 @pytest.mark.parametrize("kind", ["expandable", "cumem"])
