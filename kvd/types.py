@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,10 +46,42 @@ class CpuMemory:
     layers: tuple[CpuRegion, ...]
 
 
+class PassedFds:
+    """File descriptors a worker passed with its credential token (driver-mapped KV memory). Whoever imports them
+    takes them (`take`); whatever is left is closed by `close`, so each is closed exactly once, by one owner."""
+
+    def __init__(self, fds: Sequence[int] = ()) -> None:
+        self._fds: list[int] | None = list(fds)
+        self._lock = threading.Lock()
+        self.count = len(self._fds)
+
+    def take(self) -> list[int]:
+        """All of them, now the caller's to close; [] once taken or closed."""
+        with self._lock:
+            fds, self._fds = self._fds or [], None
+        return fds
+
+    def close(self) -> None:
+        for fd in self.take():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class VmmChunk:
+    """One physical allocation of a driver-mapped range: mapped at `offset`, `nbytes` long, passed as descriptor
+    number `fd_index` of the registration's PassedFds."""
+
+    offset: int
+    nbytes: int
+    fd_index: int
+
+
 @dataclass(frozen=True, slots=True)
 class CudaAllocation:
-    ipc_handle: bytes
+    ipc_handle: bytes  # empty for driver-mapped memory
     nbytes: int
+    vmm_chunks: tuple[VmmChunk, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +96,7 @@ class CudaMemory:
     device_uuid: str
     allocations: tuple[CudaAllocation, ...]
     layers: tuple[CudaLayer, ...]
+    fds: PassedFds = field(default_factory=PassedFds, compare=False)  # for allocations with vmm_chunks
 
 
 WorkerMemory = CpuMemory | CudaMemory

@@ -28,10 +28,11 @@ import grpc
 
 from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
-from kvd_client.handoff import Finished, Inbox, settle_when_done
-from kvd_client.layout import KvLayout
+from kvd_client.fdpass import close_fds
+from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
+from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
-from kvd_client.session import open_channel, register_session
+from kvd_client.session import heartbeat, open_channel, register_session
 from kvd_client.types import Completion, LookupResult, OpKind
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
@@ -60,9 +61,7 @@ class KvdClient:
         self.tp_world_size = tp_world_size
         self.worker_name = worker_name or f"pid{os.getpid()}"
         self.timeout_s = timeout_s
-        self.layout: KvLayout | None = None
-        self._memory: kvd_pb2.CpuMemory | Any | None = None  # CpuMemory or CudaMemory message
-        self._cuda = False
+        self._kv = KvMemory()
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._pending: dict[int, PendingOp] = {}
@@ -84,15 +83,23 @@ class KvdClient:
     # -- set-up ----------------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any], *, block_dim: int, block_size_tokens: int = 0) -> None:
-        """Describe the worker's KV tensors (call before start()). CPU tensors use the CPU transport (the daemon
-        reads this process's memory); CUDA tensors are exported by CUDA IPC."""
-        tensors = dict(kv_caches)
-        layout = KvLayout.from_tensors(tensors, block_dim=block_dim, block_size_tokens=block_size_tokens)
-        self._memory, self._cuda = messages.worker_memory(list(tensors.values()))
-        self.layout = layout
-        self._tensors = tensors  # keep them alive as long as the daemon may copy into them
-        if self.layout_fingerprint is None:
-            self.layout_fingerprint = layout.fingerprint()
+        """Describe the worker's KV tensors. CPU tensors use the CPU transport (the daemon reads this process's
+        memory); CUDA tensors go by CUDA IPC handle, or by file descriptor for driver-mapped memory. Called after
+        start() (a wake-up from sleep), it registers the new memory in a new session."""
+        self._kv.describe(kv_caches, block_dim=block_dim, block_size_tokens=block_size_tokens)
+        if self.layout_fingerprint is None and self._kv.layout is not None:
+            self.layout_fingerprint = self._kv.layout.fingerprint()
+        if self._thread is not None:
+            self._renew_session(wait=False)
+
+    def release_memory(self) -> None:
+        """Have the daemon drop every mapping of the KV memory now, e.g. before vLLM's sleep mode releases it. The
+        client stays registered without memory (lookups keep working) until `register_kv_caches` hands it memory
+        again. Waits for the daemon's answer, at most `timeout_s`."""
+        fds = self._kv.release()
+        if self._thread is not None:
+            self._renew_session(wait=True)
+        close_fds(fds)  # after the daemon let go: the last references that keep the memory from being freed
 
     def start(self) -> None:
         """Start the background thread; returns at once. Registration happens there, with retries."""
@@ -140,21 +147,13 @@ class KvdClient:
         """Save (block index, block hash) pairs. For a CUDA cache the ready event is recorded here, on the caller's
         current stream, unless one is given: the daemon copies only after the work queued before it."""
         call_ns = time.monotonic_ns()  # the operation's first stage (Completion.stages)
-        if self._cuda and not ready_event and blocks:
-            from kvd_client.cuda import record_ready_event
-
-            ready_event = record_ready_event()
-        return self._enqueue(OpKind.SAVE, blocks, ready_event, call_ns)
+        return self._enqueue(OpKind.SAVE, blocks, self._kv.ready_event(blocks, ready_event), call_ns)
 
     def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
         """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
         the caller's current stream (nothing queued may still be reading those blocks)."""
-        call_ns, ready_event = time.monotonic_ns(), b""
-        if self._cuda and blocks:
-            from kvd_client.cuda import record_ready_event
-
-            ready_event = record_ready_event()
-        return self._enqueue(OpKind.LOAD, blocks, ready_event, call_ns)
+        call_ns = time.monotonic_ns()
+        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks), call_ns)
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -181,14 +180,11 @@ class KvdClient:
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None:
             loop.call_soon_threadsafe(lambda: None)  # wake the loop so it sees _closed
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
-            try:
-                fut.result(timeout=self.timeout_s)
-            except Exception as exc:  # closing must never raise into the caller
-                log.debug("kvd client shutdown: %s", exc)
+            run_on_loop(loop, self._shutdown(), self.timeout_s, "shutdown")
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self._fail_all("client closed")
+        close_fds(self._kv.release())
         self._inbox.close()  # only now, long after _closed stopped new posts
         with self._lock:
             lookups = list(self._lookups)
@@ -215,6 +211,11 @@ class KvdClient:
             self._pending[op.op_id] = op
         self._inbox.post(lambda: self._submit(op))
         return op.op_id
+
+    def _renew_session(self, *, wait: bool) -> None:
+        """End the session (the daemon unmaps its memory); the loop thread registers again with the memory now."""
+        if self._loop is not None and not self._closed:
+            run_on_loop(self._loop, self._end_session(), self.timeout_s if wait else None, "session renewal")
 
     def _complete_failed(self, op: PendingOp, error: str) -> None:
         self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
@@ -274,13 +275,13 @@ class KvdClient:
             tp_world_size=self.tp_world_size,
         )
 
-        def request(token: bytes) -> kvd_pb2.RegisterSessionRequest:
-            return messages.registration_request(
-                namespace, token, self.worker_name, os.getpid(), self.layout, self._memory
-            )
+        kv = self._kv
 
-        grant_ptrace = self._memory is not None and not self._cuda
-        stub, response = await register_session(channel, self.socket_path, self.timeout_s, request, grant_ptrace)
+        def request(token: bytes) -> kvd_pb2.RegisterSessionRequest:
+            return messages.registration_request(namespace, token, self.worker_name, os.getpid(), kv.layout, kv.message)
+
+        ptrace = kv.message is not None and not kv.cuda
+        stub, response = await register_session(channel, self.socket_path, self.timeout_s, request, ptrace, kv.fds)
         self._stub = stub
         self._session_id = response.session_id
         self.boot_id = response.boot_id
@@ -299,7 +300,8 @@ class KvdClient:
         self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
-        beat = asyncio.create_task(self._heartbeat(stub))
+        every_s = max(0.05, self._lease_s / 3)
+        beat = asyncio.create_task(heartbeat(stub, self._session_id, self.boot_id, every_s, self.timeout_s))
         broken = asyncio.create_task(self._broken.wait())
         try:
             done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
@@ -327,15 +329,6 @@ class KvdClient:
             if op is None:
                 continue
             self._finished.push(messages.completion(op, notice, notice_ns))
-
-    async def _heartbeat(self, stub: kvd_pb2_grpc.KvdStub) -> None:
-        while True:
-            await asyncio.sleep(max(0.05, self._lease_s / 3))
-            response = await stub.Heartbeat(
-                kvd_pb2.HeartbeatRequest(session_id=self._session_id), timeout=self.timeout_s
-            )
-            if response.boot_id != self.boot_id:
-                return  # the daemon restarted: our session and everything in flight are gone
 
     def _submit(self, op: PendingOp) -> None:
         asyncio.get_running_loop().create_task(self._send(op))
@@ -387,12 +380,21 @@ class KvdClient:
             raise Unavailable("kvd connection closed during the lookup") from None
         return messages.lookup_result(response)
 
-    async def _shutdown(self) -> None:
+    async def _unregister(self) -> None:
         stub, session = self._stub, self._session_id
         if stub is not None and session:
             try:
                 await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 log.debug("unregister: %s", exc.details())
+
+    async def _end_session(self) -> None:
+        self._ready.clear()
+        await self._unregister()
+        if self._broken is not None:
+            self._broken.set()
+
+    async def _shutdown(self) -> None:
+        await self._unregister()
         if hasattr(self, "_main_task"):
             self._main_task.cancel()

@@ -8,7 +8,10 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+
+from kvd_client.fdpass import recv_exactly, send_fds
 
 TOKEN_BYTES = 32
 PR_SET_PTRACER = 0x59616D61  # Yama: let one named process ptrace (and process_vm_readv) us
@@ -19,19 +22,16 @@ def credential_socket_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + ".cred")
 
 
-def fetch_token(socket_path: Path, timeout_s: float) -> tuple[bytes, int]:
+def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) -> tuple[bytes, int]:
     """A single-use token bound by the daemon to this process's kernel-verified pid, and the daemon's pid as this
-    process's pid namespace sees it (from SO_PEERCRED of the same connection)."""
+    process's pid namespace sees it (from SO_PEERCRED of the same connection). `fds` (driver-mapped KV memory) are
+    passed on the same connection and bound to the token (kvd_client.fdpass)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(str(credential_socket_path(socket_path)))
         daemon_pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        token = b""
-        while len(token) < TOKEN_BYTES:
-            chunk = sock.recv(TOKEN_BYTES - len(token))
-            if not chunk:
-                raise ConnectionError("credential socket closed before sending a token")
-            token += chunk
+        token = recv_exactly(sock, TOKEN_BYTES, "a token")
+        send_fds(sock, fds)
     return token, daemon_pid
 
 

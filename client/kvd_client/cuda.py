@@ -29,27 +29,53 @@ def device_uuid(index: int) -> str:
     return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
-def describe_cuda_memory(tensors: Sequence[torch.Tensor]) -> kvd_pb2.CudaMemory:
-    """The CUDA IPC description of the KV tensors: one handle per distinct allocation, and each tensor's byte offset
-    inside its allocation (the caching allocator rarely places a tensor at an allocation's base)."""
+def describe_cuda_memory(tensors: Sequence[torch.Tensor]) -> tuple[kvd_pb2.CudaMemory, list[int]]:
+    """How the daemon reaches the KV tensors, and the file descriptors to pass with the registration (the caller's
+    to close). Driver-mapped memory (vLLM's extensible KV cache, PyTorch's expandable segments) goes by descriptor
+    (kvd_client.cuda_vmm); cudaMalloc memory by CUDA IPC handle, one per distinct allocation, with each tensor's
+    byte offset inside it (the caching allocator rarely places a tensor at an allocation's base)."""
     if not tensors:
         raise InvalidArgument("no KV tensors to export")
+    if any(not t.is_contiguous() for t in tensors):
+        raise InvalidArgument("kvd needs contiguous KV tensors")
     index = tensors[0].device.index
     if index is None:
         index = torch.cuda.current_device()
+    if _shares_by_ipc(tensors[0]):
+        return _describe_ipc(tensors, index), []
+    from kvd_client import cuda_vmm
+
+    ranges = [(int(t.data_ptr()), int(t.numel()) * t.element_size()) for t in tensors]
+    if cuda_vmm.is_driver_mapped(ranges[0][0]):
+        allocations, places, fds = cuda_vmm.describe(ranges, index)
+        layers = [
+            kvd_pb2.CudaLayer(allocation=a, offset=offset, nbytes=nbytes)
+            for (a, offset), (_, nbytes) in zip(places, ranges, strict=True)
+        ]
+        return kvd_pb2.CudaMemory(device_uuid=device_uuid(index), allocations=allocations, layers=layers), fds
+    raise InvalidArgument("the KV cache is neither cudaMalloc memory torch can share nor driver-mapped memory")
+
+
+def _shares_by_ipc(tensor: torch.Tensor) -> bool:
+    """Whether torch can export the tensor's allocation as a legacy CUDA IPC handle (a cudaMalloc segment of its
+    caching allocator). Expandable segments and memory torch did not allocate (vLLM's extensible KV cache) cannot."""
+    try:
+        share = tensor.untyped_storage()._share_cuda_()
+    except Exception:  # torch refuses memory its allocator did not make (RuntimeError from c10::Error)
+        return False
+    handle = bytes(share[1])
+    return len(handle) == IPC_HANDLE_BYTES or (len(handle) == IPC_HANDLE_BYTES + 2 and handle[1] == _TYPE_CUDA_MALLOC)
+
+
+def _describe_ipc(tensors: Sequence[torch.Tensor], index: int) -> kvd_pb2.CudaMemory:
     allocations: dict[bytes, int] = {}
     sizes: list[int] = []
     layers = []
     for tensor in tensors:
-        if not tensor.is_contiguous():
-            raise InvalidArgument("kvd needs contiguous KV tensors")
         try:
             share = tensor.untyped_storage()._share_cuda_()
         except RuntimeError as exc:
-            raise InvalidArgument(
-                f"this KV tensor cannot be shared by CUDA IPC ({exc}); with PYTORCH_CUDA_ALLOC_CONF="
-                "expandable_segments:True allocate the KV cache before enabling it, or turn it off"
-            ) from exc
+            raise InvalidArgument(f"this KV tensor cannot be shared by CUDA IPC ({exc})") from exc
         handle, storage_offset = _cuda_malloc_handle(bytes(share[1])), int(share[3])
         offset = storage_offset + int(tensor.storage_offset()) * tensor.element_size()
         nbytes = int(tensor.numel()) * tensor.element_size()
@@ -78,10 +104,9 @@ def _cuda_malloc_handle(handle: bytes) -> bytes:
     if len(handle) == IPC_HANDLE_BYTES + 2 and handle[1] == _TYPE_CUDA_MALLOC:
         return handle[2:]
     if len(handle) >= 2 and handle[1] == _TYPE_EXPANDABLE:
-        raise InvalidArgument(
-            "the KV cache lives in an expandable segment (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), which "
-            "CUDA IPC handles cannot share; turn expandable_segments off for the process that allocates the KV cache"
-        )
+        # describe_cuda_memory sends driver-mapped memory by descriptor; only a tensor that is partly in one kind
+        # of memory and partly in the other gets here.
+        raise InvalidArgument("the KV tensors lie partly in an expandable segment and partly in cudaMalloc memory")
     raise InvalidArgument(f"unrecognised CUDA shareable handle ({len(handle)} bytes) from this torch version")
 
 

@@ -16,15 +16,17 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvd_client.types import Completion
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _libc_keep_gil = ctypes.PyDLL(None, use_errno=True)
 _libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
@@ -121,3 +123,15 @@ def settle_when_done(
             future.set_result(task.result())
 
     task.add_done_callback(finished)
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, coro: Any, timeout_s: float | None, what: str) -> None:
+    """Run `coro` on the loop's thread; with a timeout, wait for it that long. Never raises: what it does is best
+    effort (a daemon that is gone has dropped the session anyway)."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    if timeout_s is None:
+        return
+    try:
+        future.result(timeout=timeout_s)
+    except Exception as exc:  # must never raise into the caller
+        log.debug("kvd client %s: %s", what, exc)

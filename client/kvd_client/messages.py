@@ -28,20 +28,21 @@ def layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
     )
 
 
-def worker_memory(tensors: list[Any]) -> tuple[kvd_pb2.CpuMemory | Any, bool]:
-    """The KV tensors' memory as the daemon will reach it, and whether it is CUDA memory. CPU tensors use the CPU
-    transport (the daemon reads this process's memory); CUDA tensors are exported by CUDA IPC."""
+def worker_memory(tensors: list[Any]) -> tuple[kvd_pb2.CpuMemory | Any, bool, list[int]]:
+    """The KV tensors' memory as the daemon will reach it, whether it is CUDA memory, and the file descriptors to
+    pass with the registration (driver-mapped CUDA memory; the caller's to close). CPU tensors use the CPU transport
+    (the daemon reads this process's memory); CUDA tensors go by CUDA IPC handle or by descriptor."""
     devices = {str(t.device) for t in tensors}
     if len(devices) != 1:
         raise InvalidArgument(f"KV tensors span several devices: {sorted(devices)}")
     if devices.pop().startswith("cuda"):
         from kvd_client.cuda import describe_cuda_memory, prepare_ready_events  # torch + CUDA only on a GPU
 
-        memory = describe_cuda_memory(tensors)
+        memory, fds = describe_cuda_memory(tensors)
         prepare_ready_events()
-        return memory, True
+        return memory, True, fds
     regions = [kvd_pb2.CpuRegion(address=t.data_ptr(), nbytes=t.numel() * t.element_size()) for t in tensors]
-    return kvd_pb2.CpuMemory(layers=regions), False
+    return kvd_pb2.CpuMemory(layers=regions), False, []
 
 
 def registration_request(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -37,16 +37,19 @@ async def register_session(
     timeout_s: float,
     build_request: Callable[[bytes], kvd_pb2.RegisterSessionRequest],
     grant_ptrace: bool,
+    fds: Sequence[int] = (),
 ) -> tuple[kvd_pb2_grpc.KvdStub, kvd_pb2.RegisterSessionResponse]:
     """The stub and the daemon's answer; a refusal raises its KvdError (logged once here).
 
     Args:
         build_request: the request, given the credential token.
         grant_ptrace: let the daemon's pid read and write our memory (the CPU transport needs it).
+        fds: file descriptors of driver-mapped KV memory, passed with the token (they stay open here).
     """
     await asyncio.wait_for(channel.channel_ready(), timeout=timeout_s)
     stub = kvd_pb2_grpc.KvdStub(channel)
-    token, daemon_pid = await asyncio.get_running_loop().run_in_executor(None, fetch_token, socket_path, timeout_s)
+    loop = asyncio.get_running_loop()
+    token, daemon_pid = await loop.run_in_executor(None, fetch_token, socket_path, timeout_s, list(fds))
     if grant_ptrace:
         allow_ptrace(daemon_pid)
     try:
@@ -56,3 +59,15 @@ async def register_session(
         log.warning("kvd registration refused: %s: %s", type(error).__name__, error.message)
         raise error from None
     return stub, response
+
+
+async def heartbeat(
+    stub: kvd_pb2_grpc.KvdStub, session_id: str, boot_id: str, every_s: float, timeout_s: float
+) -> None:
+    """Beat every `every_s` until the daemon answers with another boot id (it restarted: the session and everything
+    in flight are gone); a failed call raises."""
+    while True:
+        await asyncio.sleep(every_s)
+        response = await stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=session_id), timeout=timeout_s)
+        if response.boot_id != boot_id:
+            return

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from kvd.errors import PermissionDenied
-from kvd.types import PeerIdentity
+from kvd.rpc import fd_channel
+from kvd.types import PassedFds, PeerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class CredentialIssuer:
         self.path = path
         self._mode = mode
         self._tokens: dict[bytes, tuple[PeerIdentity, float]] = {}
+        self._fds: dict[bytes, PassedFds] = {}  # descriptors passed with a token, until it is redeemed or expires
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -57,6 +59,9 @@ class CredentialIssuer:
         self._server.close()
         await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
+        for passed in self._fds.values():
+            passed.close()
+        self._fds.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -66,12 +71,26 @@ class CredentialIssuer:
             self._expire()
             self._tokens[token] = (PeerIdentity(pid=pid, uid=uid, gid=gid, verified=True), time.monotonic())
             log.info("credential socket: peer pid %d uid %d gid %d", pid, uid, gid)
+            fd_channel.pause(writer)
             writer.write(token)
             await writer.drain()
-        except OSError as exc:
+            self._keep_fds(token, await fd_channel.receive_after_token(writer))
+        except OSError as exc:  # FdPassError included: nothing of the exchange is kept
             log.warning("credential socket: %s", exc)
         finally:
             writer.close()
+
+    def _keep_fds(self, token: bytes, fds: list[int]) -> None:
+        passed = PassedFds(fds)
+        if token not in self._tokens:  # expired meanwhile
+            passed.close()
+        elif fds:
+            self._fds[token] = passed
+            log.info("credential socket: %d descriptors of driver-mapped memory bound to the token", len(fds))
+
+    def take_fds(self, token: bytes) -> PassedFds:
+        """The descriptors passed with `token` (redeem it first); empty when none were."""
+        return self._fds.pop(token, None) or PassedFds()
 
     def redeem(self, token: bytes) -> PeerIdentity:
         """The identity a token was issued to. Each token works once and for TOKEN_TTL_S seconds."""
@@ -85,6 +104,8 @@ class CredentialIssuer:
         cutoff = time.monotonic() - TOKEN_TTL_S
         for token in [t for t, (_, at) in self._tokens.items() if at < cutoff]:
             del self._tokens[token]
+        for token in [t for t in self._fds if t not in self._tokens]:
+            self._fds.pop(token).close()
 
 
 def remove_stale_socket(path: Path) -> None:

@@ -30,10 +30,12 @@ from kvd.types import (
     DaemonStages,
     Notice,
     OpKind,
+    PassedFds,
     PeerIdentity,
     Registration,
     SessionSnapshot,
     TierSnapshot,
+    VmmChunk,
     WorkerMemory,
 )
 
@@ -76,14 +78,19 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         self, request: kvd_pb2.RegisterSessionRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.RegisterSessionResponse:
         service = self._svc()
-        registration = Registration(
-            namespace=_namespace(request.namespace),
-            layout=_layout(request.layout) if request.layout.layers else None,
-            memory=_memory(request),
-            peer=self._peer(request),
-            worker_name=request.worker_name[:128],
-        )
-        session = await service.register(registration)
+        peer = self._peer(request)
+        fds = self._credentials.take_fds(request.credential_token) if self._credentials is not None else PassedFds()
+        try:
+            registration = Registration(
+                namespace=_namespace(request.namespace),
+                layout=_layout(request.layout) if request.layout.layers else None,
+                memory=_memory(request, fds),
+                peer=peer,
+                worker_name=request.worker_name[:128],
+            )
+            session = await service.register(registration)
+        finally:
+            fds.close()  # what the transport did not take (it takes them when it maps driver-mapped memory)
         layout = registration.layout
         return kvd_pb2.RegisterSessionResponse(
             session_id=session.id,
@@ -256,7 +263,7 @@ def _layout(layout: kvd_pb2.KvLayout) -> KvLayout:
     return KvLayout(layers=tuple(layers), block_size_tokens=layout.block_size_tokens)
 
 
-def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
+def _memory(request: kvd_pb2.RegisterSessionRequest, fds: PassedFds) -> WorkerMemory | None:
     which = request.WhichOneof("memory")
     if which == "cpu":
         return CpuMemory(layers=tuple(CpuRegion(address=r.address, nbytes=r.nbytes) for r in request.cpu.layers))
@@ -264,11 +271,7 @@ def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
         cuda = request.cuda
         if not cuda.device_uuid:
             raise InvalidArgument("cuda.device_uuid is empty")
-        allocations = []
-        for a in cuda.allocations:
-            if len(a.ipc_handle) != IPC_HANDLE_BYTES:
-                raise InvalidArgument(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, got {len(a.ipc_handle)}")
-            allocations.append(CudaAllocation(ipc_handle=a.ipc_handle, nbytes=a.nbytes))
+        allocations = [_allocation(i, a, fds.count) for i, a in enumerate(cuda.allocations)]
         layers = []
         for i, layer in enumerate(cuda.layers):
             if layer.allocation >= len(allocations):
@@ -276,8 +279,30 @@ def _memory(request: kvd_pb2.RegisterSessionRequest) -> WorkerMemory | None:
             if layer.offset + layer.nbytes > allocations[layer.allocation].nbytes:
                 raise InvalidArgument(f"layer {i}: bytes [{layer.offset}, +{layer.nbytes}) overrun its allocation")
             layers.append(CudaLayer(allocation=layer.allocation, offset=layer.offset, nbytes=layer.nbytes))
-        return CudaMemory(device_uuid=cuda.device_uuid, allocations=tuple(allocations), layers=tuple(layers))
+        return CudaMemory(cuda.device_uuid, tuple(allocations), tuple(layers), fds)
     return None
+
+
+def _allocation(index: int, a: kvd_pb2.CudaAllocation, passed_fds: int) -> CudaAllocation:
+    """An IPC-handle allocation, or a driver-mapped one whose chunks tile [0, nbytes) exactly."""
+    if not a.vmm_chunks:
+        if len(a.ipc_handle) != IPC_HANDLE_BYTES:
+            raise InvalidArgument(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, got {len(a.ipc_handle)}")
+        return CudaAllocation(ipc_handle=a.ipc_handle, nbytes=a.nbytes)
+    if a.ipc_handle:
+        raise InvalidArgument(f"allocation {index}: an IPC handle and driver-mapped chunks at once")
+    chunks, end = [], 0
+    for c in a.vmm_chunks:
+        if c.offset != end or c.nbytes == 0:
+            raise InvalidArgument(f"allocation {index}: chunks must tile it from 0 without gaps or overlaps")
+        if c.fd_index >= passed_fds:
+            raise InvalidArgument(f"allocation {index}: descriptor {c.fd_index} was not passed ({passed_fds} were)")
+        chunks.append(VmmChunk(offset=c.offset, nbytes=c.nbytes, fd_index=c.fd_index))
+        end += c.nbytes
+    if end != a.nbytes:
+        raise InvalidArgument(f"allocation {index}: chunks cover {end} bytes, the allocation says {a.nbytes}")
+    return CudaAllocation(ipc_handle=b"", nbytes=a.nbytes, vmm_chunks=tuple(chunks))
+
 
 
 def _blocks(request: kvd_pb2.TransferRequest) -> BlockBatch:

@@ -196,3 +196,26 @@ def test_raw_stub_sees_unavailable_without_daemon(daemon_factory: DaemonFactory)
     with pytest.raises(grpc.RpcError) as err:
         daemon.stub().Stats(kvd_pb2.StatsRequest(), timeout=0.5)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_memory_released_and_registered_again(daemon: Daemon, spec: CacheSpec) -> None:
+    """vLLM's sleep mode: the daemon lets go of the worker's memory (its session then has none), lookups keep
+    working, transfers fail into recomputation; registering the memory again makes everything work again."""
+    caches = make_caches(spec)
+    client = make_client(daemon, spec, caches, "m-sleep")
+    with client:
+        assert client.wait_ready(20)
+        assert_saves_work(client, spec, caches, "awake")
+        transports = lambda: {s.worker_name: s.transport for s in daemon.stats().sessions}  # noqa: E731
+        assert transports()["m-sleep"] == "cpu"
+
+        client.release_memory()
+        wait_for(lambda: transports().get("m-sleep") == "none" and client.ready, 10, what="a lookup-only session")
+        stored = [block_hash(i, "awake") for i in range(8)]
+        assert client.lookup(stored).result(5).hit_blocks == 8
+        done = Completions(client)
+        assert not done.wait(client.load([(0, stored[0])])).ok  # no memory to load into
+
+        client.register_kv_caches(caches, block_dim=BLOCK_DIM, block_size_tokens=spec.block_size)
+        wait_for(lambda: transports().get("m-sleep") == "cpu" and client.ready, 10, what="memory registered again")
+        assert_saves_work(client, spec, caches, "woken")

@@ -114,15 +114,6 @@ def test_extras_separate_equal_tokens() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not HAVE_VLLM:
-        pytest.skip("vLLM is not installed")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([sys.executable, str(WORKER), "make-model", str(out)], check=True, capture_output=True)
-    return out
-
-
 class Daemon:
     """A kvd daemon in a subprocess, on a socket that outlives restarts."""
 
@@ -207,11 +198,16 @@ class FakeClient:
         self.finished: list[Any] = []
         self.registered: dict[str, Any] = {}
         self.block_dim = -1
+        self.registrations = 0
         self._ids = 0
         self.closed = False
 
     def register_kv_caches(self, kv_caches: Any, *, block_dim: int, block_size_tokens: int) -> None:
         self.registered, self.block_dim = dict(kv_caches), block_dim
+        self.registrations += 1
+
+    def release_memory(self) -> None:
+        self.registered = {}
 
     def start(self) -> None:
         pass
@@ -258,7 +254,7 @@ def _vllm_config(model: Path, socket: str) -> Any:
         max_model_len=2048,
         kv_transfer_config=KVTransferConfig(
             kv_connector="KvdConnector",
-            kv_connector_module_path="kvd_client.vllm_connector",
+            kv_connector_module_path="kvd_client.vllm.connector",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
             kv_connector_extra_config={"socket": socket},
@@ -294,7 +290,7 @@ def vllm_config(tiny_model: Path) -> Any:
 
 @pytest.fixture
 def fake_clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
-    from kvd_client import vllm_connector
+    from kvd_client.vllm import clients
 
     made: list[FakeClient] = []
 
@@ -302,8 +298,8 @@ def fake_clients(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
         made.append(FakeClient(spec))
         return made[-1]
 
-    monkeypatch.setattr(vllm_connector, "client_factory", factory)
-    monkeypatch.setattr(vllm_connector, "_shared", {})
+    monkeypatch.setattr(clients, "client_factory", factory)
+    monkeypatch.setattr(clients, "_shared", {})
     return made
 
 
@@ -657,3 +653,66 @@ def test_lookup_starts_when_the_request_arrives(vllm_config: Any, fake_clients: 
     # Answered before the scheduler first asks: no "ask again" round, and no second lookup.
     assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
     assert len(client.lookups) == 1
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
+def test_sleep_releases_the_memory_and_wake_up_registers_it_again(
+    vllm_config: Any, fake_clients: list[FakeClient]
+) -> None:
+    import torch
+    from kvd_client import Completion, OpKind
+    from kvd_client.vllm.connector import KvdConnector
+    from kvd_client.vllm.metadata import BlockOp, KvdConnectorMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    conn = KvdConnector(vllm_config, KVConnectorRole.WORKER, _kv_cache_config(num_blocks=16))
+    caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(16, 2, BLOCK, 64, dtype=torch.bfloat16) for i in range(2)}
+    conn.register_kv_caches(caches)
+    (client,) = fake_clients
+    h = [bytes([i]) * 8 for i in range(4)]
+    conn.bind_connector_metadata(KvdConnectorMetadata(saves=(BlockOp("S", (1, 2), (h[0], h[1])),)))
+    conn.wait_for_save()
+    conn.clear_connector_metadata()
+    (save_op, _) = client.saves[0]
+    client.finished = [Completion(save_op, OpKind.SAVE, True, frozenset())]
+
+    conn.unregister_kv_caches()  # the save in flight finished first; then the daemon lets go of the memory
+    assert client.registered == {} and not client.finished
+    conn.unregister_kv_caches()  # idempotent
+    # Asleep: a load cannot happen; its blocks are reported failed at once (recomputed after wake-up).
+    conn.bind_connector_metadata(KvdConnectorMetadata(loads=(BlockOp("L", (5, 6), (h[2], h[3])),)))
+    conn.start_load_kv(None)  # type: ignore[arg-type]
+    conn.clear_connector_metadata()
+    assert client.loads == []
+    assert conn.get_finished(set()) == (None, {"L"})
+    assert conn.get_block_ids_with_load_errors() == {5, 6}
+
+    conn.restore_kv_caches()
+    assert client.registrations == 2 and set(client.registered) == set(caches)
+    conn.restore_kv_caches()  # idempotent
+    assert client.registrations == 2
+    conn.shutdown()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
+def test_may_load_async_follows_the_lookup(vllm_config: Any, fake_clients: list[FakeClient]) -> None:
+    from kvd_client import LookupResult, Tier
+    from kvd_client.vllm.connector import KvdConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    conn = KvdConnector(vllm_config, KVConnectorRole.SCHEDULER, _kv_cache_config())
+    (client,) = fake_clients
+    tokens = list(range(3, 3 + 4 * BLOCK + 1))
+    first = _request("first", tokens)
+    conn.on_new_request(first)
+    assert not conn.may_load_async(first)  # pending, and no lookup has hit yet
+    client.lookups[0][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY,) * 2))
+    assert conn.may_load_async(first)  # answered: a hit
+    assert conn.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, True)
+    miss = _request("miss", [t + 1 for t in tokens])
+    conn.on_new_request(miss)
+    client.lookups[1][1].set_result(LookupResult(hit_blocks=0, tiers=()))
+    assert not conn.may_load_async(miss)
+    assert not conn.may_load_async(_request("unknown", tokens))  # never seen: no lookup to go by

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extra.update(json.loads(args.extra))
         kwargs["kv_transfer_config"] = {
             "kv_connector": "KvdConnector",
-            "kv_connector_module_path": "kvd_client.vllm_connector",
+            "kv_connector_module_path": "kvd_client.vllm.connector",
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": extra,

@@ -187,7 +187,7 @@ def test_sidecar_pod(sidecar_docs: list[Doc]) -> None:
     transfer = json.loads(args[args.index("--kv-transfer-config") + 1])
     assert transfer == {
         "kv_connector": "KvdConnector",
-        "kv_connector_module_path": "kvd_client.vllm_connector",
+        "kv_connector_module_path": "kvd_client.vllm.connector",
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"socket": str(config.socket)},
     }

@@ -1,25 +1,28 @@
-"""A second GPU worker process for the CUDA IPC tests (CUDA refuses to open an IPC handle in the process that made it,
+"""A second GPU worker process for the CUDA tests (CUDA refuses to open an IPC handle in the process that made it,
 and a real deployment has one process per worker anyway).
 
-    python -m tests.kvd.cuda_worker SOCKET load FIRST_INDEX N SALT   -> loads blocks 0..N of SALT at FIRST_INDEX..
-    python -m tests.kvd.cuda_worker SOCKET expandable N SALT         -> save + load with expandable_segments on
+    python -m tests.kvd.cuda_worker SOCKET save KIND N SALT               -> saves blocks 0..N of SALT
+    python -m tests.kvd.cuda_worker SOCKET load FIRST N SALT [KIND]       -> loads them at FIRST.. and checks them
+    python -m tests.kvd.cuda_worker SOCKET hold KIND MIB                  -> registers, prints "ready", sleeps
 
-Prints one JSON line: {"ok": bool, ...}.
+KIND is the memory the KV cache lives in: `malloc` (torch's caching allocator; with PYTORCH_CUDA_ALLOC_CONF=
+expandable_segments:True in the environment that is driver-mapped memory too), or `cumem` (cuMemCreate'd
+allocations mapped side by side, as vLLM's extensible KV cache makes them). save and load print one JSON line.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from typing import Any
 
 import torch
 from kvd_client import KvdClient
-from kvd_client.errors import InvalidArgument
+from kvd_client.cuda_vmm import is_driver_mapped
 
 from tests.helpers.kvdata import block_hash
-from tests.kvd.cuda_common import SPEC, make_gpu_caches, mismatched_blocks, write_blocks
+from tests.kvd.cuda_common import SPEC, make_gpu_caches, make_vmm_caches, mismatched_blocks, write_blocks
 
 
 def wait_done(client: KvdClient, op: int, timeout: float = 30.0):  # type: ignore[no-untyped-def]
@@ -32,80 +35,67 @@ def wait_done(client: KvdClient, op: int, timeout: float = 30.0):  # type: ignor
     raise TimeoutError("operation did not finish")
 
 
+def caches_of(kind: str, offset_elements: int, mib: int = 0) -> tuple[dict[str, torch.Tensor], Any]:
+    if kind == "cumem":
+        return make_vmm_caches(offset_elements, chunk_mib=(mib,) if mib else (22, 20, 24))
+    if mib:
+        extra = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+        caches, backing = make_gpu_caches(offset_elements)
+        return caches, (backing, extra)
+    return make_gpu_caches(offset_elements)
+
+
+def connect(socket: str, caches: dict[str, torch.Tensor], name: str) -> KvdClient:
+    client = KvdClient(socket, model_id="cuda-test", worker_name=name)
+    client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
+    client.start()
+    if not client.wait_ready(30):
+        raise SystemExit(json.dumps({"ok": False, "error": "not ready"}))
+    return client
+
+
+def save(socket: str, kind: str, n: int, salt: str) -> dict[str, Any]:
+    caches, _memory = caches_of(kind, offset_elements=768)
+    client = connect(socket, caches, f"save-{kind}")
+    pairs = [(i, block_hash(i, salt)) for i in range(n)]
+    write_blocks(caches, pairs)
+    done = wait_done(client, client.save(pairs))
+    mapped = is_driver_mapped(next(iter(caches.values())).data_ptr())
+    client.close()
+    return {"ok": done.ok, "driver_mapped": mapped, "error": done.error}
+
+
+def load(socket: str, kind: str, first: int, n: int, salt: str) -> dict[str, Any]:
+    caches, _memory = caches_of(kind, offset_elements=4096)
+    client = connect(socket, caches, f"load-{kind}")
+    hashes = [block_hash(i, salt) for i in range(n)]
+    hit = client.lookup(hashes).result(10).hit_blocks
+    pairs = [(first + i, h) for i, h in enumerate(hashes)]
+    done = wait_done(client, client.load(pairs))
+    client.wait_loaded(done)
+    bad = mismatched_blocks(caches, pairs)
+    untouched = int(sum(int(t[:, :first].count_nonzero()) for t in caches.values()))
+    client.close()
+    return {"ok": done.ok and not bad, "hit": hit, "bad": len(bad), "untouched_nonzero": untouched, "error": done.error}
+
+
 def main() -> int:
-    socket, mode = sys.argv[1], sys.argv[2]
-    if mode == "load":
-        first, n, salt = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        caches, _ = make_gpu_caches(offset_elements=4096)
-        client = KvdClient(socket, model_id="cuda-test", worker_name="worker-b")
-        client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
-        client.start()
-        if not client.wait_ready(30):
-            print(json.dumps({"ok": False, "error": "not ready"}))
-            return 1
-        hashes = [block_hash(i, salt) for i in range(n)]
-        hit = client.lookup(hashes).result(10).hit_blocks
-        pairs = [(first + i, h) for i, h in enumerate(hashes)]
-        done = wait_done(client, client.load(pairs))
-        client.wait_loaded(done)
-        bad = mismatched_blocks(caches, pairs)
-        untouched = int(sum(int(t[:, :first].count_nonzero()) for t in caches.values()))
-        client.close()
-        print(
-            json.dumps(
-                {
-                    "ok": done.ok and not bad,
-                    "hit": hit,
-                    "bad": len(bad),
-                    "untouched_nonzero": untouched,
-                    "error": done.error,
-                }
-            )
-        )
+    socket, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if mode == "save":
+        result = save(socket, args[0], int(args[1]), args[2])
+    elif mode == "load":
+        kind = args[3] if len(args) > 3 else "malloc"
+        result = load(socket, kind, int(args[0]), int(args[1]), args[2])
+    elif mode == "hold":
+        caches, _memory = caches_of(args[0], offset_elements=0, mib=int(args[1]))
+        connect(socket, caches, f"hold-{args[0]}")
+        print("ready", flush=True)
+        time.sleep(120)
         return 0
-    if mode == "expandable":
-        n, salt = int(sys.argv[3]), sys.argv[4]
-        caches, _ = make_gpu_caches(offset_elements=0)
-        client = KvdClient(socket, model_id="cuda-expandable", worker_name="expandable")
-        try:
-            client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
-        except InvalidArgument as exc:
-            print(
-                json.dumps(
-                    {
-                        "ok": False,
-                        "refused": True,
-                        "error": exc.message,
-                        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                    }
-                )
-            )
-            return 0
-        client.start()
-        if not client.wait_ready(30):
-            print(json.dumps({"ok": False, "refused": False, "error": "not ready"}))
-            return 1
-        pairs = [(i, block_hash(i, salt)) for i in range(n)]
-        write_blocks(caches, pairs)
-        saved = wait_done(client, client.save(pairs))
-        back = [(n + i, h) for i, h in pairs]
-        loaded = wait_done(client, client.load(back))
-        client.wait_loaded(loaded)
-        bad = mismatched_blocks(caches, back)
-        client.close()
-        print(
-            json.dumps(
-                {
-                    "ok": saved.ok and loaded.ok and not bad,
-                    "refused": False,
-                    "bad": len(bad),
-                    "error": saved.error or loaded.error,
-                }
-            )
-        )
-        return 0
-    print(json.dumps({"ok": False, "error": f"unknown mode {mode}"}))
-    return 2
+    else:
+        result = {"ok": False, "error": f"unknown mode {mode}"}
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +23,13 @@ from kvd_client import Completion, KvdClient, OperationStages  # noqa: E402
 
 from tests.helpers.daemon import REPO_ROOT, Daemon, child_env  # noqa: E402
 from tests.helpers.kvdata import block_content, block_hash  # noqa: E402
-from tests.kvd.cuda_common import SPEC, make_gpu_caches, mismatched_blocks, write_blocks  # noqa: E402
+from tests.kvd.cuda_common import (  # noqa: E402
+    SPEC,
+    make_gpu_caches,
+    make_vmm_caches,
+    mismatched_blocks,
+    write_blocks,
+)
 
 MiB = 1 << 20
 
@@ -127,12 +134,14 @@ class _StreamGuard:
             del torch.cuda.Stream.__init__  # back to the inherited one
 
 
-def test_stream_safety_and_ordering_under_a_model_like_loop(daemon: Daemon) -> None:
+@pytest.mark.parametrize("kind", ["malloc", "cumem"])
+def test_stream_safety_and_ordering_under_a_model_like_loop(daemon: Daemon, kind: str) -> None:
     """A slow kernel on the model stream writes blocks right before each save: the saved bytes must be the kernel's
     output. A load into blocks the model stream is still writing must land after that write, and a read on the
-    model stream right after the load must see the loaded bytes. The model thread's stream never changes."""
-    caches, _backing = make_gpu_caches(offset_elements=512)
-    client = _client(daemon, caches, "cuda-order")
+    model stream right after the load must see the loaded bytes. The model thread's stream never changes. Both in
+    cudaMalloc memory (CUDA IPC) and in cuMemCreate'd memory (passed by descriptor)."""
+    caches, _backing = make_gpu_caches(offset_elements=512) if kind == "malloc" else make_vmm_caches(512)
+    client = _client(daemon, caches, f"cuda-order-{kind}")
     rng = random.Random(7)
     model_stream = torch.cuda.current_stream()
     before = (model_stream.cuda_stream, torch.cuda.current_device())
@@ -192,12 +201,74 @@ def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon) -> None:
         client.close()
 
 
-def test_expandable_segments_either_works_or_is_refused_clearly(daemon: Daemon) -> None:
-    result = _worker(daemon, "expandable", "8", "exp", env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-    if result["refused"]:
-        assert "expandable" in result["error"], result
-    else:
-        assert result == {"ok": True, "refused": False, "bad": 0, "error": ""}, result
+EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def _mapped_ranges(daemon: Daemon) -> int:
+    """How many driver-mapped ranges the daemon holds, from its last log line about them (-1: none yet)."""
+    counts = re.findall(r"(\d+) ranges mapped", daemon.log_text())
+    return int(counts[-1]) if counts else -1
+
+
+@pytest.mark.parametrize("kind", ["expandable", "cumem"])
+def test_driver_mapped_memory_saves_and_loads_across_processes(daemon: Daemon, kind: str) -> None:
+    """Save from a worker whose KV cache is driver-mapped memory (PyTorch's expandable segments, or cuMemCreate'd
+    allocations a layer spans two of, as vLLM's extensible KV cache makes them), load in another such worker and
+    in a cudaMalloc one: byte-identical everywhere. Once they exit, the daemon maps none of their memory."""
+    env = EXPANDABLE if kind == "expandable" else None
+    memory = "malloc" if kind == "expandable" else "cumem"
+    salt = f"vmm-{kind}"
+    saved = _worker(daemon, "save", memory, "40", salt, env=env)
+    assert saved == {"ok": True, "driver_mapped": True, "error": ""}, saved
+    expected = {"ok": True, "hit": 40, "bad": 0, "untouched_nonzero": 0, "error": ""}
+    assert _worker(daemon, "load", "100", "40", salt, memory, env=env) == expected
+    assert _worker(daemon, "load", "60", "40", salt) == expected  # into cudaMalloc memory, by CUDA IPC
+    assert "mapped" in daemon.log_text()
+    deadline = time.monotonic() + 10
+    while _mapped_ranges(daemon) != 0:
+        assert time.monotonic() < deadline, "the daemon still maps a finished worker's memory"
+        time.sleep(0.05)
+
+
+def _ready_worker(*args: str) -> subprocess.Popen[str]:
+    """A Python worker process started with `args`, once it printed "ready"."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the worker did not get ready (rc {proc.wait(10)})")
+    return proc
+
+
+def test_worker_exit_leaves_no_mapping(daemon: Daemon) -> None:
+    """A worker holding 1 GiB of cuMemCreate'd KV memory is killed: once its session is freed the GPU has that
+    memory back. Had the daemon kept its mapping, the physical memory would stay allocated."""
+    free_before = torch.cuda.mem_get_info()[0]
+    proc = _ready_worker("-m", "tests.kvd.cuda_worker", str(daemon.socket), "hold", "cumem", "1024")
+    try:
+        assert _mapped_ranges(daemon) >= 1
+        assert free_before - torch.cuda.mem_get_info()[0] >= 1 << 30
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while torch.cuda.mem_get_info()[0] < free_before - (64 << 20) or _mapped_ranges(daemon) != 0:
+            assert time.monotonic() < deadline, (torch.cuda.mem_get_info()[0], free_before, _mapped_ranges(daemon))
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_driver_mapped_memory_without_a_shareable_handle_is_refused_clearly(daemon: Daemon) -> None:
+    from kvd_client.errors import InvalidArgument
+
+    caches, memory = make_vmm_caches(0, shareable=False)
+    client = KvdClient(daemon.socket, model_id="cuda-unshareable")
+    try:
+        with pytest.raises(InvalidArgument, match="handle type"):
+            client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
+    finally:
+        client.close()
+        memory.close()
 
 
 def test_worker_crash_frees_its_session_and_mappings(daemon: Daemon) -> None:
@@ -207,15 +278,8 @@ def test_worker_crash_frees_its_session_and_mappings(daemon: Daemon) -> None:
         "c = KvdClient(sys.argv[1], model_id='cuda-crash'); c.register_kv_caches(caches, block_dim=1)\n"
         "c.start(); assert c.wait_ready(30); print('ready', flush=True); import time; time.sleep(60)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(daemon.socket)],
-        cwd=REPO_ROOT,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = _ready_worker("-c", code, str(daemon.socket))
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         names = lambda: {s.worker_name for s in daemon.stats().sessions}  # noqa: E731
         assert f"pid{proc.pid}" in names()
         proc.kill()

@@ -28,14 +28,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvd_client.fdpass import close_fds
 from kvd_client.layout import KvLayout
 
 from kvd.config import CompletionWait
-from kvd.transports.base import block_segments
 from kvd.transports.cuda.driver import (
     EVENT_BLOCKING_SYNC,
     EVENT_DISABLE_TIMING,
@@ -46,6 +45,7 @@ from kvd.transports.cuda.driver import (
     Enqueue,
 )
 from kvd.transports.cuda.kernels import MAX_GRID_Y, Kernels, launch_chunk, load_kernels, slot_runs
+from kvd.transports.cuda.mapping import WorkerMapping
 from kvd.transports.cuda.resources import (
     CompletionWaiter,
     DoneEvents,
@@ -57,7 +57,8 @@ from kvd.transports.cuda.resources import (
     WaiterContext,
 )
 from kvd.transports.cuda.trace import NO_TRACE, ChunkTrace, Tracer, traced
-from kvd.types import CudaMemory, DaemonStages
+from kvd.transports.cuda.vmm import VmmMappings
+from kvd.types import CudaAllocation, CudaMemory, DaemonStages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -65,24 +66,6 @@ _T = TypeVar("_T")
 DONE_EVENT_RING = 128  # interprocess events handed to workers; reuse only makes a late waiter wait longer
 INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB of mapped pinned memory)
 Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], DaemonStages | None]
-
-
-@dataclass(eq=False, slots=True)
-class WorkerMapping:
-    """One session's KV cache as this device sees it (engine thread only): its opened allocations, the segment
-    tables the kernels read, and the worker's interprocess events opened so far."""
-
-    layout: KvLayout
-    chunk_blocks: int  # blocks per chunk: one kernel launch and one staging buffer each
-    opened: list[bytes] = field(default_factory=list)  # IPC handles this session holds a reference to
-    worker_events: dict[bytes, int] = field(default_factory=dict)
-    tables: Any = None  # (segment bases, lengths, offsets in the stored block) as device arrays
-    nseg: int = 0
-    vec16: int = 0
-
-    @property
-    def block_bytes(self) -> int:
-        return self.layout.block_bytes
 
 
 class DeviceEngine:
@@ -124,6 +107,7 @@ class DeviceEngine:
         self._gpu: Enqueue | None = None
         self._events: EventPool | None = None
         self._mappings: IpcMappings | None = None
+        self._vmm: VmmMappings | None = None
         self._indices: IndexRing | None = None
         self._tracer: Tracer | None = None
 
@@ -207,6 +191,7 @@ class DeviceEngine:
         self._gpu = gpu = Enqueue()
         self._events = events = EventPool(runtime, gpu, self._completion_flags)
         self._mappings = IpcMappings(runtime, driver)
+        self._vmm = VmmMappings(self.ordinal)
         self.uuid = driver.uuid(self.ordinal)
         self.save_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
         self.d2h_stream = runtime.streamCreateWithFlags(STREAM_NON_BLOCKING)
@@ -244,6 +229,8 @@ class DeviceEngine:
         runtime = self.runtime
         if self._mappings is not None:
             self._mappings.close_all()
+        if self._vmm is not None:
+            self._vmm.close_all()
         for ring in (self._save_ring, self._load_ring):
             if ring is not None:
                 ring.close()
@@ -297,28 +284,29 @@ class DeviceEngine:
     def open_worker(self, memory: CudaMemory, layout: KvLayout) -> WorkerMapping:
         """Map the worker's allocations and upload the segment tables its copies read."""
         mapping = WorkerMapping(layout, max(1, min(MAX_GRID_Y, self.chunk_bytes // layout.block_bytes)))
-        ipc = self._started_part(self._mappings)
-        pointers = []
+        fds = memory.fds.take()  # ours now: imported below, closed after (the imports hold the memory)
         try:
-            for allocation in memory.allocations:
-                pointers.append(ipc.open(allocation.ipc_handle, allocation.nbytes))
-                mapping.opened.append(allocation.ipc_handle)
+            pointers = [self._open_allocation(mapping, allocation, fds) for allocation in memory.allocations]
         except Exception:
             self.close_worker(mapping)
             raise
-        bases, lengths, offsets = [], [], []
-        layer_base = [pointers[layer.allocation] + layer.offset for layer in memory.layers]
-        for li, segment_offset, size, stored in block_segments(layout):
-            bases.append(layer_base[li] + segment_offset)
-            lengths.append(size)
-            offsets.append(stored)
-        mapping.nseg = len(bases)
-        mapping.vec16 = int(all(v % 16 == 0 for v in (*bases, *lengths, *offsets, mapping.block_bytes)))
+        finally:
+            close_fds(fds)
+        columns = mapping.segment_columns([pointers[layer.allocation] + layer.offset for layer in memory.layers])
         # Uploaded on the legacy default stream, which our non-blocking streams never wait for or block.
         cupy = self.cupy
-        mapping.tables = tuple(cupy.asarray(values, dtype=cupy.uint64) for values in (bases, lengths, offsets))
+        mapping.tables = tuple(cupy.asarray(values, dtype=cupy.uint64) for values in columns)
         self.runtime.streamSynchronize(0)
         return mapping
+
+    def _open_allocation(self, mapping: WorkerMapping, allocation: CudaAllocation, fds: Sequence[int]) -> int:
+        if allocation.vmm_chunks:
+            mapped = self._started_part(self._vmm).open(allocation, fds)
+            mapping.vmm_ranges.append(mapped)
+            return mapped.base
+        pointer = self._started_part(self._mappings).open(allocation.ipc_handle, allocation.nbytes)
+        mapping.opened.append(allocation.ipc_handle)
+        return pointer
 
     def close_worker(self, mapping: WorkerMapping) -> None:
         runtime = self.runtime
@@ -330,6 +318,9 @@ class DeviceEngine:
         for handle in mapping.opened:
             self._started_part(self._mappings).close(handle)
         mapping.opened.clear()
+        for mapped in mapping.vmm_ranges:
+            self._started_part(self._vmm).close(mapped)
+        mapping.vmm_ranges.clear()
         mapping.tables = None
 
     def _worker_event(self, mapping: WorkerMapping, handle: bytes) -> int:

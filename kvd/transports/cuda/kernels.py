@@ -69,7 +69,7 @@ def load_kernels(cupy: Any) -> Kernels:
 
 
 class SegmentTables(Protocol):
-    """What a launch needs of a worker's mapping (device.WorkerMapping): its segment tables on the device."""
+    """What a launch needs of a worker's mapping (mapping.WorkerMapping): its segment tables on the device."""
 
     tables: Any  # (segment bases, lengths, offsets in the stored block) as device arrays
     nseg: int

@@ -19,8 +19,9 @@ from kvd.config import TransportsConfig
 from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, SlotRef, Transport
-from kvd.transports.cuda.device import DeviceEngine, WorkerMapping
+from kvd.transports.cuda.device import DeviceEngine
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
+from kvd.transports.cuda.mapping import WorkerMapping
 from kvd.types import CudaMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
-from kvd.types import CudaAllocation, CudaLayer, CudaMemory, DaemonStages, PeerIdentity
+from kvd.transports.cuda.transport import CudaTransport
+from kvd.types import CudaAllocation, CudaLayer, CudaMemory, DaemonStages, PassedFds, PeerIdentity, VmmChunk
 
 MiB = 1 << 20
 LAYERS = tuple(LayerLayout(f"l{i}", (2, 64, 16, 8, 128), DType.BFLOAT16, 1) for i in range(3))
@@ -223,3 +225,70 @@ async def test_each_stage_is_stamped_and_the_trace_has_a_line_per_operation(reco
     assert [(c["blocks"], c["runs"]) for c in save["chunks"]] == [(5, 1), (5, 4), (2, 1)]  # DMA runs per chunk
     assert load["kind"] == "load" and [c["blocks"] for c in load["chunks"]] == [5, 2]
     assert all(len(c["kernel"]) == len(c["dma"]) == 2 for c in save["chunks"] + load["chunks"])
+
+
+class VmmRecorder:
+    """The cuMem* calls of kvd.transports.cuda.vmm, into the recorder's log."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+
+    def granularity(self, ordinal: int) -> int:
+        return 2 * MiB
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> int:
+            self._recorder.calls.append((f"vmm.{name}", args))
+            return {"reserve": 0x9_0000_0000, "import_fd": 0x500 + args[0]}.get(name, 0)
+
+        return call
+
+
+async def test_driver_mapped_memory_is_imported_mapped_and_unmapped_chunk_by_chunk(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three 4 MiB chunks, one per layer, each from its own passed descriptor: one reserved range, each chunk
+    imported, mapped at its offset and its import handle dropped, read/write access for the whole range; the
+    descriptors are closed once imported; closing unmaps each chunk as it was mapped and frees the range."""
+    from kvd.transports.cuda import vmm
+
+    monkeypatch.setattr(vmm, "VmmDriver", lambda: VmmRecorder(recorder))
+    pipes = [os.pipe() for _ in range(3)]
+    size = LAYERS[0].nbytes  # 4 MiB
+    chunks = tuple(VmmChunk(i * size, size, fd_index=2 - i) for i in range(3))
+    memory = CudaMemory(
+        "GPU-" + "ab" * 16,
+        (CudaAllocation(b"", 3 * size, chunks),),
+        tuple(CudaLayer(0, i * size, size) for i in range(3)),
+        PassedFds([r for r, _ in pipes]),
+    )
+    transport = CudaTransport(
+        TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
+    )
+    await transport.start()
+    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(1, 0, 0, True))
+    base, fds = 0x9_0000_0000, [r for r, _ in pipes]
+    assert [c for c in recorder.calls if c[0].startswith("vmm.")] == [
+        ("vmm.reserve", (3 * size,)),
+        *[
+            call
+            for i in range(3)
+            for call in (
+                ("vmm.import_fd", (fds[2 - i],)),
+                ("vmm.map", (base + i * size, size, 0x500 + fds[2 - i])),
+                ("vmm.release", (0x500 + fds[2 - i],)),
+            )
+        ],
+        ("vmm.allow", (base, 3 * size, 0)),
+    ]
+    for r, w in pipes:
+        with pytest.raises(OSError):
+            os.fstat(r)  # closed by the engine once imported
+        os.close(w)
+    start = len(recorder.calls)
+    await attachment.close()
+    assert [c for c in recorder.calls[start:] if c[0].startswith("vmm.")] == [
+        *[("vmm.unmap", (base + i * size, size)) for i in range(3)],
+        ("vmm.free", (base, 3 * size)),
+    ]
+    await transport.stop()

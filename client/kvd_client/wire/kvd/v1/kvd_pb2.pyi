@@ -246,29 +246,69 @@ Global___CpuMemory: _TypeAlias = CpuMemory  # noqa: Y015
 class CudaAllocation(_message.Message):
     """CUDA IPC transport: each layer tensor lives inside a cudaMalloc allocation that the worker exported with
     cudaIpcGetMemHandle. The daemon opens each distinct allocation once per session.
+
+    Driver-mapped memory (a virtual address range the worker built with cuMemMap from physical allocations made by
+    cuMemCreate: vLLM's extensible KV cache, PyTorch's expandable segments) cannot be exported that way. The worker
+    then exports each physical allocation as a POSIX file descriptor, passes the descriptors over the credential
+    socket (SCM_RIGHTS, bound to its credential token), and describes the range as `vmm_chunks` instead of an
+    `ipc_handle`: the daemon imports each descriptor and maps the chunks side by side, as the worker did.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     IPC_HANDLE_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    VMM_CHUNKS_FIELD_NUMBER: _builtins.int
     ipc_handle: _builtins.bytes
-    """cudaIpcMemHandle_t, 64 bytes"""
+    """cudaIpcMemHandle_t, 64 bytes; empty when vmm_chunks are given"""
     nbytes: _builtins.int
-    """size of the whole allocation"""
+    """size of the whole allocation (for driver-mapped memory: of the range the chunks tile)"""
+    @_builtins.property
+    def vmm_chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CudaVmmChunk]: ...
     def __init__(
         self,
         *,
         ipc_handle: _builtins.bytes = ...,
         nbytes: _builtins.int = ...,
+        vmm_chunks: _abc.Iterable[Global___CudaVmmChunk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ipc_handle", b"ipc_handle", "nbytes", b"nbytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ipc_handle", b"ipc_handle", "nbytes", b"nbytes", "vmm_chunks", b"vmm_chunks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CudaAllocation: _TypeAlias = CudaAllocation  # noqa: Y015
+
+@_typing.final
+class CudaVmmChunk(_message.Message):
+    """One physical allocation of a driver-mapped range, mapped from its first byte."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    FD_INDEX_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """where it starts in the range (a multiple of the allocation granularity)"""
+    nbytes: _builtins.int
+    """how many bytes of it are mapped there (a multiple of the granularity)"""
+    fd_index: _builtins.int
+    """which of the descriptors passed with the session's credential token"""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+        fd_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fd_index", b"fd_index", "nbytes", b"nbytes", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CudaVmmChunk: _TypeAlias = CudaVmmChunk  # noqa: Y015
 
 @_typing.final
 class CudaLayer(_message.Message):

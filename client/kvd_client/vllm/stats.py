@@ -1,0 +1,71 @@
+"""The connector's counters, logged by vLLM as "KV Transfer metrics"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+COUNTERS = (
+    "lookups",
+    "lookup_errors",
+    "lookup_not_ready",  # get_num_new_matched_tokens answered "ask again"
+    "query_tokens",
+    "hit_tokens",
+    "loads",
+    "load_blocks",
+    "load_failed_blocks",
+    "load_bytes",
+    "load_time_s",
+    "saves",
+    "save_blocks",
+    "save_failed_blocks",
+    "save_bytes",
+    "save_time_s",
+)
+
+
+@dataclass
+class KvdConnectorStats(KVConnectorStats):
+    """Counters for one interval, summed over workers and the scheduler. `data` holds plain numbers, so the stats
+    cross process boundaries as they are."""
+
+    def __post_init__(self) -> None:
+        for name in COUNTERS:
+            self.data.setdefault(name, 0)
+
+    def add(self, name: str, value: float = 1) -> None:
+        self.data[name] = self.data.get(name, 0) + value
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(COUNTERS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.items():
+            if isinstance(value, int | float):
+                self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        out: dict[str, int | float] = {name: d.get(name, 0) for name in COUNTERS}
+        load_s, save_s = d.get("load_time_s", 0), d.get("save_time_s", 0)
+        out["load_MBps"] = round(d.get("load_bytes", 0) / load_s / 1e6, 1) if load_s else 0.0
+        out["save_MBps"] = round(d.get("save_bytes", 0) / save_s / 1e6, 1) if save_s else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(name, 0) for name in COUNTERS)
+
+
+class StatsOwner:
+    """Hands out one interval's counters and starts the next (both connector sides keep their own)."""
+
+    def __init__(self) -> None:
+        self.stats = KvdConnectorStats()
+
+    def take(self) -> KvdConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, KvdConnectorStats()
+        return stats
