@@ -13,19 +13,30 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvd import __version__
 
 if TYPE_CHECKING:
     from kvd.config import KvdConfig
 
-# `kvd health` exit codes, modelled on grpc_health_probe: probes only care about zero / non-zero, humans and
-# scripts about why.
-EXIT_SERVING = 0
-EXIT_NOT_SERVING = 1  # the daemon answered, but it is not SERVING (starting, draining, unknown service)
+# Exit codes, one meaning each across the subcommands (docs/operations.md has the table). Probes only care about zero
+# / non-zero; humans, scripts and systemd's RestartPreventExitStatus= about why.
+EXIT_OK = 0
+EXIT_SERVING = EXIT_OK
+EXIT_NOT_SERVING = 1  # the daemon answered, but it is not SERVING (starting, draining, unknown service) or erred
 EXIT_UNREACHABLE = 2  # no socket, nobody listening, or no answer in time
-EXIT_USAGE = 2  # a bad flag or configuration (argparse also exits 2)
+EXIT_FAILURE = 3  # serve could not start or stopped on an error (memory, a port in use, a live socket...)
+EXIT_USAGE = 64  # a bad flag, value or configuration file (sysexits' EX_USAGE): retrying the same command won't help
+EXIT_INTERRUPTED = 130  # a second SIGINT/SIGTERM while draining: stopped without finishing the drain
+
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK:<4} success (health: SERVING)
+  {EXIT_NOT_SERVING:<4} the daemon answered, but is not SERVING or answered with an error
+  {EXIT_UNREACHABLE:<4} unreachable: no socket, nobody listening, or no answer in time
+  {EXIT_FAILURE:<4} serve could not start, or stopped on an error
+  {EXIT_USAGE:<4} a bad flag, value or configuration file
+  {EXIT_INTERRUPTED:<4} serve stopped by a second signal without finishing its drain"""
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 
@@ -44,13 +55,6 @@ def _byte_size(text: str) -> int:
         return int(TypeAdapter(ByteSize).validate_python(text))
     except ValidationError as exc:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1073741824)") from exc
-
-
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
 
 
 def _port(text: str) -> int:
@@ -86,7 +90,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `config`: each one given overrides the environment and the file."""
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default: $KVD_CONFIG)")
     p.add_argument("--socket", type=Path, metavar="PATH", help="gRPC Unix socket to listen on")
-    p.add_argument("--tcp", type=_host_port, metavar="HOST:PORT", help="also listen on TCP (off by default)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
     p.add_argument(
         "--capacity",
         type=_byte_size,
@@ -108,20 +112,44 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvd", description="Per-node KV-cache transfer daemon for LLM serving.")
-    parser.add_argument("--version", action="version", version=f"kvd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse with kvd's usage exit code; the subcommand parsers are of this class too, so a bad flag after
+    `kvd serve` shows serve's usage, not the top level's."""
 
-    serve = sub.add_parser("serve", help="run the daemon (blocks until SIGTERM/SIGINT)")
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+COMMANDS = ("serve", "health", "stats", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvd",
+        description="Per-node KV-cache transfer daemon for LLM serving.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvd {__version__}")
+    # Not `required`: main() tells a missing COMMAND from an unknown option itself (argparse would say "COMMAND is
+    # required" for `kvd --bogus`).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (blocks until SIGTERM/SIGINT)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_flags(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
 
     health = sub.add_parser(
         "health",
         help="gRPC health check: exit 0 if SERVING, 1 if not, 2 if unreachable",
         description="Exit 0 if the daemon is SERVING, 1 if it answers but is not (starting, draining), "
-        "2 if it cannot be reached.",
+        f"2 if it cannot be reached, {EXIT_USAGE} for a bad flag or configuration.",
     )
     _add_client_flags(health)
     health.add_argument("--service", default="", metavar="NAME", help='service to check ("" = the whole daemon)')
@@ -130,16 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 whenever the daemon answers, SERVING or not (liveness: a starting or draining daemon is alive)",
     )
-    health.set_defaults(func=cmd_health)
+    health.set_defaults(func=cmd_health, parser=health)
 
     stats = sub.add_parser("stats", help="print the daemon's sessions, tiers and counters")
     _add_client_flags(stats)
     stats.add_argument("--json", action="store_true", help="print the raw StatsResponse as JSON")
-    stats.set_defaults(func=cmd_stats)
+    stats.set_defaults(func=cmd_stats, parser=stats)
 
-    config = sub.add_parser("config", help="print the effective configuration as JSON")
+    config = sub.add_parser(
+        "config",
+        help="check the configuration serve would use and print it as JSON",
+        description=f"Validate the configuration exactly as serve would and print it; exit {EXIT_USAGE} if invalid.",
+    )
     _add_config_flags(config)
-    config.set_defaults(func=cmd_config)
+    config.set_defaults(func=cmd_config, parser=config)
     return parser
 
 
@@ -221,21 +253,54 @@ def render_config(config: KvdConfig) -> str:
     return json.dumps(data, indent=2)
 
 
+def describe_config_error(exc: Exception) -> str:
+    """One line: pydantic's report of every bad setting (where, what, the value given) without its URLs."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "configuration"
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        given = error["input"]
+        parts.append(f"{where}: {what}" + ("" if isinstance(given, dict) else f" (given {str(given)!r})"))
+    return "; ".join(parts)
+
+
 def _config_error(exc: Exception) -> int:
-    print(f"kvd: configuration error: {exc}", file=sys.stderr)
+    print(f"kvd: configuration error: {describe_config_error(exc)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _checked_config(args: argparse.Namespace) -> KvdConfig | None:
+    """The configuration serve would run with, or None after printing why it is invalid."""
+    from pydantic import ValidationError
+
+    from kvd.config import human_bytes
+
+    try:
+        config = load_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        _config_error(exc)
+        return None
+    pool = config.host_pool
+    if pool.usable_bytes != pool.capacity_bytes:
+        print(
+            f"kvd: note: host_pool.capacity_bytes {human_bytes(pool.capacity_bytes)} is not a whole number of "
+            f"{human_bytes(pool.slab_bytes)} slabs; the pool will be {human_bytes(pool.usable_bytes)}",
+            file=sys.stderr,
+        )
+    return config
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        config = load_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        return _config_error(exc)
+    config = _checked_config(args)
+    if config is None:
+        return EXIT_USAGE
 
     from kvd.logs import setup_logging
 
@@ -245,18 +310,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return run_daemon(config)
     except KeyboardInterrupt:  # a second Ctrl-C while draining
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        config = load_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        return _config_error(exc)
+    config = _checked_config(args)
+    if config is None:
+        return EXIT_USAGE
     print(render_config(config))
-    return 0
+    return EXIT_OK
 
 
 def health_check(socket: Path, service: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_S) -> tuple[int, str]:
@@ -288,25 +350,13 @@ def health_check(socket: Path, service: str = "", timeout: float = DEFAULT_RPC_T
 def cmd_health(args: argparse.Namespace) -> int:
     try:
         socket = _resolve_socket(args)
-    except Exception as exc:  # pydantic's ValidationError, a missing file: either way there is nothing to reach
-        print(f"kvd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except Exception as exc:  # pydantic's ValidationError, a missing or malformed file
+        return _config_error(exc)
     code, message = health_check(socket, args.service, args.timeout)
     if args.live and code == EXIT_NOT_SERVING:
         code = EXIT_SERVING
     print(message, file=sys.stdout if code == EXIT_SERVING else sys.stderr)
     return code
-
-
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n}B"
-    value, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f}{unit}"
 
 
 def _rate(hit: int, total: int) -> str:
@@ -329,6 +379,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 def format_stats(stats: Any) -> str:
     """A kvd.v1.StatsResponse as an operator-readable report."""
     from kvd_client.wire.kvd.v1 import kvd_pb2
+
+    from kvd.config import human_bytes
 
     lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
 
@@ -361,8 +413,8 @@ def format_stats(stats: Any) -> str:
                 kvd_pb2.Tier.Name(t.tier).removeprefix("TIER_").lower() if t.tier in kvd_pb2.Tier.values() else t.tier,
                 t.name or "-",
                 "yes" if t.healthy else "NO",
-                _human_bytes(t.capacity_bytes) if t.capacity_bytes else "-",
-                _human_bytes(t.used_bytes),
+                human_bytes(t.capacity_bytes) if t.capacity_bytes else "-",
+                human_bytes(t.used_bytes),
                 t.blocks,
                 t.hits,
                 t.misses,
@@ -380,9 +432,9 @@ def format_stats(stats: Any) -> str:
         f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
         f"  ({stats.lookup_hit_blocks}/{stats.lookup_blocks} blocks in {stats.lookups} lookups)",
         f"load hit rate:   {_rate(stats.load_hit_blocks, load_blocks)}"
-        f"  ({stats.load_hit_blocks}/{load_blocks} blocks; a miss was promised by Lookup but gone by Load)",
-        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {_human_bytes(stats.bytes_saved)} saved",
-        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {_human_bytes(stats.bytes_loaded)} loaded",
+        f"  ({stats.load_hit_blocks}/{load_blocks} blocks asked for by Load; a miss is one no tier had then)",
+        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {human_bytes(stats.bytes_saved)} saved",
+        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {human_bytes(stats.bytes_loaded)} loaded",
     ]
     return "\n".join(lines)
 
@@ -390,9 +442,8 @@ def format_stats(stats: Any) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     try:
         socket = _resolve_socket(args)
-    except Exception as exc:
-        print(f"kvd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except Exception as exc:  # pydantic's ValidationError, a missing or malformed file
+        return _config_error(exc)
     if problem := _socket_problem(socket):
         print(f"kvd: unreachable: {problem}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -422,8 +473,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; a usage error (exit EXIT_USAGE) names the parser it belongs to."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    owner: argparse.ArgumentParser = getattr(args, "parser", parser)
+    if unknown:
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error(f"a COMMAND is required: one of {', '.join(COMMANDS)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
