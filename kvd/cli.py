@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Validate the configuration exactly as serve would and print it; exit {EXIT_USAGE} if invalid.",
     )
     _add_config_flags(config)
+    config.add_argument("--get", metavar="KEY", help="print one setting, e.g. socket or host_pool.capacity_bytes")
     config.set_defaults(func=cmd_config, parser=config)
     return parser
 
@@ -246,11 +247,19 @@ def _socket_problem(path: Path) -> str | None:
     return None
 
 
-def render_config(config: KvdConfig) -> str:
-    data = config.model_dump(mode="json")
+def render_config(config: KvdConfig, key: str | None = None) -> str:
+    """The configuration as JSON, or with `key` (dotted: host_pool.capacity_bytes) that one value as a shell would
+    want it (a string bare, anything else as JSON). A key that does not exist is a ValueError."""
+    data: Any = config.model_dump(mode="json")
     # Octal, the way chmod and systemd spell it (the loader accepts this string back).
     data["socket_mode"] = f"0{config.socket_mode:o}"
-    return json.dumps(data, indent=2)
+    if key is None:
+        return json.dumps(data, indent=2)
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise ValueError(f"no setting {key!r} (`kvd config` prints them all)")
+        data = data[part]
+    return data if isinstance(data, str) else json.dumps(data, indent=2)
 
 
 def describe_config_error(exc: Exception) -> str:
@@ -317,7 +326,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     config = _checked_config(args)
     if config is None:
         return EXIT_USAGE
-    print(render_config(config))
+    try:
+        print(render_config(config, args.get))
+    except ValueError as exc:
+        return _config_error(exc)
     return EXIT_OK
 
 

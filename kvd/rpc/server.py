@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
 from kvd.rpc.credentials import CredentialIssuer, remove_stale_socket
+from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
 from kvd.service.service import KvdService
 
@@ -37,7 +38,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class RpcEndpoint:
     def __init__(self, config: KvdConfig) -> None:
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.credentials = CredentialIssuer(config.credential_socket, config.socket_mode)
         self.servicer = KvdServicer(self.credentials)
         self.server: grpc.aio.Server | None = None

@@ -56,3 +56,14 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int, *needles: 
     for needle in needles:
         assert needle in errors[0], context
     return errors[0]
+
+
+def grpcurl_path() -> str:
+    """The grpcurl `make grpcurl` (and so `make test`) installs next to this interpreter, else one on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.is_file() else shutil.which("grpcurl")
+    if found is None:
+        raise AssertionError("grpcurl is not installed: `make grpcurl` puts a static one in .venv/bin")
+    return found
