@@ -46,12 +46,15 @@ def documented(code: int) -> bool:
 
 
 def one_line_error(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    """Assert `kvd` failed with `code` (a documented one) and said so in one line naming each needle; that line."""
+    """Assert `kvd` failed with `code` (a documented one) and said so in one line naming each needle; that line.
+
+    The line is the CLI's own (`kvd: ...`, `kvd serve: error: ...`) or, for a daemon that could not start, its one
+    ERROR log line."""
     context = f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert done.returncode == code, context
     assert documented(code), context
     assert "Traceback" not in done.stderr + done.stdout, context
-    errors = [line for line in done.stderr.splitlines() if line.startswith("kvd")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kvd") or " ERROR " in line]
     assert len(errors) == 1, context
     for needle in needles:
         assert needle in errors[0], context
