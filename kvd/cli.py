@@ -16,71 +16,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvd import __version__
+from kvd.arg_types import byte_size, log_level, port, positive_float
 
 if TYPE_CHECKING:
     from kvd.config import KvdConfig
 
-# Exit codes, one meaning each across the subcommands (docs/operations.md has the table). Probes only care about zero
-# / non-zero; humans, scripts and systemd's RestartPreventExitStatus= about why.
-EXIT_OK = 0
-EXIT_SERVING = EXIT_OK
-EXIT_NOT_SERVING = 1  # the daemon answered, but it is not SERVING (starting, draining, unknown service) or erred
-EXIT_UNREACHABLE = 2  # no socket, nobody listening, or no answer in time
-EXIT_FAILURE = 3  # serve could not start or stopped on an error (memory, a port in use, a live socket...)
-EXIT_USAGE = 64  # a bad flag, value or configuration file (sysexits' EX_USAGE): retrying the same command won't help
-EXIT_INTERRUPTED = 130  # a second SIGINT/SIGTERM while draining: stopped without finishing the drain
-
-EXIT_CODES = f"""exit codes:
-  {EXIT_OK:<4} success (health: SERVING)
-  {EXIT_NOT_SERVING:<4} the daemon answered, but is not SERVING or answered with an error
-  {EXIT_UNREACHABLE:<4} unreachable: no socket, nobody listening, or no answer in time
-  {EXIT_FAILURE:<4} serve could not start, or stopped on an error
-  {EXIT_USAGE:<4} a bad flag, value or configuration file
-  {EXIT_INTERRUPTED:<4} serve stopped by a second signal without finishing its drain"""
+from kvd.exit_codes import (
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_SERVING,
+    EXIT_OK,
+    EXIT_SERVING,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 
 # Unix-socket targets never need a proxy, and a stray http_proxy in an operator's shell must not be consulted.
 _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
-
-
-# ---- argument types ---------------------------------------------------------------------------------------------
-
-
-def _byte_size(text: str) -> int:
-    """Sizes like 4GiB, 512MiB, 1.5 GiB or 4294967296 to bytes. (4GB is 4*10^9: use the binary suffixes.)"""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(text))
-    except ValidationError as exc:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1073741824)") from exc
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"not a port (0 picks a free one): {text!r}")
-    return int(text)
-
-
-def _log_level(text: str) -> str:
-    from kvd.logs import parse_level
-
-    try:
-        parse_level(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text.upper()
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 # ---- parser -----------------------------------------------------------------------------------------------------
@@ -93,13 +47,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
     p.add_argument(
         "--capacity",
-        type=_byte_size,
+        type=byte_size,
         metavar="SIZE",
         help="pinned host pool size (host_pool.capacity_bytes), e.g. 4GiB",
     )
     p.add_argument("--lease-ms", type=int, metavar="N", help="session lease in milliseconds")
-    p.add_argument("--metrics-port", type=_port, metavar="N", help="Prometheus endpoint port (0: any free port)")
-    p.add_argument("--log-level", type=_log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--metrics-port", type=port, metavar="N", help="Prometheus endpoint port (0: any free port)")
+    p.add_argument("--log-level", type=log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--log-json", action="store_true", default=None, help="log one JSON object per line")
 
 
@@ -108,7 +62,7 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, metavar="PATH", help="daemon socket (default: from the configuration)")
     p.add_argument("--config", type=Path, metavar="FILE", help="read the socket path from this config file")
     p.add_argument(
-        "--timeout", type=_positive_float, default=DEFAULT_RPC_TIMEOUT_S, metavar="S", help="RPC deadline in seconds"
+        "--timeout", type=positive_float, default=DEFAULT_RPC_TIMEOUT_S, metavar="S", help="RPC deadline in seconds"
     )
 
 
@@ -262,22 +216,9 @@ def render_config(config: KvdConfig, key: str | None = None) -> str:
     return data if isinstance(data, str) else json.dumps(data, indent=2)
 
 
-def describe_config_error(exc: Exception) -> str:
-    """One line: pydantic's report of every bad setting (where, what, the value given) without its URLs."""
-    from pydantic import ValidationError
-
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "configuration"
-        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-        given = error["input"]
-        parts.append(f"{where}: {what}" + ("" if isinstance(given, dict) else f" (given {str(given)!r})"))
-    return "; ".join(parts)
-
-
 def _config_error(exc: Exception) -> int:
+    from kvd.config import describe_config_error
+
     print(f"kvd: configuration error: {describe_config_error(exc)}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -371,86 +312,6 @@ def cmd_health(args: argparse.Namespace) -> int:
     return code
 
 
-def _rate(hit: int, total: int) -> str:
-    return f"{100.0 * hit / total:.1f}%" if total else "-"
-
-
-def _duration(seconds: int) -> str:
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{days}d" if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [list(header), *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-
-
-def format_stats(stats: Any) -> str:
-    """A kvd.v1.StatsResponse as an operator-readable report."""
-    from kvd_client.wire.kvd.v1 import kvd_pb2
-
-    from kvd.config import human_bytes
-
-    lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
-
-    lines.append(f"sessions: {len(stats.sessions)}")
-    if stats.sessions:
-        lines += _table(
-            ["SESSION", "WORKER", "PID", "TRANSPORT", "MODEL", "TP", "SAVES", "LOADS", "IN-FLIGHT"],
-            [
-                [
-                    s.session_id[:12],
-                    s.worker_name or "-",
-                    s.pid,
-                    s.transport or "-",
-                    s.namespace.model_id or "-",
-                    f"{s.namespace.tp_rank}/{s.namespace.tp_world_size}",
-                    s.saves,
-                    s.loads,
-                    s.in_flight,
-                ]
-                for s in stats.sessions
-            ],
-        )
-    lines.append("")
-
-    lines.append("tiers:")
-    lines += _table(
-        ["TIER", "NAME", "HEALTHY", "CAPACITY", "USED", "BLOCKS", "HITS", "MISSES", "HIT RATE", "EVICTED", "CORRUPT"],
-        [
-            [
-                kvd_pb2.Tier.Name(t.tier).removeprefix("TIER_").lower() if t.tier in kvd_pb2.Tier.values() else t.tier,
-                t.name or "-",
-                "yes" if t.healthy else "NO",
-                human_bytes(t.capacity_bytes) if t.capacity_bytes else "-",
-                human_bytes(t.used_bytes),
-                t.blocks,
-                t.hits,
-                t.misses,
-                _rate(t.hits, t.hits + t.misses),
-                t.evictions,
-                t.corrupt,
-            ]
-            for t in stats.tiers
-        ],
-    )
-    lines.append("")
-
-    load_blocks = stats.load_hit_blocks + stats.load_miss_blocks
-    lines += [
-        f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
-        f"  ({stats.lookup_hit_blocks}/{stats.lookup_blocks} blocks in {stats.lookups} lookups)",
-        f"load hit rate:   {_rate(stats.load_hit_blocks, load_blocks)}"
-        f"  ({stats.load_hit_blocks}/{load_blocks} blocks asked for by Load; a miss is one no tier had then)",
-        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {human_bytes(stats.bytes_saved)} saved",
-        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {human_bytes(stats.bytes_loaded)} loaded",
-    ]
-    return "\n".join(lines)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     try:
         socket = _resolve_socket(args)
@@ -481,6 +342,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         print(json.dumps(doc, indent=2))
     else:
+        from kvd.stats_report import format_stats
+
         print(format_stats(stats))
     return 0
 

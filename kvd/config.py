@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 # The TOML file for the KvdConfig being built right now (a source needs it before the model exists).
@@ -245,3 +245,16 @@ class KvdConfig(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         finally:
             _config_file.reset(token)
+
+
+def describe_config_error(exc: Exception) -> str:
+    """One line: pydantic's report of every bad setting (where, what, the value given) without its URLs."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "configuration"
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        given = error["input"]
+        parts.append(f"{where}: {what}" + ("" if isinstance(given, dict) else f" (given {str(given)!r})"))
+    return "; ".join(parts)

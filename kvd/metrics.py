@@ -64,6 +64,7 @@ class Metrics:
         self._add_operation_metrics(r)
         self._add_state_metrics(r)
         self._lock = threading.Lock()
+        self.url: str | None = None  # the endpoint once started
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -131,7 +132,8 @@ class Metrics:
                 ) from exc
             self._server, self._thread = server, thread
         port = int(server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", config.host, port)
+        self.url = f"http://{config.host}:{port}/metrics"
+        log.info("metrics on %s", self.url)
         return port
 
     def stop(self) -> None:

@@ -17,9 +17,11 @@ from grpc_reflection.v1alpha import reflection
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
-from kvd.rpc.credentials import CredentialIssuer, remove_stale_socket
+from kvd.errors import StartupError
+from kvd.rpc.credentials import CredentialIssuer
 from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
+from kvd.rpc.socket_path import clear_stale_socket, prepare_socket_dir
 from kvd.service.service import KvdService
 
 log = logging.getLogger(__name__)
@@ -56,20 +58,24 @@ class RpcEndpoint:
         )
         await self.set_serving(False)
         socket_path = config.socket
-        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        remove_stale_socket(socket_path)
+        prepare_socket_dir(socket_path)  # the credential socket goes in the same directory
+        for path in (socket_path, config.credential_socket):  # both checked before either is bound
+            clear_stale_socket(path)
         old = os.umask(0o777 & ~config.socket_mode)  # born with its final mode: never briefly world-connectable
         try:
-            self.server.add_insecure_port(f"unix:{socket_path}")
+            _bind(self.server, f"unix:{socket_path}", "--socket")
             self._bound = True
         finally:
             os.umask(old)
         if config.tcp:
-            self.server.add_insecure_port(config.tcp)
+            _bind(self.server, config.tcp, "--tcp")
             log.warning("also listening on TCP %s (no peer credentials there: CUDA IPC sessions only)", config.tcp)
         await self.server.start()
         os.chmod(socket_path, config.socket_mode)
-        await self.credentials.start()
+        try:
+            await self.credentials.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.credential_socket}: {exc.strerror or exc}") from exc
         log.info("listening on %s (mode %o); allocating the host pool", socket_path, config.socket_mode)
 
     async def serve(self, service: KvdService) -> None:
@@ -96,5 +102,15 @@ class RpcEndpoint:
         await self.credentials.stop()
 
     def remove_socket(self) -> None:
+        """Remove the socket this endpoint bound (never one it found a live daemon on)."""
         if self._bound:
             Path(self.config.socket).unlink(missing_ok=True)
+
+
+def _bind(server: grpc.aio.Server, address: str, flag: str) -> None:
+    """grpc reports a failed bind as a bare RuntimeError ("Failed to bind..."), its reason only in its own log."""
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        reason = "in use or not an address of this machine"
+        raise StartupError(f"cannot listen on {address}: {reason}; change {flag}") from exc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.cli import EXIT_FAILURE
+from kvd.exit_codes import EXIT_FAILURE
 from tests.conftest import DaemonFactory
 from tests.helpers.cli import clean_env, kvd_command, one_line_error, run_kvd
 from tests.helpers.daemon import SERVING, MiB
@@ -136,3 +136,9 @@ def test_startup_says_which_tiers_and_metrics(daemon_factory: DaemonFactory, tmp
     plain = daemon_factory()
     ready = next(line for line in plain.log_text().splitlines() if "kvd ready" in line)
     assert "disk off" in ready and "redis off" in ready and "metrics off" in ready, ready
+
+
+def test_a_pool_larger_than_the_machine_is_refused_before_mapping(workdir: Path) -> None:
+    done = run_kvd("serve", "--socket", str(workdir / "kvd.sock"), "--capacity", "1PiB", env=clean_env())
+    one_line_error(done, EXIT_FAILURE, "a host pool of 1024TiB does not fit", "lower --capacity")
+    never_served(done)
