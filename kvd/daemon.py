@@ -20,9 +20,9 @@ import signal
 import socket
 import sys
 
+from kvd.cli.exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from kvd.config import KvdConfig, human_bytes
 from kvd.errors import StartupError
-from kvd.exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from kvd.memory.host_pool import HostPool
 from kvd.metrics import Metrics
 from kvd.rpc.server import RpcEndpoint

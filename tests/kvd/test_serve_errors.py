@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.exit_codes import EXIT_FAILURE
+from kvd.cli.exit_codes import EXIT_FAILURE
 from tests.conftest import DaemonFactory
 from tests.helpers.cli import clean_env, kvd_command, one_line_error, run_kvd
 from tests.helpers.daemon import SERVING, MiB

@@ -30,30 +30,42 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 def format_stats(stats: Any) -> str:
     """A kvd.v1.StatsResponse as an operator-readable report."""
     lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
+    lines += [f"sessions: {len(stats.sessions)}", *(_sessions(stats.sessions) if stats.sessions else []), ""]
+    lines += ["tiers:", *_tiers(stats.tiers), ""]
+    load_blocks = stats.load_hit_blocks + stats.load_miss_blocks
+    lines += [
+        f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
+        f"  ({stats.lookup_hit_blocks}/{stats.lookup_blocks} blocks in {stats.lookups} lookups)",
+        f"load hit rate:   {_rate(stats.load_hit_blocks, load_blocks)}"
+        f"  ({stats.load_hit_blocks}/{load_blocks} blocks asked for by Load; a miss is one no tier had then)",
+        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {human_bytes(stats.bytes_saved)} saved",
+        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {human_bytes(stats.bytes_loaded)} loaded",
+    ]
+    return "\n".join(lines)
 
-    lines.append(f"sessions: {len(stats.sessions)}")
-    if stats.sessions:
-        lines += _table(
-            ["SESSION", "WORKER", "PID", "TRANSPORT", "MODEL", "TP", "SAVES", "LOADS", "IN-FLIGHT"],
+
+def _sessions(sessions: Sequence[Any]) -> list[str]:
+    return _table(
+        ["SESSION", "WORKER", "PID", "TRANSPORT", "MODEL", "TP", "SAVES", "LOADS", "IN-FLIGHT"],
+        [
             [
-                [
-                    s.session_id[:12],
-                    s.worker_name or "-",
-                    s.pid,
-                    s.transport or "-",
-                    s.namespace.model_id or "-",
-                    f"{s.namespace.tp_rank}/{s.namespace.tp_world_size}",
-                    s.saves,
-                    s.loads,
-                    s.in_flight,
-                ]
-                for s in stats.sessions
-            ],
-        )
-    lines.append("")
+                s.session_id[:12],
+                s.worker_name or "-",
+                s.pid,
+                s.transport or "-",
+                s.namespace.model_id or "-",
+                f"{s.namespace.tp_rank}/{s.namespace.tp_world_size}",
+                s.saves,
+                s.loads,
+                s.in_flight,
+            ]
+            for s in sessions
+        ],
+    )
 
-    lines.append("tiers:")
-    lines += _table(
+
+def _tiers(tiers: Sequence[Any]) -> list[str]:
+    return _table(
         ["TIER", "NAME", "HEALTHY", "CAPACITY", "USED", "BLOCKS", "HITS", "MISSES", "HIT RATE", "EVICTED", "CORRUPT"],
         [
             [
@@ -69,18 +81,6 @@ def format_stats(stats: Any) -> str:
                 t.evictions,
                 t.corrupt,
             ]
-            for t in stats.tiers
+            for t in tiers
         ],
     )
-    lines.append("")
-
-    load_blocks = stats.load_hit_blocks + stats.load_miss_blocks
-    lines += [
-        f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
-        f"  ({stats.lookup_hit_blocks}/{stats.lookup_blocks} blocks in {stats.lookups} lookups)",
-        f"load hit rate:   {_rate(stats.load_hit_blocks, load_blocks)}"
-        f"  ({stats.load_hit_blocks}/{load_blocks} blocks asked for by Load; a miss is one no tier had then)",
-        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {human_bytes(stats.bytes_saved)} saved",
-        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {human_bytes(stats.bytes_loaded)} loaded",
-    ]
-    return "\n".join(lines)

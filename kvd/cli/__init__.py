@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvd import __version__
-from kvd.arg_types import byte_size, log_level, port, positive_float
+from kvd.cli.arg_types import byte_size, log_level, port, positive_float
 
 if TYPE_CHECKING:
     from kvd.config import KvdConfig
 
-from kvd.exit_codes import (
+from kvd.cli.exit_codes import (
     EXIT_CODES,
     EXIT_INTERRUPTED,
     EXIT_NOT_SERVING,
@@ -342,7 +342,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         print(json.dumps(doc, indent=2))
     else:
-        from kvd.stats_report import format_stats
+        from kvd.cli.stats_report import format_stats
 
         print(format_stats(stats))
     return 0
