@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import grpc
@@ -68,6 +69,7 @@ class RpcEndpoint:
         finally:
             os.umask(old)
         if config.tcp:
+            _check_tcp(config.tcp)
             _bind(self.server, config.tcp, "--tcp")
             log.warning("also listening on TCP %s (no peer credentials there: CUDA IPC sessions only)", config.tcp)
         await self.server.start()
@@ -114,3 +116,19 @@ def _bind(server: grpc.aio.Server, address: str, flag: str) -> None:
     except RuntimeError as exc:
         reason = "in use or not an address of this machine"
         raise StartupError(f"cannot listen on {address}: {reason}; change {flag}") from exc
+
+
+def _check_tcp(address: str) -> None:
+    """Try the TCP address with a plain socket first: grpc would log its own line and say only that it failed."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: a TIME_WAIT port is free
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc

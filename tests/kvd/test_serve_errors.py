@@ -142,3 +142,14 @@ def test_a_pool_larger_than_the_machine_is_refused_before_mapping(workdir: Path)
     done = run_kvd("serve", "--socket", str(workdir / "kvd.sock"), "--capacity", "1PiB", env=clean_env())
     one_line_error(done, EXIT_FAILURE, "a host pool of 1024TiB does not fit", "lower --capacity")
     never_served(done)
+
+
+def test_a_tcp_port_in_use(workdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = run_kvd("serve", "--socket", str(workdir / "kvd.sock"), "--tcp", address, env=clean_env(**SMALL_POOL))
+    one_line_error(done, EXIT_FAILURE, f"cannot listen on TCP {address}: Address already in use", "--tcp")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # not grpc's own line besides ours
+    never_served(done)
