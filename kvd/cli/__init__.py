@@ -49,7 +49,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "--capacity",
         type=byte_size,
         metavar="SIZE",
-        help="pinned host pool size (host_pool.capacity_bytes), e.g. 4GiB",
+        help="host pool size (host_pool.capacity_bytes: whole slabs, 64MiB each by default), e.g. 4GiB",
     )
     p.add_argument("--lease-ms", type=int, metavar="N", help="session lease in milliseconds")
     p.add_argument("--metrics-port", type=port, metavar="N", help="Prometheus endpoint port (0: any free port)")
@@ -227,21 +227,11 @@ def _checked_config(args: argparse.Namespace) -> KvdConfig | None:
     """The configuration serve would run with, or None after printing why it is invalid."""
     from pydantic import ValidationError
 
-    from kvd.config import human_bytes
-
     try:
-        config = load_config(args)
+        return load_config(args)
     except (ValidationError, ValueError, OSError) as exc:
         _config_error(exc)
         return None
-    pool = config.host_pool
-    if pool.usable_bytes != pool.capacity_bytes:
-        print(
-            f"kvd: note: host_pool.capacity_bytes {human_bytes(pool.capacity_bytes)} is not a whole number of "
-            f"{human_bytes(pool.slab_bytes)} slabs; the pool will be {human_bytes(pool.usable_bytes)}",
-            file=sys.stderr,
-        )
-    return config
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
@@ -267,6 +257,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     config = _checked_config(args)
     if config is None:
         return EXIT_USAGE
+    pool = config.host_pool
+    if pool.usable_bytes != pool.capacity_bytes:  # serve's pool logs the same when it starts
+        from kvd.config import human_bytes
+
+        print(
+            f"kvd: note: host_pool.capacity_bytes {human_bytes(pool.capacity_bytes)} is not a whole number of "
+            f"{human_bytes(pool.slab_bytes)} slabs; the pool will be {human_bytes(pool.usable_bytes)}",
+            file=sys.stderr,
+        )
     try:
         print(render_config(config, args.get))
     except ValueError as exc:

@@ -8,6 +8,7 @@ checkout's own `kvd` package is the one that runs.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int, *needles: 
     assert documented(code), context
     assert "Traceback" not in done.stderr + done.stdout, context
     errors = [line for line in done.stderr.splitlines() if line.startswith("kvd") or " ERROR " in line]
+    assert not re.search(r"^[EWF]\d{4} ", done.stderr, re.MULTILINE), context  # gRPC's own log lines
     assert len(errors) == 1, context
     for needle in needles:
         assert needle in errors[0], context

@@ -153,3 +153,11 @@ def test_a_tcp_port_in_use(workdir: Path) -> None:
     one_line_error(done, EXIT_FAILURE, f"cannot listen on TCP {address}: Address already in use", "--tcp")
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # not grpc's own line besides ours
     never_served(done)
+
+
+def test_a_pool_rounded_to_whole_slabs_says_so_in_human_units(daemon_factory: DaemonFactory) -> None:
+    daemon = daemon_factory(capacity_bytes=100 * MiB, slab_bytes=64 * MiB)
+    log = daemon.log_text()
+    assert "host pool: 100MiB is not a whole number of 64MiB slabs; using 64MiB" in log
+    assert "host memory 64MiB" in log and "GiB" not in log
+    assert daemon.host_tier().capacity_bytes == 64 * MiB
