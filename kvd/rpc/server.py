@@ -22,7 +22,7 @@ from kvd.errors import StartupError
 from kvd.rpc.credentials import CredentialIssuer
 from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
-from kvd.rpc.socket_path import clear_stale_socket, prepare_socket_dir
+from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
 from kvd.service.service import KvdService
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class RpcEndpoint:
         prepare_socket_dir(socket_path)  # the credential socket goes in the same directory
         for path in (socket_path, config.credential_socket):  # both checked before either is bound
             clear_stale_socket(path)
+            check_bindable(path)
         old = os.umask(0o777 & ~config.socket_mode)  # born with its final mode: never briefly world-connectable
         try:
             _bind(self.server, f"unix:{socket_path}", "--socket")

@@ -17,7 +17,7 @@ from pathlib import Path
 from kvd.errors import StartupError
 
 _KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink"}
-_CHOOSE = "or choose another socket path (--socket, KVD_SOCKET)"
+_CHOOSE = "choose another socket path (--socket, KVD_SOCKET)"
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -30,18 +30,18 @@ def prepare_socket_dir(path: Path) -> None:
     except OSError as exc:
         raise StartupError(
             f"cannot create the socket directory {directory}: {exc.strerror} (uid {os.geteuid()}); create it for this "
-            f"user, {_CHOOSE}"
+            f"user, or {_CHOOSE}"
         ) from exc
     if not os.access(directory, os.W_OK | os.X_OK):
         raise StartupError(
             f"cannot create a socket in {directory}: no write and search permission for uid {os.geteuid()}; "
-            f"give this user access, {_CHOOSE}"
+            f"give this user access, or {_CHOOSE}"
         )
     owner = directory.stat().st_uid
     if owner not in (os.geteuid(), 0):
         raise StartupError(
             f"the socket directory {directory} belongs to uid {owner}, who could replace the socket: use a directory "
-            f"of this user (uid {os.geteuid()}) or root, {_CHOOSE}"
+            f"of this user (uid {os.geteuid()}) or root, or {_CHOOSE}"
         )
 
 
@@ -55,9 +55,20 @@ def clear_stale_socket(path: Path) -> None:
         raise StartupError(f"cannot inspect {path}: {exc.strerror}") from exc
     if not stat.S_ISSOCK(mode):
         kind = _KINDS.get(stat.S_IFMT(mode), "not a socket")
-        raise StartupError(f"{path} is {kind}, and kvd replaces only a stale socket: move it away, {_CHOOSE}")
+        raise StartupError(f"{path} is {kind}, and kvd replaces only a stale socket: move it away, or {_CHOOSE}")
     if _answers(path):
-        raise StartupError(f"another daemon is serving on {path}: stop it first, {_CHOOSE}")
+        raise StartupError(f"another daemon is serving on {path}: stop it first, or {_CHOOSE}")
+    path.unlink(missing_ok=True)
+
+
+def check_bindable(path: Path) -> None:
+    """Bind a throwaway socket at the (cleared) `path` to learn the kernel's reason if it cannot be done (a read-only
+    or special file system...): grpc would log its own line and report only that the bind failed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(str(path))
+        except OSError as exc:
+            raise StartupError(f"cannot create a socket at {path}: {exc.strerror}; {_CHOOSE}") from exc
     path.unlink(missing_ok=True)
 
 

@@ -161,3 +161,10 @@ def test_a_pool_rounded_to_whole_slabs_says_so_in_human_units(daemon_factory: Da
     assert "host pool: 100MiB is not a whole number of 64MiB slabs; using 64MiB" in log
     assert "host memory 64MiB" in log and "GiB" not in log
     assert daemon.host_tier().capacity_bytes == 64 * MiB
+
+
+def test_a_socket_path_the_kernel_refuses() -> None:
+    # /proc takes no sockets, whoever asks (root too): the kernel's reason, once, without gRPC's line.
+    done = run_kvd("serve", "--socket", "/proc/kvd.sock", env=clean_env(**SMALL_POOL))
+    one_line_error(done, EXIT_FAILURE, "/proc", "--socket")
+    never_served(done)
