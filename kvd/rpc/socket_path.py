@@ -2,8 +2,8 @@
 
 kvd removes nothing at a socket path but a socket nobody answers on (a crashed daemon's). Anything else there, a
 regular file (a typo such as `--socket /etc/kvd/kvd.toml`), a directory, a symlink, or a socket a live daemon answers
-on, is a StartupError that names the path. So is a socket directory that cannot be created or entered, or that
-another user owns (who could replace the socket under the daemon and take its workers' connections).
+on, is a StartupError that names the path. So is a socket directory that cannot be created or entered, or one on a
+path another user could rename (who could replace the socket under the daemon and take its workers' connections).
 """
 
 from __future__ import annotations
@@ -37,12 +37,25 @@ def prepare_socket_dir(path: Path) -> None:
             f"cannot create a socket in {directory}: no write and search permission for uid {os.geteuid()}; "
             f"give this user access, or {_CHOOSE}"
         )
-    owner = directory.stat().st_uid
-    if owner not in (os.geteuid(), 0):
-        raise StartupError(
-            f"the socket directory {directory} belongs to uid {owner}, who could replace the socket: use a directory "
-            f"of this user (uid {os.geteuid()}) or root, or {_CHOOSE}"
-        )
+    _check_owners(directory.resolve())
+
+
+def _check_owners(directory: Path) -> None:
+    """Whoever may rename an entry on the way to the socket could put their own socket in its place and take the
+    workers' connections: every directory up to / must be this user's or root's, and none writable by everyone
+    unless sticky (as /tmp is)."""
+    for ancestor in (directory, *directory.parents):
+        st = ancestor.stat()
+        if st.st_uid not in (os.geteuid(), 0):
+            raise StartupError(
+                f"{ancestor} belongs to uid {st.st_uid}, who could replace the socket in {directory}: use a directory "
+                f"of this user (uid {os.geteuid()}) or root, or {_CHOOSE}"
+            )
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise StartupError(
+                f"{ancestor} is writable by everyone, who could replace the socket in {directory}: chmod o-w it, "
+                f"or {_CHOOSE}"
+            )
 
 
 def clear_stale_socket(path: Path) -> None:

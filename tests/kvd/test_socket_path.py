@@ -83,6 +83,22 @@ def test_a_directory_another_user_owns_is_refused(short_dir: Path) -> None:
     os.chown(other, 65534, 65534)
     with pytest.raises(StartupError, match="belongs to uid 65534, who could replace the socket"):
         prepare_socket_dir(other / "kvd.sock")
+    # A directory of ours inside theirs is no better: they can rename it and put their own in its place.
+    os.chown(other, 0, 0)
+    (other / "ours").mkdir()
+    os.chown(other, 65534, 65534)
+    with pytest.raises(StartupError, match=f"{other} belongs to uid 65534"):
+        prepare_socket_dir(other / "ours" / "kvd.sock")
+
+
+def test_a_world_writable_directory_without_the_sticky_bit_is_refused(short_dir: Path) -> None:
+    open_dir = short_dir / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(StartupError, match="is writable by everyone"):
+        prepare_socket_dir(open_dir / "kvd.sock")
+    open_dir.chmod(0o1777)  # sticky, as /tmp: only an entry's owner may rename it
+    prepare_socket_dir(open_dir / "kvd.sock")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may enter any directory")
