@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 # The TOML file for the KvdConfig being built right now (a source needs it before the model exists).
@@ -21,6 +21,20 @@ _config_file: ContextVar[Path | None] = ContextVar("kvd_config_file", default=No
 
 GiB = 1 << 30
 MiB = 1 << 20
+
+# A Unix socket's path must fit sun_path (108 bytes with its NUL); the credential socket adds ".cred" to ours.
+SUN_PATH_MAX = 107
+CREDENTIAL_SUFFIX = ".cred"
+
+
+def human_bytes(n: int) -> str:
+    """4GiB, 1.5GiB, 100MiB, 512B: what `--capacity` accepts back, and no space, so tables split on whitespace."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
 
 
 def default_socket_path() -> Path:
@@ -50,6 +64,20 @@ class HostPoolConfig(_Section):
     slab_bytes: int = Field(default=64 * MiB, ge=64 * 1024)  # a block may not exceed one slab
     pin: bool = True  # page-lock with cudaHostRegister when CUDA is present (DMA at full PCIe rate)
     populate_threads: int = Field(default=8, ge=1)  # parallel first touch of the pool
+
+    @model_validator(mode="after")
+    def _at_least_one_slab(self) -> HostPoolConfig:
+        if self.capacity_bytes < self.slab_bytes:
+            raise ValueError(
+                f"capacity_bytes {human_bytes(self.capacity_bytes)} is smaller than one slab "
+                f"(slab_bytes {human_bytes(self.slab_bytes)}): give at least {human_bytes(self.slab_bytes)}"
+            )
+        return self
+
+    @property
+    def usable_bytes(self) -> int:
+        """The pool is whole slabs: capacity_bytes rounded down to a multiple of slab_bytes."""
+        return self.capacity_bytes - self.capacity_bytes % self.slab_bytes
 
 
 class DiskTierConfig(_Section):
@@ -115,7 +143,7 @@ class RuntimeConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    port: int | None = None  # Prometheus endpoint; off by default
+    port: int | None = Field(default=None, ge=0, le=65535)  # Prometheus endpoint; off by default; 0: any free port
     host: str = "127.0.0.1"
 
 
@@ -131,7 +159,7 @@ class KvdConfig(BaseSettings):
 
     # The listener (kvd/rpc) and who may register.
     socket: Path = Field(default_factory=default_socket_path)
-    socket_mode: int = 0o600  # 0660 plus a shared group lets workers of other users connect
+    socket_mode: int = Field(default=0o600, ge=0, le=0o777)  # 0660 plus a shared group lets other users' workers in
     tcp: str | None = None  # "host:port"; off unless set (CUDA IPC and CPU transports still need a local peer)
     allowed_uids: tuple[int, ...] = ()  # peers besides the daemon's own uid and root that may register
     # The service (kvd/service): sessions and the limits it admits work under.
@@ -163,10 +191,31 @@ class KvdConfig(BaseSettings):
     def _octal(cls, value: Any) -> Any:
         return int(value, 8) if isinstance(value, str) else value
 
+    @field_validator("tcp")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected HOST:PORT with a port from 1 to 65535")
+        return value
+
+    @field_validator("socket")
+    @classmethod
+    def _fits_sun_path(cls, value: Path) -> Path:
+        longest = len(os.fsencode(value)) + len(CREDENTIAL_SUFFIX)
+        if longest > SUN_PATH_MAX:
+            limit = SUN_PATH_MAX - len(CREDENTIAL_SUFFIX)
+            raise ValueError(
+                f"a path of {longest - len(CREDENTIAL_SUFFIX)} bytes is too long for a Unix socket (at most {limit}, "
+                f"leaving room for the {CREDENTIAL_SUFFIX} socket beside it): choose a shorter path"
+            )
+        return value
+
     @property
     def credential_socket(self) -> Path:
         """Where workers prove who they are (SO_PEERCRED) before registering; next to the gRPC socket."""
-        return self.socket.with_name(self.socket.name + ".cred")
+        return self.socket.with_name(self.socket.name + CREDENTIAL_SUFFIX)
 
     @classmethod
     def settings_customise_sources(
@@ -196,3 +245,16 @@ class KvdConfig(BaseSettings):
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         finally:
             _config_file.reset(token)
+
+
+def describe_config_error(exc: Exception) -> str:
+    """One line: pydantic's report of every bad setting (where, what, the value given) without its URLs."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "configuration"
+        what = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        given = error["input"]
+        parts.append(f"{where}: {what}" + ("" if isinstance(given, dict) else f" (given {str(given)!r})"))
+    return "; ".join(parts)

@@ -20,7 +20,9 @@ import signal
 import socket
 import sys
 
-from kvd.config import KvdConfig
+from kvd.cli.exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from kvd.config import KvdConfig, human_bytes
+from kvd.errors import StartupError
 from kvd.memory.host_pool import HostPool
 from kvd.metrics import Metrics
 from kvd.rpc.server import RpcEndpoint
@@ -28,6 +30,7 @@ from kvd.service.service import KvdService
 from kvd.tiers.build import build_store
 from kvd.tiers.store import BlockStore
 from kvd.transports.router import TransportRouter
+from kvd.types import TransportKind
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class KvdDaemon:
         self.metrics: Metrics | None = None
         self._stop = asyncio.Event()
         self._stopping = False
+        self._served = False  # only a daemon that reached SERVING says it drains and stops
         self._monitor: asyncio.Task[None] | None = None
 
     # -- start ---------------------------------------------------------------------------------------------------
@@ -52,20 +56,21 @@ class KvdDaemon:
     async def start(self) -> None:
         config = self.config
         await self.rpc.start()
-        self.metrics = Metrics()
-        self.metrics.start(config.metrics)
+        self.metrics = metrics = Metrics()
+        metrics.start(config.metrics)
         self.pool = pool = HostPool(config.host_pool)
         await asyncio.get_running_loop().run_in_executor(None, pool.populate)  # parallel first touch
-        self.transports = TransportRouter(config.transports, pool.region if config.host_pool.pin else None)
-        await self.transports.start()
+        self.transports = transports = TransportRouter(config.transports, pool.region if config.host_pool.pin else None)
+        await transports.start()
         self.store = store = build_store(config, pool)
         await store.start()
-        self.service = KvdService(config, self.transports, store, self.metrics)
+        self.service = KvdService(config, transports, store, metrics)
         await self.service.start()
         await self.rpc.serve(self.service)
         self._monitor = asyncio.create_task(self._watch_tiers(), name="kvd-tier-monitor")
+        self._served = True
         _sd_notify("READY=1\nSTATUS=serving")
-        log.info("kvd ready: boot id %s, host pool %.2f GiB", self.service.boot_id, pool.capacity_bytes / 2**30)
+        log.info("kvd ready (boot id %s): %s", self.service.boot_id, inventory(config, pool, transports, metrics))
 
     async def _watch_tiers(self) -> None:
         """Publish each tier's health (a health service per tier, a gauge) and the pool's fill, every second."""
@@ -83,7 +88,7 @@ class KvdDaemon:
     def request_stop(self) -> None:
         if self._stopping:
             log.warning("second stop signal: exiting without draining")
-            os._exit(1)
+            os._exit(EXIT_INTERRUPTED)
         self._stopping = True
         self._stop.set()
 
@@ -106,7 +111,8 @@ class KvdDaemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.rpc.enter_graceful_shutdown()
-        log.info("shutting down: draining")
+        if self._served:
+            log.info("shutting down: draining")
         if self.service is not None:
             await self.service.drain(self.config.drain_timeout_s)
         if self.store is not None:
@@ -120,7 +126,22 @@ class KvdDaemon:
         if self.metrics is not None:
             self.metrics.stop()
         self.rpc.remove_socket()
-        log.info("stopped")
+        if self._served:
+            log.info("stopped")
+
+
+def inventory(config: KvdConfig, pool: HostPool, transports: TransportRouter, metrics: Metrics) -> str:
+    """What runs, for the startup line: each tier on or off, whether the pool is page-locked, transports, metrics."""
+    locked = config.host_pool.pin and TransportKind.CUDA_IPC in transports.kinds
+    disk = config.disk
+    parts = [
+        f"host memory {human_bytes(pool.capacity_bytes)} ({'page-locked' if locked else 'not page-locked'})",
+        f"disk {disk.path} up to {human_bytes(disk.capacity_bytes)}" if disk.path else "disk off",
+        f"redis {config.redis.url}" if config.redis.url else "redis off",
+        f"transports {', '.join(transports.kinds)}",
+        f"metrics on {metrics.url}" if metrics.url else "metrics off (--metrics-port)",
+    ]
+    return "; ".join(parts)
 
 
 def _sd_notify(state: str) -> None:
@@ -135,14 +156,18 @@ def _sd_notify(state: str) -> None:
 
 
 def run_daemon(config: KvdConfig) -> int:
-    """`kvd serve`: run until stopped; exit code 0 on a clean stop."""
+    """`kvd serve`: run until stopped. EXIT_OK after a clean stop; EXIT_FAILURE, after one log line that says what
+    to do, when it could not start (kvd.errors.StartupError) or a part of it failed."""
     import uvloop
 
     sys.setswitchinterval(config.runtime.gil_switch_interval_us / 1e6)
     daemon = KvdDaemon(config)
     try:
         uvloop.run(daemon.serve())
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
     except RuntimeError as exc:
         log.error("kvd: %s", exc)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -45,6 +45,11 @@ class TransferError(Exception):
         self.reason = reason
 
 
+class StartupError(Exception):
+    """The daemon cannot start, for a reason its operator can fix (memory, a port, a path): one line that says what is
+    wrong and what to do. `kvd serve` logs it without a traceback and exits with its documented failure code."""
+
+
 __all__ = [
     "AlreadyExists",
     "DeadlineExceeded",
@@ -56,6 +61,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "SessionNotFound",
+    "StartupError",
     "TransferError",
     "Unavailable",
     "Unimplemented",

@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kvd import __version__
 from kvd.config import MetricsConfig
+from kvd.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Metrics:
         self._add_operation_metrics(r)
         self._add_state_metrics(r)
         self._lock = threading.Lock()
+        self.url: str | None = None  # the endpoint once started
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -114,16 +116,24 @@ class Metrics:
 
     def start(self, config: MetricsConfig) -> int | None:
         """Serve /metrics on config.host:config.port; port 0 picks a free one. Returns the bound port, or None
-        when metrics are off (port unset). A port already in use raises OSError: the operator asked for it."""
+        when metrics are off (port unset). A port in use, or a host that is not this machine's, is a StartupError:
+        the operator asked for exactly that endpoint, so kvd neither picks another nor starts without it."""
         if config.port is None:
             return None
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("metrics endpoint already started")
-            server, thread = start_http_server(config.port, addr=config.host, registry=self.registry)
+            try:
+                server, thread = start_http_server(config.port, addr=config.host, registry=self.registry)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {config.host}:{config.port}: {exc.strerror or exc}; choose another "
+                    "--metrics-port (KVD_METRICS__PORT; 0 picks a free one) or metrics.host"
+                ) from exc
             self._server, self._thread = server, thread
         port = int(server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", config.host, port)
+        self.url = f"http://{config.host}:{port}/metrics"
+        log.info("metrics on %s", self.url)
         return port
 
     def stop(self) -> None:

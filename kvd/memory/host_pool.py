@@ -16,14 +16,16 @@ import ctypes
 import enum
 import logging
 import mmap
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from kvd.config import HostPoolConfig
-from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.config import HostPoolConfig, human_bytes
+from kvd.errors import InvalidArgument, ResourceExhausted, StartupError
 from kvd.memory.region import PinnedRegion
 from kvd.types import BlockKey
 
@@ -77,9 +79,16 @@ class HostPool:
 
     def __init__(self, config: HostPoolConfig) -> None:
         self.slab_bytes = config.slab_bytes
-        self.num_slabs = max(1, config.capacity_bytes // config.slab_bytes)
-        self.capacity_bytes = self.num_slabs * self.slab_bytes
-        self._map = mmap.mmap(-1, self.capacity_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.capacity_bytes = config.usable_bytes  # whole slabs (the configuration keeps it at least one)
+        self.num_slabs = self.capacity_bytes // self.slab_bytes
+        if self.capacity_bytes != config.capacity_bytes:
+            log.warning(
+                "host pool: %s is not a whole number of %s slabs; using %s",
+                human_bytes(config.capacity_bytes),
+                human_bytes(self.slab_bytes),
+                human_bytes(self.capacity_bytes),
+            )
+        self._map = _map_anonymous(self.capacity_bytes)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._map.madvise(mmap.MADV_HUGEPAGE)  # fewer TLB misses and faster first touch for a large pool
         self._anchor = ctypes.c_char.from_buffer(self._map)
@@ -110,7 +119,7 @@ class HostPool:
 
         with ThreadPoolExecutor(self._populate_threads, thread_name_prefix="kvd-populate") as pool:
             list(pool.map(touch, offsets))
-        log.info("host pool: %.2f GiB populated in %.2f s", self.capacity_bytes / 2**30, time.monotonic() - start)
+        log.info("host pool: %s populated in %.2f s", human_bytes(self.capacity_bytes), time.monotonic() - start)
 
     def close(self) -> None:
         self.view.release()
@@ -313,3 +322,48 @@ class HostPool:
         for entry in [e for e in self._classes[victim.block_bytes].lru.values() if e.slab == victim.index]:
             self._evict(entry)
         return True
+
+
+_LOWER = "lower --capacity (host_pool.capacity_bytes)"
+
+
+def _map_anonymous(nbytes: int) -> mmap.mmap:
+    """The pool's one mapping. A size this machine (or this container) cannot hold is refused before the mapping: with
+    overcommit the mmap itself may succeed, and the first touch of every page would bring the OOM killer instead."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = _cgroup_memory_limit()
+    if nbytes > total or (limit is not None and nbytes > limit):
+        where = f"this machine's {human_bytes(total)} of memory"
+        if limit is not None and limit < total:
+            where = f"this container's memory limit of {human_bytes(limit)}"
+        raise StartupError(f"a host pool of {human_bytes(nbytes)} does not fit {where}: {_LOWER}")
+    try:
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot map a host pool of {human_bytes(nbytes)}: {exc.strerror}; {_LOWER}, or raise this process's "
+            "memory limits (ulimit -v, LimitAS=)"
+        ) from exc
+
+
+def _cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes (v2 memory.max, v1 memory.limit_in_bytes), None if unlimited."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "no limit" with a huge number, v2 with "max"
+            return int(text)
+    return None

@@ -45,7 +45,7 @@ class CredentialIssuer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        remove_stale_socket(self.path)
+        """Listen on `path`, which the caller has cleared (kvd.rpc.socket_path)."""
         old = os.umask(0o777 & ~self._mode)  # the socket is born with its final mode: no window where it is open
         try:
             self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
@@ -106,18 +106,3 @@ class CredentialIssuer:
             del self._tokens[token]
         for token in [t for t in self._fds if t not in self._tokens]:
             self._fds.pop(token).close()
-
-
-def remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a daemon that died, but never steal one a live daemon is serving on."""
-    if not path.exists():
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise RuntimeError(f"another process is serving on {path}")

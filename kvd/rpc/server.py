@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
-from kvd.rpc.credentials import CredentialIssuer, remove_stale_socket
+from kvd.errors import StartupError
+from kvd.rpc.credentials import CredentialIssuer
+from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
+from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
 from kvd.service.service import KvdService
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class RpcEndpoint:
     def __init__(self, config: KvdConfig) -> None:
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.credentials = CredentialIssuer(config.credential_socket, config.socket_mode)
         self.servicer = KvdServicer(self.credentials)
         self.server: grpc.aio.Server | None = None
@@ -55,20 +59,26 @@ class RpcEndpoint:
         )
         await self.set_serving(False)
         socket_path = config.socket
-        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        remove_stale_socket(socket_path)
+        prepare_socket_dir(socket_path)  # the credential socket goes in the same directory
+        for path in (socket_path, config.credential_socket):  # both checked before either is bound
+            clear_stale_socket(path)
+            check_bindable(path)
         old = os.umask(0o777 & ~config.socket_mode)  # born with its final mode: never briefly world-connectable
         try:
-            self.server.add_insecure_port(f"unix:{socket_path}")
+            _bind(self.server, f"unix:{socket_path}", "--socket")
             self._bound = True
         finally:
             os.umask(old)
         if config.tcp:
-            self.server.add_insecure_port(config.tcp)
+            _check_tcp(config.tcp)
+            _bind(self.server, config.tcp, "--tcp")
             log.warning("also listening on TCP %s (no peer credentials there: CUDA IPC sessions only)", config.tcp)
         await self.server.start()
         os.chmod(socket_path, config.socket_mode)
-        await self.credentials.start()
+        try:
+            await self.credentials.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.credential_socket}: {exc.strerror or exc}") from exc
         log.info("listening on %s (mode %o); allocating the host pool", socket_path, config.socket_mode)
 
     async def serve(self, service: KvdService) -> None:
@@ -95,5 +105,31 @@ class RpcEndpoint:
         await self.credentials.stop()
 
     def remove_socket(self) -> None:
+        """Remove the socket this endpoint bound (never one it found a live daemon on)."""
         if self._bound:
             Path(self.config.socket).unlink(missing_ok=True)
+
+
+def _bind(server: grpc.aio.Server, address: str, flag: str) -> None:
+    """grpc reports a failed bind as a bare RuntimeError ("Failed to bind..."), its reason only in its own log."""
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        reason = "in use or not an address of this machine"
+        raise StartupError(f"cannot listen on {address}: {reason}; change {flag}") from exc
+
+
+def _check_tcp(address: str) -> None:
+    """Try the TCP address with a plain socket first: grpc would log its own line and say only that it failed."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: a TIME_WAIT port is free
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from kvd.config import DiskTierConfig
+from kvd.config import DiskTierConfig, human_bytes
 from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, blob_header, decode_blob, namespace_digest
 from kvd.types import BlockKey, Tier
 
@@ -84,10 +84,10 @@ class DiskBackend(StorageBackend):
         self._index.update(fresh)
         self.indexed.set()
         log.info(
-            "disk tier %s: %d blocks, %.1f MiB indexed in %.2f s",
+            "disk tier %s: %d blocks, %s indexed in %.2f s",
             self.name,
             len(self._index),
-            self._stored / 2**20,
+            human_bytes(self._stored),
             time.monotonic() - start,
         )
         await self._evict_to(self.capacity_bytes)

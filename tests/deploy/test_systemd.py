@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.cli import build_parser
+from kvd.cli import EXIT_USAGE, build_parser
 from kvd.config import KvdConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +50,7 @@ def test_readiness_and_lifecycle(service: dict[str, list[str]]) -> None:
     assert one(service, "Type") == "notify"  # the daemon sends READY=1 once the pinned pool is up
     assert one(service, "Restart") == "on-failure"
     assert one(service, "RestartSec")
+    assert one(service, "RestartPreventExitStatus") == str(EXIT_USAGE)  # a bad configuration: no restart loop
     drain_default = KvdConfig.model_fields["drain_timeout_s"].default
     assert int(one(service, "TimeoutStopSec")) > drain_default
 

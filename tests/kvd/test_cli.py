@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import types
@@ -28,13 +27,7 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd import cli
 from kvd.config import KvdConfig, LogConfig
 from kvd.logs import setup_logging
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any KVD_* an operator's shell may carry."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_")}
-    env.update(extra)
-    return env
+from tests.helpers.cli import clean_env, run_kvd
 
 
 @pytest.fixture(autouse=True)
@@ -42,17 +35,6 @@ def _no_kvd_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("KVD_"):
             monkeypatch.delenv(key)
-
-
-def run_kvd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvd", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env if env is not None else clean_env(),
-        check=False,
-    )
 
 
 # ---- kvd config ---------------------------------------------------------------------------------------------------
@@ -99,18 +81,19 @@ def test_nested_flag_overrides_merge_with_env_and_file(
     assert shown["log"] == {"level": "DEBUG", "json_format": True}
 
 
-def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["config", "--config", str(tmp_path / "missing.toml")]) == 2
+def test_config_errors_exit_with_the_usage_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "--config", str(tmp_path / "missing.toml")]) == cli.EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["config", "--capacity", "12"]) == 2  # below the 1 MiB minimum
+    assert cli.main(["config", "--capacity", "12"]) == cli.EXIT_USAGE  # below the 1 MiB minimum
     assert "capacity_bytes" in capsys.readouterr().err
+    assert cli.main(["config", "--tcp", "nohost"]) == cli.EXIT_USAGE
+    assert "tcp: expected HOST:PORT" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         cli.main(["config", "--capacity", "lots"])
-    assert exited.value.code == 2
-    with pytest.raises(SystemExit):
-        cli.main(["config", "--tcp", "nohost"])
-    with pytest.raises(SystemExit):
+    assert exited.value.code == cli.EXIT_USAGE
+    with pytest.raises(SystemExit) as exited:
         cli.main(["config", "--log-level", "chatty"])
+    assert exited.value.code == cli.EXIT_USAGE
 
 
 # ---- kvd serve ----------------------------------------------------------------------------------------------------
@@ -272,12 +255,12 @@ def test_stats_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None
     assert "boot boot-1" in out and "up 01:02:05" in out
     assert "sessions: 1" in out and "vllm-tp0" in out and "cuda_ipc" in out and "0/2" in out
     host_row = next(line for line in out.splitlines() if line.strip().startswith("host_memory"))
-    assert host_row.split()[1:9] == ["host", "yes", "4.0GiB", "1.0GiB", "100", "30", "10", "75.0%"]
+    assert host_row.split()[1:9] == ["host", "yes", "4GiB", "1GiB", "100", "30", "10", "75.0%"]
     remote_row = next(line for line in out.splitlines() if line.strip().startswith("remote"))
     assert "NO" in remote_row.split()
     assert "lookup hit rate: 75.0%" in out
-    assert "load hit rate:   93.3%" in out
-    assert "saves: 5 ok, 1 failed, 3.0MiB saved" in out
+    assert "load hit rate:   93.3%  (28/30 blocks asked for by Load; a miss is one no tier had then)" in out
+    assert "saves: 5 ok, 1 failed, 3MiB saved" in out
 
 
 def test_stats_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
@@ -290,7 +273,7 @@ def test_stats_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_stats_unreachable(tmp_path: Path) -> None:
-    assert cli.main(["stats", "--socket", str(tmp_path / "missing.sock")]) == 2
+    assert cli.main(["stats", "--socket", str(tmp_path / "missing.sock")]) == cli.EXIT_UNREACHABLE
 
 
 # ---- logging ------------------------------------------------------------------------------------------------------

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 
@@ -157,16 +155,6 @@ def test_reflection_describes_the_kvd_service(daemon: Daemon) -> None:
     request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="kvd.v1.Kvd")
     responses = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     assert responses and responses[0].file_descriptor_response.file_descriptor_proto
-
-
-@pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
-def test_grpcurl_lists_the_services(daemon: Daemon) -> None:
-    out = subprocess.run(
-        ["grpcurl", "-plaintext", "-unix", str(daemon.socket), "list"], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    assert "kvd.v1.Kvd" in out.stdout.split()
-    assert "grpc.health.v1.Health" in out.stdout.split()
 
 
 def test_sockets_are_mode_0600(daemon: Daemon) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from collections.abc import Iterator
 
@@ -10,6 +11,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvd.config import MetricsConfig
+from kvd.errors import StartupError
 from kvd.metrics import OPERATION_SECONDS_BUCKETS, Metrics
 
 
@@ -138,3 +140,12 @@ def test_instances_do_not_share_a_registry() -> None:
     a.set_sessions(5)
     assert samples(generate_latest(a.registry).decode())[("kvd_sessions", ())] == 5
     assert samples(generate_latest(b.registry).decode())[("kvd_sessions", ())] == 0
+
+
+def test_a_port_in_use_is_one_startup_error(metrics: Metrics) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"):
+            metrics.start(MetricsConfig(port=port, host="127.0.0.1"))

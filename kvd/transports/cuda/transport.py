@@ -15,7 +15,7 @@ from typing import Any
 
 from kvd_client.layout import KvLayout
 
-from kvd.config import TransportsConfig
+from kvd.config import TransportsConfig, human_bytes
 from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, SlotRef, Transport
@@ -100,7 +100,7 @@ class CudaTransport(Transport):
             first = next(iter(self._engines.values()))
             first.call(first.register_host, self._pinned.base_address, self._pinned.nbytes).result()
             self._pinned_by = first
-            log.info("host pool page-locked (%.2f GiB)", self._pinned.nbytes / 2**30)
+            log.info("host pool page-locked (%s)", human_bytes(self._pinned.nbytes))
 
     async def attach(self, memory: WorkerMemory, layout: KvLayout, peer: PeerIdentity) -> Attachment:
         if not isinstance(memory, CudaMemory):

@@ -13,70 +13,28 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvd import __version__
+from kvd.cli.arg_types import byte_size, log_level, port, positive_float
 
 if TYPE_CHECKING:
     from kvd.config import KvdConfig
 
-# `kvd health` exit codes, modelled on grpc_health_probe: probes only care about zero / non-zero, humans and
-# scripts about why.
-EXIT_SERVING = 0
-EXIT_NOT_SERVING = 1  # the daemon answered, but it is not SERVING (starting, draining, unknown service)
-EXIT_UNREACHABLE = 2  # no socket, nobody listening, or no answer in time
-EXIT_USAGE = 2  # a bad flag or configuration (argparse also exits 2)
+from kvd.cli.exit_codes import (
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_SERVING,
+    EXIT_OK,
+    EXIT_SERVING,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 
 DEFAULT_RPC_TIMEOUT_S = 2.0
 
 # Unix-socket targets never need a proxy, and a stray http_proxy in an operator's shell must not be consulted.
 _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
-
-
-# ---- argument types ---------------------------------------------------------------------------------------------
-
-
-def _byte_size(text: str) -> int:
-    """Sizes like 4GiB, 512MiB, 1.5 GiB or 4294967296 to bytes. (4GB is 4*10^9: use the binary suffixes.)"""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(text))
-    except ValidationError as exc:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1073741824)") from exc
-
-
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"not a port (0 picks a free one): {text!r}")
-    return int(text)
-
-
-def _log_level(text: str) -> str:
-    from kvd.logs import parse_level
-
-    try:
-        parse_level(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text.upper()
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 # ---- parser -----------------------------------------------------------------------------------------------------
@@ -86,16 +44,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `config`: each one given overrides the environment and the file."""
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default: $KVD_CONFIG)")
     p.add_argument("--socket", type=Path, metavar="PATH", help="gRPC Unix socket to listen on")
-    p.add_argument("--tcp", type=_host_port, metavar="HOST:PORT", help="also listen on TCP (off by default)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
     p.add_argument(
         "--capacity",
-        type=_byte_size,
+        type=byte_size,
         metavar="SIZE",
-        help="pinned host pool size (host_pool.capacity_bytes), e.g. 4GiB",
+        help="host pool size (host_pool.capacity_bytes: whole slabs, 64MiB each by default), e.g. 4GiB",
     )
     p.add_argument("--lease-ms", type=int, metavar="N", help="session lease in milliseconds")
-    p.add_argument("--metrics-port", type=_port, metavar="N", help="Prometheus endpoint port (0: any free port)")
-    p.add_argument("--log-level", type=_log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--metrics-port", type=port, metavar="N", help="Prometheus endpoint port (0: any free port)")
+    p.add_argument("--log-level", type=log_level, metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--log-json", action="store_true", default=None, help="log one JSON object per line")
 
 
@@ -104,24 +62,48 @@ def _add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, metavar="PATH", help="daemon socket (default: from the configuration)")
     p.add_argument("--config", type=Path, metavar="FILE", help="read the socket path from this config file")
     p.add_argument(
-        "--timeout", type=_positive_float, default=DEFAULT_RPC_TIMEOUT_S, metavar="S", help="RPC deadline in seconds"
+        "--timeout", type=positive_float, default=DEFAULT_RPC_TIMEOUT_S, metavar="S", help="RPC deadline in seconds"
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvd", description="Per-node KV-cache transfer daemon for LLM serving.")
-    parser.add_argument("--version", action="version", version=f"kvd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse with kvd's usage exit code; the subcommand parsers are of this class too, so a bad flag after
+    `kvd serve` shows serve's usage, not the top level's."""
 
-    serve = sub.add_parser("serve", help="run the daemon (blocks until SIGTERM/SIGINT)")
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+COMMANDS = ("serve", "health", "stats", "config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvd",
+        description="Per-node KV-cache transfer daemon for LLM serving.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvd {__version__}")
+    # Not `required`: main() tells a missing COMMAND from an unknown option itself (argparse would say "COMMAND is
+    # required" for `kvd --bogus`).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon (blocks until SIGTERM/SIGINT)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_flags(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
 
     health = sub.add_parser(
         "health",
         help="gRPC health check: exit 0 if SERVING, 1 if not, 2 if unreachable",
         description="Exit 0 if the daemon is SERVING, 1 if it answers but is not (starting, draining), "
-        "2 if it cannot be reached.",
+        f"2 if it cannot be reached, {EXIT_USAGE} for a bad flag or configuration.",
     )
     _add_client_flags(health)
     health.add_argument("--service", default="", metavar="NAME", help='service to check ("" = the whole daemon)')
@@ -130,16 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 whenever the daemon answers, SERVING or not (liveness: a starting or draining daemon is alive)",
     )
-    health.set_defaults(func=cmd_health)
+    health.set_defaults(func=cmd_health, parser=health)
 
     stats = sub.add_parser("stats", help="print the daemon's sessions, tiers and counters")
     _add_client_flags(stats)
     stats.add_argument("--json", action="store_true", help="print the raw StatsResponse as JSON")
-    stats.set_defaults(func=cmd_stats)
+    stats.set_defaults(func=cmd_stats, parser=stats)
 
-    config = sub.add_parser("config", help="print the effective configuration as JSON")
+    config = sub.add_parser(
+        "config",
+        help="check the configuration serve would use and print it as JSON",
+        description=f"Validate the configuration exactly as serve would and print it; exit {EXIT_USAGE} if invalid.",
+    )
     _add_config_flags(config)
-    config.set_defaults(func=cmd_config)
+    config.add_argument("--get", metavar="KEY", help="print one setting, e.g. socket or host_pool.capacity_bytes")
+    config.set_defaults(func=cmd_config, parser=config)
     return parser
 
 
@@ -214,28 +201,46 @@ def _socket_problem(path: Path) -> str | None:
     return None
 
 
-def render_config(config: KvdConfig) -> str:
-    data = config.model_dump(mode="json")
+def render_config(config: KvdConfig, key: str | None = None) -> str:
+    """The configuration as JSON, or with `key` (dotted: host_pool.capacity_bytes) that one value as a shell would
+    want it (a string bare, anything else as JSON). A key that does not exist is a ValueError."""
+    data: Any = config.model_dump(mode="json")
     # Octal, the way chmod and systemd spell it (the loader accepts this string back).
     data["socket_mode"] = f"0{config.socket_mode:o}"
-    return json.dumps(data, indent=2)
+    if key is None:
+        return json.dumps(data, indent=2)
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise ValueError(f"no setting {key!r} (`kvd config` prints them all)")
+        data = data[part]
+    return data if isinstance(data, str) else json.dumps(data, indent=2)
 
 
 def _config_error(exc: Exception) -> int:
-    print(f"kvd: configuration error: {exc}", file=sys.stderr)
+    from kvd.config import describe_config_error
+
+    print(f"kvd: configuration error: {describe_config_error(exc)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _checked_config(args: argparse.Namespace) -> KvdConfig | None:
+    """The configuration serve would run with, or None after printing why it is invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return load_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        _config_error(exc)
+        return None
 
 
 # ---- subcommands ------------------------------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        config = load_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        return _config_error(exc)
+    config = _checked_config(args)
+    if config is None:
+        return EXIT_USAGE
 
     from kvd.logs import setup_logging
 
@@ -245,18 +250,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return run_daemon(config)
     except KeyboardInterrupt:  # a second Ctrl-C while draining
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    config = _checked_config(args)
+    if config is None:
+        return EXIT_USAGE
+    pool = config.host_pool
+    if pool.usable_bytes != pool.capacity_bytes:  # serve's pool logs the same when it starts
+        from kvd.config import human_bytes
 
+        print(
+            f"kvd: note: host_pool.capacity_bytes {human_bytes(pool.capacity_bytes)} is not a whole number of "
+            f"{human_bytes(pool.slab_bytes)} slabs; the pool will be {human_bytes(pool.usable_bytes)}",
+            file=sys.stderr,
+        )
     try:
-        config = load_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
+        print(render_config(config, args.get))
+    except ValueError as exc:
         return _config_error(exc)
-    print(render_config(config))
-    return 0
+    return EXIT_OK
 
 
 def health_check(socket: Path, service: str = "", timeout: float = DEFAULT_RPC_TIMEOUT_S) -> tuple[int, str]:
@@ -288,9 +302,8 @@ def health_check(socket: Path, service: str = "", timeout: float = DEFAULT_RPC_T
 def cmd_health(args: argparse.Namespace) -> int:
     try:
         socket = _resolve_socket(args)
-    except Exception as exc:  # pydantic's ValidationError, a missing file: either way there is nothing to reach
-        print(f"kvd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except Exception as exc:  # pydantic's ValidationError, a missing or malformed file
+        return _config_error(exc)
     code, message = health_check(socket, args.service, args.timeout)
     if args.live and code == EXIT_NOT_SERVING:
         code = EXIT_SERVING
@@ -298,101 +311,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     return code
 
 
-def _human_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n}B"
-    value, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f}{unit}"
-
-
-def _rate(hit: int, total: int) -> str:
-    return f"{100.0 * hit / total:.1f}%" if total else "-"
-
-
-def _duration(seconds: int) -> str:
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{days}d" if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [list(header), *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-
-
-def format_stats(stats: Any) -> str:
-    """A kvd.v1.StatsResponse as an operator-readable report."""
-    from kvd_client.wire.kvd.v1 import kvd_pb2
-
-    lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
-
-    lines.append(f"sessions: {len(stats.sessions)}")
-    if stats.sessions:
-        lines += _table(
-            ["SESSION", "WORKER", "PID", "TRANSPORT", "MODEL", "TP", "SAVES", "LOADS", "IN-FLIGHT"],
-            [
-                [
-                    s.session_id[:12],
-                    s.worker_name or "-",
-                    s.pid,
-                    s.transport or "-",
-                    s.namespace.model_id or "-",
-                    f"{s.namespace.tp_rank}/{s.namespace.tp_world_size}",
-                    s.saves,
-                    s.loads,
-                    s.in_flight,
-                ]
-                for s in stats.sessions
-            ],
-        )
-    lines.append("")
-
-    lines.append("tiers:")
-    lines += _table(
-        ["TIER", "NAME", "HEALTHY", "CAPACITY", "USED", "BLOCKS", "HITS", "MISSES", "HIT RATE", "EVICTED", "CORRUPT"],
-        [
-            [
-                kvd_pb2.Tier.Name(t.tier).removeprefix("TIER_").lower() if t.tier in kvd_pb2.Tier.values() else t.tier,
-                t.name or "-",
-                "yes" if t.healthy else "NO",
-                _human_bytes(t.capacity_bytes) if t.capacity_bytes else "-",
-                _human_bytes(t.used_bytes),
-                t.blocks,
-                t.hits,
-                t.misses,
-                _rate(t.hits, t.hits + t.misses),
-                t.evictions,
-                t.corrupt,
-            ]
-            for t in stats.tiers
-        ],
-    )
-    lines.append("")
-
-    load_blocks = stats.load_hit_blocks + stats.load_miss_blocks
-    lines += [
-        f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
-        f"  ({stats.lookup_hit_blocks}/{stats.lookup_blocks} blocks in {stats.lookups} lookups)",
-        f"load hit rate:   {_rate(stats.load_hit_blocks, load_blocks)}"
-        f"  ({stats.load_hit_blocks}/{load_blocks} blocks; a miss was promised by Lookup but gone by Load)",
-        f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {_human_bytes(stats.bytes_saved)} saved",
-        f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {_human_bytes(stats.bytes_loaded)} loaded",
-    ]
-    return "\n".join(lines)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     try:
         socket = _resolve_socket(args)
-    except Exception as exc:
-        print(f"kvd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except Exception as exc:  # pydantic's ValidationError, a missing or malformed file
+        return _config_error(exc)
     if problem := _socket_problem(socket):
         print(f"kvd: unreachable: {problem}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -418,12 +341,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         print(json.dumps(doc, indent=2))
     else:
+        from kvd.cli.stats_report import format_stats
+
         print(format_stats(stats))
     return 0
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; a usage error (exit EXIT_USAGE) names the parser it belongs to."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    owner: argparse.ArgumentParser = getattr(args, "parser", parser)
+    if unknown:
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error(f"a COMMAND is required: one of {', '.join(COMMANDS)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
