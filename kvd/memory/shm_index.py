@@ -44,7 +44,7 @@ from kvd_client.index import (
 )
 
 from kvd.errors import InvalidArgument, Unavailable
-from kvd.types import TierKind
+from kvd.types import Tier
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +157,21 @@ class ShmIndex:
 
     # -- the store's notices ---------------------------------------------------------------------------------------
 
-    def add(self, block_hash: bytes, rank: int, tier: TierKind) -> None:
+    def add(self, block_hash: bytes, rank: int, tier: Tier) -> None:
         """Rank `rank`'s copy of the block is complete in `tier`."""
         self.add_many((block_hash,), rank, tier)
 
-    def discard(self, block_hash: bytes, rank: int, tier: TierKind) -> None:
+    def discard(self, block_hash: bytes, rank: int, tier: Tier) -> None:
         """Rank `rank`'s copy of the block leaves `tier` (call before its slot may be reused)."""
         self.discard_many((block_hash,), rank, tier)
 
-    def add_many(self, block_hashes: Iterable[bytes], rank: int, tier: TierKind) -> None:
+    def add_many(self, block_hashes: Iterable[bytes], rank: int, tier: Tier) -> None:
         self._update(block_hashes, rank, tier, present=True)
 
-    def discard_many(self, block_hashes: Iterable[bytes], rank: int, tier: TierKind) -> None:
+    def discard_many(self, block_hashes: Iterable[bytes], rank: int, tier: Tier) -> None:
         self._update(block_hashes, rank, tier, present=False)
 
-    def _update(self, block_hashes: Iterable[bytes], rank: int, tier: TierKind, *, present: bool) -> None:
+    def _update(self, block_hashes: Iterable[bytes], rank: int, tier: Tier, *, present: bool) -> None:
         bit, host = self._rank_bit(rank), self._is_host(tier)
         with self._lock:
             for block_hash in block_hashes:
@@ -239,10 +239,10 @@ class ShmIndex:
         return 1 << rank
 
     @staticmethod
-    def _is_host(tier: TierKind) -> bool:
-        if tier not in (TierKind.HOST_MEMORY, TierKind.DISK):
+    def _is_host(tier: Tier) -> bool:
+        if tier not in (Tier.HOST_MEMORY, Tier.DISK):
             raise InvalidArgument(f"the index covers the local tiers only, not {tier.name}")
-        return tier is TierKind.HOST_MEMORY
+        return tier is Tier.HOST_MEMORY
 
     def _publish(self, digest: bytes, block: _Block) -> None:
         """Bring the mapping in line with `block`: published iff every rank has it in some local tier."""

@@ -20,9 +20,9 @@ from kvd_client import index as index_mod
 from kvd_client.index import STASH_SLOTS, IndexReader, IndexUnavailable, layout_for
 
 from kvd.memory.shm_index import MIN_SLOTS, ShmIndex, slots_for
-from kvd.types import TierKind
+from kvd.types import Tier
 
-HOST, DISK = TierKind.HOST_MEMORY, TierKind.DISK
+HOST, DISK = Tier.HOST_MEMORY, Tier.DISK
 ROOT = Path(__file__).resolve().parents[2]
 
 
