@@ -35,8 +35,7 @@ from kvd_client import KvdClient
 from kvd_client.index import IndexReader
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
-from kvd.memory.shm_index import ShmIndex
-from kvd.types import Tier
+from kvd.memory.shm_index import ShmIndex, Source
 from tests.helpers.clients import Completions
 from tests.helpers.daemon import Daemon
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, make_caches
@@ -78,7 +77,7 @@ def index_probes(hashes: list[bytes], stored: int, calls: int, warmup: int) -> d
     """The in-process lookup: the same blocks published in a sealed memfd index, probed through a read-only
     mapping (the daemon's writer and the client's reader, in this one process)."""
     index = ShmIndex(capacity_blocks=max(4096, stored), tp_world_size=1, boot_id="bench", group_key="bench-lookup")
-    index.add_many(hashes[:stored], 0, Tier.HOST_MEMORY)
+    index.add_many(hashes[:stored], 0, Source.HOST)
     fd = index.open_reader_fd()
     out: dict[str, Any] = {"index_slots": index.slots}
     try:

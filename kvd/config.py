@@ -80,6 +80,13 @@ class HostPoolConfig(_Section):
         return self.capacity_bytes - self.capacity_bytes % self.slab_bytes
 
 
+class IndexConfig(_Section):
+    """The published block index: clients look blocks up in shared memory instead of asking over RPC."""
+
+    enabled: bool = True
+    max_bytes: int = Field(default=256 * MiB, ge=64 * 1024)  # per namespace group (9 bytes per slot, 4 per block)
+
+
 class DiskTierConfig(_Section):
     """L2: a local directory. Off unless `path` is set."""
 
@@ -170,6 +177,7 @@ class KvdConfig(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     # One section per layer below.
     host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
+    index: IndexConfig = IndexConfig()
     transports: TransportsConfig = TransportsConfig()  # kvd/transports
     disk: DiskTierConfig = DiskTierConfig()  # kvd/tiers
     redis: RedisTierConfig = RedisTierConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import os
@@ -33,6 +34,16 @@ class PeerIdentity:
     uid: int
     gid: int
     verified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SharedGrant:
+    """What a session may map (kvd_client.shared.GRANT_* bits, one new descriptor each, in bit order: the receiver
+    closes them) and the event set when the session ends (the rpc layer then drops the connection it holds open)."""
+
+    what: int
+    fds: tuple[int, ...]
+    ended: asyncio.Event
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
 from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
+from kvd_client.index import group_key
+from kvd_client.lookups import LocalIndex, resolved, rpc_lookup
 from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
 from kvd_client.session import heartbeat, open_channel, register_session
@@ -79,6 +81,7 @@ class KvdClient:
         self.block_bytes = 0
         self._columnar = False
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
+        self.index = LocalIndex(timeout_s)  # the daemon's published index, once mapped
 
     # -- set-up ----------------------------------------------------------------------------------------------------
 
@@ -109,6 +112,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self.index.configure(self.socket_path, group_key(self.model_id, self.layout_fingerprint, self.tp_world_size))
         self._inbox.open()
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
@@ -129,12 +133,14 @@ class KvdClient:
 
     def lookup(self, block_hashes: Sequence[bytes]) -> concurrent.futures.Future[LookupResult]:
         """The longest stored prefix of `block_hashes`; the future fails with Unavailable when the daemon is not
-        reachable now."""
+        reachable now. With the daemon's index mapped it is answered at once (local tiers only)."""
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
             failed.set_exception(Unavailable("kvd is not connected"))
             return failed
+        if (local := self.index.lookup(block_hashes)) is not None:
+            return resolved(local)  # from the mapped index, in this thread: no round trip
         future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)
@@ -256,6 +262,7 @@ class KvdClient:
             except (TimeoutError, grpc.aio.AioRpcError, KvdError, OSError) as exc:
                 reason = f"kvd unavailable: {messages.describe(exc)}"
             finally:
+                self.index.drop()
                 self._ready.clear()
                 self._session_id = ""
                 self._stub = None
@@ -290,6 +297,7 @@ class KvdClient:
         self._lease_s = response.lease_ms / 1000
         self.registrations += 1
         log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
+        await self.index.attach(self._session_id, self.boot_id)
 
     async def _serve_session(self) -> None:
         stub = self._stub
@@ -300,8 +308,8 @@ class KvdClient:
         self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
-        every_s = max(0.05, self._lease_s / 3)
-        beat = asyncio.create_task(heartbeat(stub, self._session_id, self.boot_id, every_s, self.timeout_s))
+        every_s, ids = max(0.05, self._lease_s / 3), (self._session_id, self.boot_id)
+        beat = asyncio.create_task(heartbeat(stub, *ids, every_s, self.timeout_s, lambda: self.index.retry(*ids)))
         broken = asyncio.create_task(self._broken.wait())
         try:
             done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
@@ -363,22 +371,11 @@ class KvdClient:
             self._complete_failed(op, error)
 
     async def _lookup(self, hashes: list[bytes]) -> LookupResult:
-        stub = self._stub
-        if stub is None:
-            raise Unavailable("kvd is not connected")
         try:
-            response = await stub.Lookup(
-                kvd_pb2.LookupRequest(session_id=self._session_id, block_hashes=hashes), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
+            return await rpc_lookup(self._stub, self._session_id, hashes, self.timeout_s)
+        except KvdError as error:
             self._connection_lost(error)
-            raise error from None
-        except asyncio.CancelledError:
-            # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
-            # the documented Unavailable, not a bare CancelledError outside the KvdError family.
-            raise Unavailable("kvd connection closed during the lookup") from None
-        return messages.lookup_result(response)
+            raise
 
     async def _unregister(self) -> None:
         stub, session = self._stub, self._session_id

@@ -42,6 +42,7 @@ MAGIC = b"KVDIDX\x00\x01"
 VERSION = 1
 HEADER_BYTES = 4096
 DIGEST_BYTES = 32
+MAX_HASH_BYTES = 64  # the daemon refuses longer (and empty) hashes; so does the index
 MAX_TP_WORLD_SIZE = 32  # one bit per rank in the daemon's bookkeeping
 FLAG_HOST = 1
 
@@ -54,6 +55,9 @@ W_ENTRIES = 18  # blocks published now
 W_OVERFLOWS = 19  # blocks that found no slot (they read as absent)
 W_STATE = 20
 W_STASHED = 21  # blocks in the stash now
+W_DAEMON_FLAGS = 22  # what the daemon has beyond this index (DAEMON_REMOTE_TIER)
+DAEMON_REMOTE_TIER = 1  # a remote tier may hold blocks this index does not show (a lookup RPC can find more)
+W_MAX_LOOKUP = 23  # the daemon's max_lookup_blocks: a longer batch is the RPC's to refuse
 STATE_LIVE = 1
 STATE_RETIRED = 2  # the daemon dropped this index: map the new one (or ask over RPC)
 
@@ -122,6 +126,8 @@ def index_digest(block_hash: bytes) -> bytes:
     """The 32 bytes the index keys a block by: the hash itself when it is 32 bytes, else blake2b of it."""
     if len(block_hash) == DIGEST_BYTES:
         return block_hash
+    if not 0 < len(block_hash) <= MAX_HASH_BYTES:
+        raise ValueError(f"a block hash must be 1..{MAX_HASH_BYTES} bytes, got {len(block_hash)}")
     return hashlib.blake2b(block_hash, digest_size=DIGEST_BYTES, person=_DIGEST_PERSON).digest()
 
 
@@ -132,6 +138,11 @@ def digest_words(digest: bytes) -> tuple[int, int, int]:
 
 def stash_entry_offset(i: int) -> int:
     return STASH_OFFSET + i * STASH_ENTRY_BYTES
+
+
+def group_key(model_id: str, layout_fingerprint: str, tp_world_size: int) -> str:
+    """The namespace group an index covers: every tensor-parallel rank of one model and KV layout."""
+    return f"{model_id}|{layout_fingerprint}|tp*/{tp_world_size}"
 
 
 def label_of(group_key: str) -> bytes:

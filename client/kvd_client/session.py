@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -62,12 +62,19 @@ async def register_session(
 
 
 async def heartbeat(
-    stub: kvd_pb2_grpc.KvdStub, session_id: str, boot_id: str, every_s: float, timeout_s: float
+    stub: kvd_pb2_grpc.KvdStub,
+    session_id: str,
+    boot_id: str,
+    every_s: float,
+    timeout_s: float,
+    after_beat: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Beat every `every_s` until the daemon answers with another boot id (it restarted: the session and everything
-    in flight are gone); a failed call raises."""
+    in flight are gone); a failed call raises. `after_beat` runs after each beat the daemon answered."""
     while True:
         await asyncio.sleep(every_s)
         response = await stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=session_id), timeout=timeout_s)
         if response.boot_id != boot_id:
             return
+        if after_beat is not None:
+            await after_beat()

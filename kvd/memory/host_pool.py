@@ -26,7 +26,9 @@ from pathlib import Path
 
 from kvd.config import HostPoolConfig, human_bytes
 from kvd.errors import InvalidArgument, ResourceExhausted, StartupError
+from kvd.memory.index_registry import BlockListener
 from kvd.memory.region import PinnedRegion
+from kvd.memory.shm_index import Source
 from kvd.types import BlockKey
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class HostPool:
         self.used_bytes = 0
         self.evictions = 0
         self.evict_hooks: list[EvictHook] = []
+        self.listener: BlockListener | None = None  # the published index: told of each block in and out
 
     @property
     def region(self) -> PinnedRegion:
@@ -177,6 +180,10 @@ class HostPool:
             out.append(entry)
         return out
 
+    def resident(self, namespace_key: str) -> list[bytes]:
+        """The hashes of `namespace_key`'s READY blocks."""
+        return [k[1] for k, e in self._entries.items() if k[0] == namespace_key and e.state is SlotState.READY]
+
     def touch(self, entry: Entry) -> None:
         entry.last_use = time.monotonic()
         self._slabs[entry.slab].last_use = entry.last_use
@@ -225,6 +232,8 @@ class HostPool:
         entry.state = SlotState.READY
         entry.last_use = time.monotonic()
         self._classes[entry.nbytes].lru[entry.key] = entry
+        if self.listener is not None:  # before the save's notice goes out: read-your-writes through the index
+            self.listener.stored(entry.key, Source.HOST)
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry (an aborted save, a failed verification, an explicit delete) and free its slot."""
@@ -246,6 +255,8 @@ class HostPool:
         return self.base_address + slab * self.slab_bytes + slot * nbytes
 
     def _release(self, entry: Entry) -> None:
+        if self.listener is not None and entry.state is SlotState.READY:
+            self.listener.dropped(entry.key, Source.HOST)  # out of the index before the slot can be reused
         del self._entries[entry.key]
         size_class = self._classes[entry.nbytes]
         size_class.lru.pop(entry.key, None)

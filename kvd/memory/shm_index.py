@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import fcntl
 import logging
 import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvd_client.index import (
     FLAG_HOST,
@@ -29,8 +30,10 @@ from kvd_client.index import (
     STASH_USED,
     STATE_LIVE,
     STATE_RETIRED,
+    W_DAEMON_FLAGS,
     W_ENTRIES,
     W_GENERATION,
+    W_MAX_LOOKUP,
     W_OVERFLOWS,
     W_RELOCATIONS,
     W_STASHED,
@@ -44,7 +47,6 @@ from kvd_client.index import (
 )
 
 from kvd.errors import InvalidArgument, Unavailable
-from kvd.types import Tier
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,17 @@ def slots_for(capacity_blocks: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
     return slots
 
 
+class Source(enum.IntEnum):
+    """Where a rank's copy of a block is held locally (each may hold one; any of them makes it loadable)."""
+
+    HOST = 0  # the host pool (L1): loadable without a fetch, the only source in-step loads read
+    QUEUED = 1  # evicted from L1 and queued for a lower tier, bytes still in the daemon's memory
+    DISK = 2  # the disk tier
+
+
 @dataclass(slots=True)
 class _Block:
-    host: int = 0  # bit r: rank r's copy is in host memory
-    disk: int = 0  # bit r: rank r's copy is on disk
+    masks: list[int] = field(default_factory=lambda: [0, 0, 0])  # per Source: bit r = rank r's copy is there
     slot: int = -1  # published in this table slot; -1: not in the table
     stash: int = -1  # published in this stash entry; -1: not in the stash
 
@@ -110,6 +119,8 @@ class ShmIndex:
         boot_id: str,
         group_key: str,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        daemon_flags: int = 0,
+        max_lookup_blocks: int = 1 << 16,
     ) -> None:
         if not 1 <= tp_world_size <= MAX_TP_WORLD_SIZE:
             raise InvalidArgument(f"an index covers 1..{MAX_TP_WORLD_SIZE} tensor-parallel ranks, not {tp_world_size}")
@@ -125,6 +136,8 @@ class ShmIndex:
         self._words = view[words_offset : words_offset + 8 * self.slots].cast("Q")
         self._flags = view[flags_offset : flags_offset + self.slots]
         self._view = view
+        self._hdr[W_DAEMON_FLAGS] = daemon_flags
+        self._hdr[W_MAX_LOOKUP] = max_lookup_blocks
         self._hdr[W_STATE] = STATE_LIVE
         self._mask = self.slots - 1
         self._full = (1 << tp_world_size) - 1
@@ -157,22 +170,22 @@ class ShmIndex:
 
     # -- the store's notices ---------------------------------------------------------------------------------------
 
-    def add(self, block_hash: bytes, rank: int, tier: Tier) -> None:
-        """Rank `rank`'s copy of the block is complete in `tier`."""
-        self.add_many((block_hash,), rank, tier)
+    def add(self, block_hash: bytes, rank: int, source: Source) -> None:
+        """Rank `rank`'s copy of the block is complete in `source`."""
+        self.add_many((block_hash,), rank, source)
 
-    def discard(self, block_hash: bytes, rank: int, tier: Tier) -> None:
-        """Rank `rank`'s copy of the block leaves `tier` (call before its slot may be reused)."""
-        self.discard_many((block_hash,), rank, tier)
+    def discard(self, block_hash: bytes, rank: int, source: Source) -> None:
+        """Rank `rank`'s copy of the block leaves `source` (call before its slot may be reused)."""
+        self.discard_many((block_hash,), rank, source)
 
-    def add_many(self, block_hashes: Iterable[bytes], rank: int, tier: Tier) -> None:
-        self._update(block_hashes, rank, tier, present=True)
+    def add_many(self, block_hashes: Iterable[bytes], rank: int, source: Source) -> None:
+        self._update(block_hashes, rank, source, present=True)
 
-    def discard_many(self, block_hashes: Iterable[bytes], rank: int, tier: Tier) -> None:
-        self._update(block_hashes, rank, tier, present=False)
+    def discard_many(self, block_hashes: Iterable[bytes], rank: int, source: Source) -> None:
+        self._update(block_hashes, rank, source, present=False)
 
-    def _update(self, block_hashes: Iterable[bytes], rank: int, tier: Tier, *, present: bool) -> None:
-        bit, host = self._rank_bit(rank), self._is_host(tier)
+    def _update(self, block_hashes: Iterable[bytes], rank: int, source: Source, *, present: bool) -> None:
+        bit = self._rank_bit(rank)
         with self._lock:
             for block_hash in block_hashes:
                 digest = index_digest(block_hash)
@@ -181,12 +194,10 @@ class ShmIndex:
                     if not present:
                         continue
                     block = self._blocks[digest] = _Block()
-                if host:
-                    block.host = block.host | bit if present else block.host & ~bit
-                else:
-                    block.disk = block.disk | bit if present else block.disk & ~bit
+                masks = block.masks
+                masks[source] = masks[source] | bit if present else masks[source] & ~bit
                 self._publish(digest, block)
-                if not block.host | block.disk:
+                if not any(masks):
                     del self._blocks[digest]
 
     # -- lifecycle and stats ---------------------------------------------------------------------------------------
@@ -238,15 +249,10 @@ class ShmIndex:
             raise Unavailable("index is closed")
         return 1 << rank
 
-    @staticmethod
-    def _is_host(tier: Tier) -> bool:
-        if tier not in (Tier.HOST_MEMORY, Tier.DISK):
-            raise InvalidArgument(f"the index covers the local tiers only, not {tier.name}")
-        return tier is Tier.HOST_MEMORY
-
     def _publish(self, digest: bytes, block: _Block) -> None:
         """Bring the mapping in line with `block`: published iff every rank has it in some local tier."""
-        present = (block.host | block.disk) == self._full
+        masks = block.masks
+        present = (masks[0] | masks[1] | masks[2]) == self._full
         if present and not block.published:
             self._place(digest, block)
         elif not present and block.published:
@@ -260,7 +266,7 @@ class ShmIndex:
             self._unplaced.discard(digest)
 
     def _flag(self, block: _Block) -> int:
-        return FLAG_HOST if block.host == self._full else 0
+        return FLAG_HOST if block.masks[Source.HOST] == self._full else 0
 
     def _place(self, digest: bytes, block: _Block) -> bool:
         """Publish a block in the table (kicking others along a path to a free slot), else in the stash."""

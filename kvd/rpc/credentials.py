@@ -18,8 +18,11 @@ import struct
 import time
 from pathlib import Path
 
+from kvd_client import fdpass
+
 from kvd.errors import PermissionDenied
 from kvd.rpc import fd_channel
+from kvd.rpc.shared import GrantShared, after_token
 from kvd.types import PassedFds, PeerIdentity
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class CredentialIssuer:
         self._tokens: dict[bytes, tuple[PeerIdentity, float]] = {}
         self._fds: dict[bytes, PassedFds] = {}  # descriptors passed with a token, until it is redeemed or expires
         self._server: asyncio.Server | None = None
+        self.grant_shared: GrantShared | None = None  # set once the service runs
 
     async def start(self) -> None:
         """Listen on `path`, which the caller has cleared (kvd.rpc.socket_path)."""
@@ -67,15 +71,18 @@ class CredentialIssuer:
         try:
             sock = writer.get_extra_info("socket")
             pid, uid, gid = peer_credentials(sock)
+            identity = PeerIdentity(pid=pid, uid=uid, gid=gid, verified=True)
             token = secrets.token_bytes(TOKEN_BYTES)
             self._expire()
-            self._tokens[token] = (PeerIdentity(pid=pid, uid=uid, gid=gid, verified=True), time.monotonic())
+            self._tokens[token] = (identity, time.monotonic())
             log.info("credential socket: peer pid %d uid %d gid %d", pid, uid, gid)
             fd_channel.pause(writer)
             writer.write(token)
             await writer.drain()
-            self._keep_fds(token, await fd_channel.receive_after_token(writer))
-        except OSError as exc:  # FdPassError included: nothing of the exchange is kept
+            kind = await after_token(writer, identity, self.grant_shared)
+            if kind == fdpass.MAGIC:
+                self._keep_fds(token, await fd_channel.receive_after_token(writer))
+        except (OSError, ValueError) as exc:  # FdPassError included: nothing of the exchange is kept
             log.warning("credential socket: %s", exc)
         finally:
             writer.close()

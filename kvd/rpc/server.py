@@ -84,6 +84,7 @@ class RpcEndpoint:
     async def serve(self, service: KvdService) -> None:
         """Hand calls to `service` from now on; health turns SERVING."""
         self.servicer.service = service
+        self.credentials.grant_shared = service.shared_memory
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

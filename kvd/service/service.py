@@ -31,8 +31,10 @@ from kvd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from kvd.memory.index_registry import IndexRegistry
 from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
 from kvd.service.operations import Operation, Outcome, run_load, run_save
+from kvd.service.published import publish_namespace, shared_grant
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
@@ -43,9 +45,11 @@ from kvd.types import (
     LookupResult,
     Notice,
     OpKind,
+    PeerIdentity,
     Registration,
     ServiceCounters,
     SessionSnapshot,
+    SharedGrant,
     Stamps,
     StatsSnapshot,
     Tier,
@@ -73,6 +77,7 @@ class KvdService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
+        self.indexes: IndexRegistry | None = None  # the published indexes (set by the daemon)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class KvdService:
             raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
         canonical = self._canonical_layout(registration)
         attachment = await self._attach(registration, canonical) if canonical is not None else None
+        publish_namespace(self.indexes, self.store, registration)
         session = Session(
             id=self.sessions.new_id(),
             registration=registration,
@@ -168,6 +174,10 @@ class KvdService:
             await attachment.close()
             check_layout(ns_key, known, canonical)
         return attachment
+
+    def shared_memory(self, session_id: str, peer: PeerIdentity) -> SharedGrant:
+        """What `session_id` may map (its group's index), for its own process only."""
+        return shared_grant(self.indexes, self.sessions.get(session_id), peer)
 
     def heartbeat(self, session_id: str) -> None:
         self.sessions.get(session_id)
@@ -372,6 +382,7 @@ class KvdService:
             except Exception:
                 log.exception("closing the attachment of session %s", session.id[:12])
         session.end_notices()
+        session.ended.set()
         self.sessions.remove(session)
         self._update_session_gauges()
         log.info("session %s closed: %s", session.id[:12], why)

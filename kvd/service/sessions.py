@@ -38,6 +38,7 @@ class Session:
     _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _watchers: int = 0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once closed (leases held on it drop)
 
     def __post_init__(self) -> None:
         self._idle.set()

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from kvd.config import TiersConfig, TierWritePolicy
 from kvd.errors import InvalidArgument, ResourceExhausted
 from kvd.memory.host_pool import Entry
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers.admission import CostModel
 from kvd.tiers.base import Buffer, StorageBackend
 from kvd.tiers.store import BlockStore, HostStore, SavePlan
@@ -348,6 +350,21 @@ class TieredBlockStore(BlockStore):
         finally:
             for slot, _ in jobs:
                 slot.release()
+
+    # -- the published index -------------------------------------------------------------------------------------
+
+    def publish_to(self, listener: BlockListener) -> None:
+        self.l1.publish_to(listener)
+        self.writeback.listener = listener
+        for backend in self.backends:
+            backend.publish_to(listener)
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        out = self.l1.resident(namespace_key)
+        out += [(key[1], Source.QUEUED) for key in self.writeback.pending if key[0] == namespace_key]
+        for backend in self.backends:
+            out += [(h, Source.DISK) for h in backend.resident(namespace_key)]
+        return out
 
     # -- stats ---------------------------------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from kvd.config import DiskTierConfig, human_bytes
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, blob_header, decode_blob, namespace_digest
 from kvd.types import BlockKey, Tier
 
@@ -53,6 +55,8 @@ class DiskBackend(StorageBackend):
         self._writing: set[_IndexKey] = set()
         self._scan: asyncio.Task[None] | None = None
         self.indexed = asyncio.Event()
+        self.listener: BlockListener | None = None  # the published index: told of each block in and out
+        self._namespaces: dict[str, str] = {}  # namespace digest hex -> namespace key, for the listener
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -83,6 +87,9 @@ class DiskBackend(StorageBackend):
         self._stored += sum(self._index.values())
         self._index.update(fresh)
         self.indexed.set()
+        for ikey in self._index:
+            if ikey not in fresh:
+                self._tell(ikey, stored=True)  # found by the scan, of a namespace already published
         log.info(
             "disk tier %s: %d blocks, %s indexed in %.2f s",
             self.name,
@@ -120,6 +127,8 @@ class DiskBackend(StorageBackend):
             self._writing.discard(ikey)
         self._index[ikey] = written
         self._stored += written
+        self._namespaces[ikey[0]] = key[0]
+        self._tell(ikey, stored=True)
         self.counters.puts += 1
         self.counters.bytes_written += written
         return True
@@ -150,6 +159,7 @@ class DiskBackend(StorageBackend):
             size = HEADER_BYTES + len(key[1]) + len(payload)
             self._index[ikey] = size
             self._stored += size
+            self._tell(ikey, stored=True)
         self._index.move_to_end(ikey)
         self.counters.get_hits += 1
         self.counters.bytes_read += len(payload)
@@ -172,6 +182,16 @@ class DiskBackend(StorageBackend):
     def used(self) -> tuple[int, int]:
         return self._stored, len(self._index)
 
+    def publish_to(self, listener: BlockListener) -> bool:
+        self.listener = listener
+        return True
+
+    def resident(self, namespace_key: str) -> list[bytes]:
+        """The hashes of `namespace_key`'s blocks indexed here; from now on the listener hears of this namespace."""
+        digest = namespace_digest(namespace_key).hex()
+        self._namespaces[digest] = namespace_key
+        return [bytes.fromhex(hash_hex) for ns_hex, hash_hex in self._index if ns_hex == digest]
+
     # -- internals -----------------------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -189,6 +209,18 @@ class DiskBackend(StorageBackend):
         size = self._index.pop(ikey, None)
         if size is not None:
             self._stored -= size
+            self._tell(ikey, stored=False)
+
+    def _tell(self, ikey: _IndexKey, *, stored: bool) -> None:
+        """Report a block entering or leaving this tier (before its file is removed) to the published index."""
+        namespace = self._namespaces.get(ikey[0])
+        if self.listener is None or namespace is None:
+            return
+        key = (namespace, bytes.fromhex(ikey[1]))
+        if stored:
+            self.listener.stored(key, Source.DISK)
+        else:
+            self.listener.dropped(key, Source.DISK)
 
     async def _delete_one(self, ikey: _IndexKey) -> None:
         self._forget(ikey)
@@ -204,6 +236,7 @@ class DiskBackend(StorageBackend):
         while self._stored + self._inflight > limit and self._index:
             ikey, size = self._index.popitem(last=False)
             self._stored -= size
+            self._tell(ikey, stored=False)
             self.counters.evictions += 1
             victims.append(self._path(ikey))
         if victims:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvd.memory.host_pool import Entry, HostPool
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.types import BlockKey, Tier, TierSnapshot
 
 
@@ -102,6 +104,15 @@ class BlockStore(abc.ABC):
     @abc.abstractmethod
     def snapshots(self) -> tuple[TierSnapshot, ...]:
         """One snapshot per tier, fastest first."""
+
+    def publish_to(self, listener: BlockListener) -> None:  # noqa: B027 - optional hook
+        """Report every block that enters or leaves a local tier (host pool, write-down queue, disk) to `listener`
+        from now on: the published index."""
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        """What the local tiers hold of `namespace_key` now (hash, where), to publish a namespace's blocks when its
+        index starts covering it."""
+        return []
 
     def counters(self) -> dict[str, int]:
         """Counters beyond TierSnapshot (write-downs, prefetches, admission), flat, for stats and metrics."""
@@ -208,6 +219,14 @@ class HostStore(BlockStore):
         for entry in entries:
             if entry is not None:
                 self.pool.unpin(entry)
+
+    # -- the published index -------------------------------------------------------------------------------------
+
+    def publish_to(self, listener: BlockListener) -> None:
+        self.pool.listener = listener
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        return [(h, Source.HOST) for h in self.pool.resident(namespace_key)]
 
     # -- stats ---------------------------------------------------------------------------------------------------
 

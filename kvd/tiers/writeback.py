@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvd.memory.host_pool import Entry, HostPool
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers.base import Buffer, StorageBackend
 from kvd.types import BlockKey
 
@@ -43,6 +45,7 @@ class WriteBack:
         self.queue_limit_bytes = queue_limit_bytes
         self.backed: set[BlockKey] = set()  # L1 blocks known to be stored below too
         self.pending: dict[BlockKey, WriteDown] = {}  # evicted from L1, copied out, not written down yet
+        self.listener: BlockListener | None = None  # the published index (pending blocks stay loadable)
         self.counters = dict.fromkeys(
             ("tier_write_down_blocks", "tier_write_down_dropped_blocks", "tier_write_down_failed_blocks"), 0
         )
@@ -94,6 +97,8 @@ class WriteBack:
             return
         item = WriteDown(key, bytes(view), None)
         self.pending[key] = item
+        if self.listener is not None:  # before the pool drops it from the index: published throughout
+            self.listener.stored(key, Source.QUEUED)
         self._enqueue(item)
 
     def _enqueue(self, item: WriteDown) -> None:
@@ -133,6 +138,8 @@ class WriteBack:
                 self.pool.unpin(item.entry)
             if self.pending.get(item.key) is item:
                 del self.pending[item.key]
+                if self.listener is not None:  # after the tier below published it, if it took it
+                    self.listener.dropped(item.key, Source.QUEUED)
 
     async def _write_batch(self, batch: list[WriteDown]) -> None:
         items = [(item.key, item.payload) for item in batch]

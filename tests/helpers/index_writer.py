@@ -18,8 +18,7 @@ import random
 import socket
 import time
 
-from kvd.memory.shm_index import ShmIndex
-from kvd.types import Tier
+from kvd.memory.shm_index import ShmIndex, Source
 
 
 def key(kind: str, i: int) -> bytes:
@@ -37,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     index = ShmIndex(capacity_blocks=args.capacity, tp_world_size=1, boot_id="writer", group_key="churn")
-    index.add_many([key("stable", i) for i in range(args.stable)], 0, Tier.HOST_MEMORY)
+    index.add_many([key("stable", i) for i in range(args.stable)], 0, Source.HOST)
     with socket.socket(fileno=args.fd) as sock:
         reader_fd = index.open_reader_fd()
         socket.send_fds(sock, [b"index"], [reader_fd])
@@ -49,10 +48,10 @@ def main() -> None:
             if len(live) < args.live:
                 block = key("churn", rng.randrange(args.churn))
                 if block not in live:
-                    index.add(block, 0, Tier.HOST_MEMORY)
+                    index.add(block, 0, Source.HOST)
                     live.append(block)
             else:
-                index.discard(live.pop(rng.randrange(len(live))), 0, Tier.HOST_MEMORY)
+                index.discard(live.pop(rng.randrange(len(live))), 0, Source.HOST)
             changes += 1
         print(json.dumps({"changes": changes, **index.counters()}), flush=True)
         sock.recv(1)  # the parent closes its end once it stopped reading

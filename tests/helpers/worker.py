@@ -96,6 +96,8 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "registrations": client.registrations,
             "pid": os.getpid(),
             "block_bytes": client.block_bytes,
+            "index_mapped": client.index.mapped,
+            "index_answered": client.index.answered,
         }
 
     def reply(obj: dict[str, Any]) -> None:

@@ -98,7 +98,10 @@ def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory) -> None:
             save(range(start, start + 16))
         assert daemon.host_tier().blocks == 64
         assert daemon.host_tier().evictions == 0
-        assert client.lookup(hashes[:8]).result(5).hit_blocks == 8  # a hit makes h0..h7 the most recent
+        assert client.lookup(hashes[:8]).result(5).hit_blocks == 8
+        # A use makes h0..h7 the most recent: a load (lookups answered from the shared index are invisible to the
+        # daemon; the load that follows a hit is what refreshes the LRU order).
+        assert done.wait(client.load([(100 + i, hashes[i]) for i in range(8)])).ok
 
         save(range(64, 96))  # 32 more: the 32 least recently used (h8..h39) must go
 

@@ -19,10 +19,9 @@ import pytest
 from kvd_client import index as index_mod
 from kvd_client.index import STASH_SLOTS, IndexReader, IndexUnavailable, layout_for
 
-from kvd.memory.shm_index import MIN_SLOTS, ShmIndex, slots_for
-from kvd.types import Tier
+from kvd.memory.shm_index import MIN_SLOTS, ShmIndex, Source, slots_for
 
-HOST, DISK = Tier.HOST_MEMORY, Tier.DISK
+HOST, DISK = Source.HOST, Source.DISK
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -1,0 +1,183 @@
+"""Lookups: from the daemon's published index in the caller's thread when it is mapped, else over RPC.
+
+`LocalIndex` holds the session's mapping (kvd_client.index) and its lease (kvd_client.shared). The loop thread
+attaches it after each registration and drops it when the session ends, the lease hangs up (the daemon died) or the
+index is retired; the caller's thread only reads the current reader reference, so a probe never waits for the loop
+thread. A mapping is only used while its header's boot id is the registered daemon's: a stale mapping never answers
+for a new daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from kvd_client.errors import Unavailable, from_rpc_error
+from kvd_client.index import (
+    DAEMON_REMOTE_TIER,
+    W_DAEMON_FLAGS,
+    W_MAX_LOOKUP,
+    IndexReader,
+    IndexUnavailable,
+    label_of,
+)
+from kvd_client.shared import GRANT_INDEX, Grant, SharedRefused, fetch_shared
+from kvd_client.types import LookupResult, Tier
+from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 5.0  # a session without an index (no memory session in its group yet) asks again this often
+
+
+class LocalIndex:
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self._socket_path = Path()
+        self._group = ""
+        self._reader: IndexReader | None = None
+        self._grant: Grant | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_try = 0.0
+        self.answered = 0  # lookups answered from the index
+        self.fell_back = 0  # lookups that went to the RPC instead
+
+    @property
+    def mapped(self) -> bool:
+        return self._reader is not None
+
+    @property
+    def remote_tier(self) -> bool:
+        """Whether the daemon has a remote tier that may hold blocks the index does not show."""
+        reader = self._reader
+        try:
+            return reader is not None and bool(reader.counter(W_DAEMON_FLAGS) & DAEMON_REMOTE_TIER)
+        except IndexUnavailable:
+            return False
+
+    # -- the caller's thread -------------------------------------------------------------------------------------
+
+    def lookup(self, block_hashes: Sequence[bytes]) -> LookupResult | None:
+        """KvdClient.lookup's answer from the index, or None for the RPC: not mapped, a batch only the daemon may
+        judge, or a partial local hit while a remote tier may hold the rest."""
+        result = self.probe(block_hashes)
+        if result is not None and result.hit_blocks < len(block_hashes) and self.remote_tier:
+            result = None
+        if result is None:
+            self.fell_back += 1
+        else:
+            self.answered += 1
+        return result
+
+    def probe(self, block_hashes: Sequence[bytes]) -> LookupResult | None:
+        """The local tiers' answer (host pool, write-down queue, disk), or None when the index cannot give one."""
+        reader = self._reader
+        if reader is None or not block_hashes:
+            return None
+        try:
+            if len(block_hashes) > reader.counter(W_MAX_LOOKUP):
+                return None  # the RPC answers RESOURCE_EXHAUSTED, as it always did
+            hit, host = reader.probe_tiers(block_hashes)
+        except (IndexUnavailable, ValueError):  # retired meanwhile; or a hash of a length the daemon refuses
+            return None
+        return LookupResult(hit, (Tier.HOST_MEMORY,) * host + (Tier.DISK,) * (hit - host))
+
+    # -- the loop thread -----------------------------------------------------------------------------------------
+
+    def configure(self, socket_path: Path, group: str) -> None:
+        """The daemon to ask, and the namespace group (kvd_client.index.group_key) whose index to accept."""
+        self._socket_path, self._group = socket_path, group
+
+    async def retry(self, session_id: str, boot_id: str) -> None:
+        """Attach again if no index is mapped (none was published yet when we registered) and it is time to ask."""
+        if self._reader is None and time.monotonic() - self._last_try >= RETRY_S:
+            await self.attach(session_id, boot_id)
+
+    async def attach(self, session_id: str, boot_id: str) -> None:
+        """Map the session's index if the daemon publishes one (never raises: without it lookups use the RPC)."""
+        self.drop()
+        self._last_try = time.monotonic()
+        loop = asyncio.get_running_loop()
+        group = self._group
+        try:
+            grant = await loop.run_in_executor(None, fetch_shared, self._socket_path, session_id, self.timeout_s)
+        except (OSError, SharedRefused) as exc:
+            log.debug("kvd: no shared index (%s); lookups go over RPC", exc)
+            return
+        fd = grant.take(GRANT_INDEX)
+        if fd < 0:
+            grant.close()
+            return
+        try:
+            reader = IndexReader(fd)
+        except (OSError, ValueError) as exc:
+            log.warning("kvd: cannot map the shared index: %s", exc)
+            grant.close()
+            return
+        finally:
+            os.close(fd)
+        if reader.boot_id != boot_id[:16] or reader.header.label != label_of(group):
+            log.warning("kvd: the shared index is not this session's (boot %s, group %r)", reader.boot_id, group)
+            grant.close()
+            return
+        self._grant, self._reader, self._loop = grant, reader, loop
+        if grant.lease is not None:
+            loop.add_reader(grant.lease.fileno(), self._lease_event)
+
+    def drop(self) -> None:
+        """Stop answering from the mapping (the session ended). The mapping goes once no probe uses it."""
+        self._reader = None
+        grant, self._grant = self._grant, None
+        if grant is not None and grant.lease is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(grant.lease.fileno())
+        if grant is not None:
+            grant.close()
+
+    def _lease_event(self) -> None:
+        grant = self._grant
+        if grant is None or grant.lease is None:
+            return
+        try:
+            data = grant.lease.recv(1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the daemon died or dropped the session: its index must not answer any more
+            self.drop()
+
+
+def resolved(result: LookupResult) -> concurrent.futures.Future[LookupResult]:
+    future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
+    future.set_result(result)
+    return future
+
+
+async def rpc_lookup(
+    stub: kvd_pb2_grpc.KvdStub | None, session_id: str, hashes: list[bytes], timeout_s: float
+) -> LookupResult:
+    """A Lookup RPC (the remote tier, or no index mapped). Raises KvdError; Unavailable when not connected."""
+    from kvd_client import messages
+
+    if stub is None:
+        raise Unavailable("kvd is not connected")
+    try:
+        request = kvd_pb2.LookupRequest(session_id=session_id, block_hashes=hashes)
+        response = await stub.Lookup(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    except asyncio.CancelledError:
+        # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets the
+        # documented Unavailable, not a bare CancelledError outside the KvdError family.
+        raise Unavailable("kvd connection closed during the lookup") from None
+    return messages.lookup_result(response)
+
