@@ -35,7 +35,7 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RETRY_S = 5.0  # a session without an index (no memory session in its group yet) asks again this often
+RETRY_S = 1.0  # a session without an index (no memory session in its group yet) asks again this often
 
 
 class LocalIndex:
@@ -53,6 +53,12 @@ class LocalIndex:
     @property
     def mapped(self) -> bool:
         return self._reader is not None
+
+    @property
+    def boot_id(self) -> str:
+        """The boot id of the daemon whose index is mapped ("" when none is)."""
+        reader = self._reader
+        return reader.boot_id if reader is not None else ""
 
     @property
     def remote_tier(self) -> bool:
