@@ -64,6 +64,9 @@ class HostPoolConfig(_Section):
     slab_bytes: int = Field(default=64 * MiB, ge=64 * 1024)  # a block may not exceed one slab
     pin: bool = True  # page-lock with cudaHostRegister when CUDA is present (DMA at full PCIe rate)
     populate_threads: int = Field(default=8, ge=1)  # parallel first touch of the pool
+    # An evicted block leaves the published index at once but keeps its bytes this long before its slot is reused,
+    # so a load that follows a lookup still finds it (0: reuse at once).
+    reuse_grace_ms: int = Field(default=200, ge=0)
 
     @model_validator(mode="after")
     def _at_least_one_slab(self) -> HostPoolConfig:

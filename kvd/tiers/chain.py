@@ -307,8 +307,8 @@ class TieredBlockStore(BlockStore):
         for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
             if payload is None:
                 continue
-            entry = self.pool.get(key)
-            if entry is not None:  # saved meanwhile
+            entry = self.pool.get(key) or self.pool.reclaim(key)
+            if entry is not None:  # saved meanwhile, or retired but not reused
                 results[i] = entry
                 continue
             writing = self.l1.pending_write(key)

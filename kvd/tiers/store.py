@@ -162,7 +162,7 @@ class HostStore(BlockStore):
             if key in seen:
                 continue
             seen.add(key)
-            if pool.get(key) is not None:
+            if pool.get(key) is not None or pool.reclaim(key) is not None:  # stored (retired: bytes still there)
                 continue
             pending = writing.get(key)
             if pending is not None:
@@ -209,7 +209,7 @@ class HostStore(BlockStore):
 
     def pin(self, key: BlockKey) -> Entry | None:
         """The stored entry for `key`, pinned for reading and marked used; None where it is not in L1."""
-        entry = self.pool.get(key)
+        entry = self.pool.get(key) or self.pool.reclaim(key)  # a retired block is loadable until its slot is reused
         if entry is not None:
             self.pool.pin(entry)
             self.pool.touch(entry)

@@ -77,8 +77,9 @@ def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon, worker_fac
 
 
 def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory) -> None:
-    # 4 slabs of 1 MiB, 64 KiB blocks: exactly 64 blocks fit.
-    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB)
+    # 4 slabs of 1 MiB, 64 KiB blocks: exactly 64 blocks fit. Plain LRU: slots reused the moment their block is
+    # evicted (no grace period, which would retire a few blocks ahead of need).
+    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB, env={"KVD_HOST_POOL__REUSE_GRACE_MS": "0"})
     spec = CacheSpec(num_layers=2, num_blocks=128, block_size=16, kv_heads=8, head_dim=64)
     assert spec.block_bytes == 64 * 1024
     caches = make_caches(spec)

