@@ -36,7 +36,6 @@ __all__ = ["Entry", "EvictHook", "HostPool", "SlotState"]
 
 log = logging.getLogger(__name__)
 
-RETIRED_AHEAD_DIVISOR = 4  # at most this fraction (1/n) of a size class's blocks retired ahead of need
 
 
 class HostPool(Retiring):

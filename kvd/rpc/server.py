@@ -23,6 +23,7 @@ from kvd.rpc.credentials import CredentialIssuer
 from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
 from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
+from kvd.service.published import shared_grant
 from kvd.service.service import KvdService
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class RpcEndpoint:
     async def serve(self, service: KvdService) -> None:
         """Hand calls to `service` from now on; health turns SERVING."""
         self.servicer.service = service
-        self.credentials.grant_shared = service.shared_memory
+        self.credentials.grant_shared = lambda session_id, peer: shared_grant(
+            service.indexes, service.sessions.get(session_id), peer
+        )
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

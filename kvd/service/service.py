@@ -34,7 +34,7 @@ from kvd.errors import (
 from kvd.memory.index_registry import IndexRegistry
 from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
 from kvd.service.operations import Operation, Outcome, run_load, run_save
-from kvd.service.published import publish_namespace, shared_grant
+from kvd.service.published import publish_namespace
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
@@ -45,11 +45,9 @@ from kvd.types import (
     LookupResult,
     Notice,
     OpKind,
-    PeerIdentity,
     Registration,
     ServiceCounters,
     SessionSnapshot,
-    SharedGrant,
     Stamps,
     StatsSnapshot,
     Tier,
@@ -174,10 +172,6 @@ class KvdService:
             await attachment.close()
             check_layout(ns_key, known, canonical)
         return attachment
-
-    def shared_memory(self, session_id: str, peer: PeerIdentity) -> SharedGrant:
-        """What `session_id` may map (its group's index), for its own process only."""
-        return shared_grant(self.indexes, self.sessions.get(session_id), peer)
 
     def heartbeat(self, session_id: str) -> None:
         self.sessions.get(session_id)
@@ -382,7 +376,6 @@ class KvdService:
             except Exception:
                 log.exception("closing the attachment of session %s", session.id[:12])
         session.end_notices()
-        session.ended.set()
         self.sessions.remove(session)
         self._update_session_gauges()
         log.info("session %s closed: %s", session.id[:12], why)

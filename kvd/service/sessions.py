@@ -86,7 +86,9 @@ class Session:
                 yield item
 
     def end_notices(self) -> None:
+        """The session is closed: its Watch stream ends, and so do leases held on it (kvd.rpc.shared)."""
         self._notices.put_nowait(_CLOSED)
+        self.ended.set()
 
 
 class SessionTable:

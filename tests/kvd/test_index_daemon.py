@@ -142,7 +142,8 @@ def test_only_the_sessions_process_gets_its_index(daemon: Daemon, worker_factory
 def test_disk_blocks_stay_published_and_come_back_after_a_restart(
     tmp_path: Path, daemon_factory: DaemonFactory, worker_factory: WorkerFactory, schedulers: list[KvdClient]
 ) -> None:
-    env = {"KVD_DISK__PATH": str(tmp_path / "disk"), "KVD_TIERS__RECOMPUTE_US_PER_TOKEN": "1000"}
+    # No grace period here: blocks retired ahead would share the small write-down queue with the evicted ones.
+    env = {"KVD_DISK__PATH": str(tmp_path / "disk"), "KVD_HOST_POOL__REUSE_GRACE_MS": "0"}
     daemon = daemon_factory(capacity_bytes=2 * MiB, slab_bytes=1 * MiB, lease_ms=600, env=env)  # 32 blocks in L1
     worker = worker_factory(daemon.socket, SPEC, "disk")
     worker.wait_ready()
