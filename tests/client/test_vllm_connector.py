@@ -122,12 +122,13 @@ class Daemon:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kvd", "serve", "--socket", str(self.socket), "--capacity", "256MiB"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -467,15 +468,13 @@ def test_worker_reports_completions_and_exact_load_errors(vllm_config: Any, fake
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
-def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -> None:
-    """A lookup the daemon has not answered (it is SIGSTOPped) makes the connector say "ask again" at once, every
-    time; once the daemon runs again the same call returns the stored prefix."""
+def _scheduler_with_three_stored_blocks(tiny_model: Path, daemon: Daemon) -> tuple[Any, list[int]]:
+    """A scheduler-side connector, and a request whose first three blocks a worker-like client stored."""
     import torch
     from kvd_client import KvdClient
     from kvd_client.vllm_connector import KvdConnector, layout_facts
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    daemon.start()
     config = _vllm_config(tiny_model, str(daemon.socket))
     tokens = list(range(5, 5 + 4 * BLOCK + 3))
     # A worker-like client stores the first three blocks under the connector's keys; then it goes away.
@@ -492,13 +491,43 @@ def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -
         assert done and done[0].ok, done
     finally:
         saver.close()
-
     conn = KvdConnector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
     assert conn.fingerprint == fingerprint
+    return conn, tokens
+
+
+def test_real_daemon_lookup_is_answered_at_once_from_the_index(tiny_model: Path, daemon: Daemon) -> None:
+    """With the daemon's shared index mapped, the connector's first call returns the stored prefix: no RPC, no
+    "ask again", even while the daemon cannot answer anything (SIGSTOPped)."""
+    daemon.start()
+    conn, tokens = _scheduler_with_three_stored_blocks(tiny_model, daemon)
+    try:
+        client = conn._client
+        assert client is not None
+        assert _wait_for(lambda: client.ready and client.index.mapped, 30)
+        daemon.pause()
+        try:
+            req = _request("r", tokens)
+            conn.on_new_request(req)
+            assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
+        finally:
+            daemon.resume()
+        stats = conn._scheduler.stats.stats.data
+        assert stats["lookups_local"] == 1 and stats["lookup_not_ready"] == 0
+    finally:
+        conn.shutdown()
+
+
+def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -> None:
+    """Without a shared index (turned off), a lookup the daemon has not answered (it is SIGSTOPped) makes the
+    connector say "ask again" at once, every time; once the daemon runs again the same call returns the prefix."""
+    daemon.start(env={"KVD_INDEX__ENABLED": "false"})
+    conn, tokens = _scheduler_with_three_stored_blocks(tiny_model, daemon)
     try:
         client = conn._client
         assert client is not None
         assert _wait_for(lambda: client.ready, 30)
+        assert not client.index.mapped
         daemon.pause()
         try:
             req = _request("r", tokens)
@@ -508,6 +537,7 @@ def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -
             daemon.resume()
         answer = _wait_for(lambda: conn.get_num_new_matched_tokens(req, 0)[0], 30)
         assert answer == 3 * BLOCK
+        assert conn._scheduler.stats.stats.data["lookup_not_ready_local"] >= 2
     finally:
         conn.shutdown()
 

@@ -1,8 +1,10 @@
 """The scheduler side (EngineCore process): one kvd lookup per request, admission, and each step's plan.
 
-A lookup is a future: `get_num_new_matched_tokens` answers "ask again" (None) until it is done and never waits.
-Hits are loaded asynchronously and block-aligned; every block a step's forward makes full is saved, unless kvd
-already holds it. Every decision travels to the workers in `KvdConnectorMetadata`.
+A lookup is answered from the daemon's shared index in this thread when it is mapped (microseconds, local tiers), so
+`get_num_new_matched_tokens` answers at once; only without an index, or for what a remote tier may add
+(`remote_lookups`), is it a future, answered "ask again" (None) until done, never waited for. Hits are loaded
+asynchronously and block-aligned; every block a step's forward makes full is saved, unless kvd already holds it.
+Every decision travels to the workers in `KvdConnectorMetadata`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvd_client.hashing import BlockHasher, root_hash
 from kvd_client.vllm import compat
 from kvd_client.vllm.clients import ClientLike
-from kvd_client.vllm.config import ConnectorConfig
+from kvd_client.vllm.config import ConnectorConfig, RemoteLookups
 from kvd_client.vllm.metadata import BlockOp, KvdConnectorMetadata
 from kvd_client.vllm.stats import StatsOwner
 
@@ -124,14 +126,33 @@ class KvdScheduler:
     # -- lookups -------------------------------------------------------------------------------------------------
 
     def _start_lookup(self, st: _ReqState, client: ClientLike) -> bool:
-        """Send the lookup for every loadable block of the request; False when kvd is not there right now."""
+        """Look up every loadable block of the request: from the shared index at once when it is mapped, else (and
+        for what a remote tier may add, per `remote_lookups`) by RPC; False when kvd is not there right now."""
         if not client.ready:
             return False
-        hashes = self._hashes(st, self._max_blocks(st.request) * self._block_size)
-        st.lookup = client.lookup(list(hashes))
+        hashes = list(self._hashes(st, self._max_blocks(st.request) * self._block_size))
         st.lookup_blocks = len(hashes)
         self.stats.stats.add("lookups")
+        index: Any = getattr(client, "index", None)  # kvd_client.lookups.LocalIndex (absent in fakes)
+        local = index.probe(hashes) if index is not None else None
+        if local is None:
+            st.lookup = client.lookup(hashes)  # no index mapped: the RPC answers for every tier
+            return True
+        self.stats.stats.add("lookups_local")
+        mode = self._config.remote_lookups
+        if local.hit_blocks < len(hashes) and mode is not RemoteLookups.OFF and index.remote_tier:
+            self.stats.stats.add("lookups_remote")
+            remote = client.lookup(hashes)  # past the local hit: the RPC (KvdClient sends it for a partial hit)
+            if mode is RemoteLookups.WAIT:
+                st.lookup = remote
+                return True
+        self._settle(st, (local.hit_blocks, tuple(int(t) for t in local.tiers)))
         return True
+
+    def _settle(self, st: _ReqState, result: tuple[int, tuple[int, ...]]) -> None:
+        st.result, st.lookup = result, None
+        hit = 1.0 if result[0] > 0 else 0.0
+        self._hit_rate = _HIT_RATE_DECAY * self._hit_rate + (1 - _HIT_RATE_DECAY) * hit
 
     def on_new_request(self, request: Request) -> None:
         # Start the lookup when the request arrives, so its answer is usually there by the time the scheduler asks
@@ -149,14 +170,12 @@ class KvdScheduler:
             return
         try:
             answer = lookup.result()
-            st.result = (int(answer.hit_blocks), tuple(int(t) for t in answer.tiers))
+            result = (int(answer.hit_blocks), tuple(int(t) for t in answer.tiers))
         except Exception as e:  # any failure is a miss; vLLM computes the prefix itself
             log.debug("kvd lookup for %s failed: %s", request.request_id, e)
             self.stats.stats.add("lookup_errors")
-            st.result = (0, ())
-        st.lookup = None
-        hit = 1.0 if st.result[0] > 0 else 0.0
-        self._hit_rate = _HIT_RATE_DECAY * self._hit_rate + (1 - _HIT_RATE_DECAY) * hit
+            result = (0, ())
+        self._settle(st, result)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         client = self.client
@@ -174,6 +193,8 @@ class KvdScheduler:
                 return 0, False
             if st.lookup is not None and not st.lookup.done():
                 self.stats.stats.add("lookup_not_ready")
+                waits_for = "remote" if getattr(getattr(client, "index", None), "mapped", False) else "local"
+                self.stats.stats.add(f"lookup_not_ready_{waits_for}")
                 return None, False
             self._take_answer(st, request)
             if st.result is None:

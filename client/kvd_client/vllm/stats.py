@@ -9,7 +9,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 COUNTERS = (
     "lookups",
     "lookup_errors",
-    "lookup_not_ready",  # get_num_new_matched_tokens answered "ask again"
+    "lookup_not_ready",  # get_num_new_matched_tokens answered "ask again" (None), for any reason
+    "lookup_not_ready_local",  # ... while waiting for a lookup of the local tiers (no shared index mapped)
+    "lookup_not_ready_remote",  # ... while waiting only for the remote tier (remote_lookups="wait")
+    "lookups_local",  # answered from the shared index, in the scheduler's thread
+    "lookups_remote",  # lookup RPCs sent for what only a remote tier may add
     "query_tokens",
     "hit_tokens",
     "loads",
