@@ -37,6 +37,14 @@ class PeerIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class InStep:
+    """An in-step load's entry in its session's progress page, and the entry's counter before it."""
+
+    slot: int
+    base: int
+
+
+@dataclass(frozen=True, slots=True)
 class SharedGrant:
     """What a session may map (kvd_client.shared.GRANT_* bits, one new descriptor each, in bit order: the receiver
     closes them) and the event set when the session ends (the rpc layer then drops the connection it holds open)."""

@@ -34,6 +34,7 @@ from kvd_client.index import group_key
 from kvd_client.lookups import LocalIndex, resolved, rpc_lookup
 from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
+from kvd_client.progress import StepLoad
 from kvd_client.session import heartbeat, open_channel, register_session
 from kvd_client.types import Completion, LookupResult, OpKind
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
@@ -155,11 +156,11 @@ class KvdClient:
         call_ns = time.monotonic_ns()  # the operation's first stage (Completion.stages)
         return self._enqueue(OpKind.SAVE, blocks, self._kv.ready_event(blocks, ready_event), call_ns)
 
-    def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
-        """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
-        the caller's current stream (nothing queued may still be reading those blocks)."""
+    def load(self, blocks: Sequence[tuple[int, bytes]], *, in_step: StepLoad | None = None) -> int:
+        """Load (block index, block hash) pairs into the worker's cache (CUDA: after the caller's current stream).
+        `in_step`: an entry of `self.index.page`, which the daemon advances layer by layer (kvd_client.progress)."""
         call_ns = time.monotonic_ns()
-        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks), call_ns)
+        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks), call_ns, in_step)
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -207,8 +208,10 @@ class KvdClient:
 
     # -- internals: caller side ----------------------------------------------------------------------------------
 
-    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int) -> int:
-        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
+    def _enqueue(
+        self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int, step: Any = None
+    ) -> int:
+        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns, step and (step.slot, step.base))
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")

@@ -29,7 +29,8 @@ from kvd_client.index import (
     IndexUnavailable,
     label_of,
 )
-from kvd_client.shared import GRANT_INDEX, Grant, SharedRefused, fetch_shared
+from kvd_client.progress import ProgressPage
+from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE, Grant, SharedRefused, fetch_shared
 from kvd_client.types import LookupResult, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
@@ -44,6 +45,7 @@ class LocalIndex:
         self._socket_path = Path()
         self._group = ""
         self._reader: IndexReader | None = None
+        self.page: ProgressPage | None = None  # the session's progress page (in-step loads), with KV memory only
         self._grant: Grant | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_try = 0.0
@@ -118,20 +120,9 @@ class LocalIndex:
         except (OSError, SharedRefused) as exc:
             log.debug("kvd: no shared index (%s); lookups go over RPC", exc)
             return
-        fd = grant.take(GRANT_INDEX)
-        if fd < 0:
-            grant.close()
-            return
-        try:
-            reader = IndexReader(fd)
-        except (OSError, ValueError) as exc:
-            log.warning("kvd: cannot map the shared index: %s", exc)
-            grant.close()
-            return
-        finally:
-            os.close(fd)
-        if reader.boot_id != boot_id[:16] or reader.header.label != label_of(group):
-            log.warning("kvd: the shared index is not this session's (boot %s, group %r)", reader.boot_id, group)
+        self.page = _map_page(grant)
+        reader = _map_index(grant, boot_id, group)
+        if reader is None and self.page is None:
             grant.close()
             return
         self._grant, self._reader, self._loop = grant, reader, loop
@@ -139,8 +130,12 @@ class LocalIndex:
             loop.add_reader(grant.lease.fileno(), self._lease_event)
 
     def drop(self) -> None:
-        """Stop answering from the mapping (the session ended). The mapping goes once no probe uses it."""
+        """Stop answering from the mapping (the session ended). The mapping goes once no probe uses it. The progress
+        page is marked gone (waits on it end; the worker releases its in-step loads) and dropped."""
         self._reader = None
+        page, self.page = self.page, None
+        if page is not None:
+            page.daemon_gone = True
         grant, self._grant = self._grant, None
         if grant is not None and grant.lease is not None and self._loop is not None:
             with contextlib.suppress(Exception):
@@ -160,6 +155,40 @@ class LocalIndex:
             data = b""
         if not data:  # the daemon died or dropped the session: its index must not answer any more
             self.drop()
+
+
+def _map_index(grant: Grant, boot_id: str, group: str) -> IndexReader | None:
+    fd = grant.take(GRANT_INDEX)
+    if fd < 0:
+        return None
+    try:
+        reader = IndexReader(fd)
+    except (OSError, ValueError) as exc:
+        log.warning("kvd: cannot map the shared index: %s", exc)
+        return None
+    finally:
+        os.close(fd)
+    if reader.boot_id != boot_id[:16] or reader.header.label != label_of(group):
+        log.warning("kvd: the shared index is not this session's (boot %s, group %r)", reader.boot_id, group)
+        return None
+    return reader
+
+
+def _map_page(grant: Grant) -> ProgressPage | None:
+    fd, wake = grant.take(GRANT_PROGRESS), grant.take(GRANT_WAKE)
+    if fd < 0 or wake < 0 or grant.lease is None:
+        for f in (fd, wake):
+            if f >= 0:
+                os.close(f)
+        return None
+    try:
+        return ProgressPage(fd, wake_fd=wake, lease_fd=os.dup(grant.lease.fileno()))
+    except (OSError, ValueError) as exc:
+        log.warning("kvd: cannot map the progress page: %s", exc)
+        os.close(wake)
+        return None
+    finally:
+        os.close(fd)
 
 
 def resolved(result: LookupResult) -> concurrent.futures.Future[LookupResult]:

@@ -33,6 +33,8 @@ REPLY = struct.Struct("<4sIII")
 MAX_SESSION_ID = 256
 MAX_MESSAGE = 4096
 GRANT_INDEX = 1  # the namespace group's published index (read-only memfd)
+GRANT_PROGRESS = 2  # the session's progress page for in-step loads (kvd_client.progress; read-write memfd)
+GRANT_WAKE = 4  # the eventfd the daemon writes after each layer of an in-step load
 MAX_FDS = 4
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+from dataclasses import dataclass
 
 from kvd_client.progress import (
     DEFAULT_SLOTS,
@@ -78,3 +79,20 @@ class ProgressWriter:
         self._map.close()
         os.close(self._fd)
         os.close(self.wake_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerProgress:
+    """One in-step load's entry in its session's page: what the transport calls after each layer, and at the end."""
+
+    writer: ProgressWriter
+    slot: int
+    base: int
+    layers: int
+
+    def layer_done(self, layer: int) -> None:
+        if layer + 1 < self.layers:  # the last layer's value is the final one: `finish` stores it, after the status
+            self.writer.layer_done(self.slot, self.base + layer + 1)
+
+    def finish(self, ok: bool) -> None:
+        self.writer.finish(self.slot, self.base + self.layers, ok)

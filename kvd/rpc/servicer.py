@@ -28,6 +28,7 @@ from kvd.types import (
     CudaLayer,
     CudaMemory,
     DaemonStages,
+    InStep,
     Notice,
     OpKind,
     PassedFds,
@@ -146,8 +147,13 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
         service = self._svc()
         blocks, ready_event = _blocks(request), _event(request.ready_event)
-        start = service.save if kind is OpKind.SAVE else service.load
-        op = start(request.session_id, blocks, ready_event, request.client_tag, stamps)
+        if kind is OpKind.SAVE:
+            if request.HasField("in_step"):
+                raise InvalidArgument("in_step is for loads")
+            op = service.save(request.session_id, blocks, ready_event, request.client_tag, stamps)
+        else:
+            in_step = InStep(request.in_step.slot, request.in_step.base) if request.HasField("in_step") else None
+            op = service.load(request.session_id, blocks, ready_event, request.client_tag, stamps, in_step)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(

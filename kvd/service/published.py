@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from kvd_client.shared import GRANT_INDEX
+from kvd_client.layout import KvLayout
+from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE
 
-from kvd.errors import PermissionDenied
+from kvd.errors import FailedPrecondition, PermissionDenied
 from kvd.memory.index_registry import IndexRegistry
+from kvd.memory.progress import LayerProgress, ProgressWriter
 from kvd.service.sessions import Session
 from kvd.tiers.store import BlockStore
-from kvd.types import PeerIdentity, Registration, SharedGrant
+from kvd.types import InStep, PeerIdentity, Registration, SharedGrant
 
 
 def publish_namespace(indexes: IndexRegistry | None, store: BlockStore, registration: Registration) -> None:
@@ -24,10 +26,28 @@ def publish_namespace(indexes: IndexRegistry | None, store: BlockStore, registra
 
 
 def shared_grant(indexes: IndexRegistry | None, session: Session, peer: PeerIdentity) -> SharedGrant:
-    """A read-only descriptor of the session's group index, if published, for the session's own process only."""
+    """For the session's own process only: a read-only descriptor of its group's index, if published, and for a
+    session with KV memory its progress page and wake eventfd (in-step loads)."""
     owner = session.registration.peer
     if not owner.verified or (owner.pid, owner.uid) != (peer.pid, peer.uid):
         raise PermissionDenied("shared memory goes only to the process that registered the session")
     index = indexes.index_of(session.registration.namespace) if indexes is not None else None
-    fds = (index.open_reader_fd(),) if index is not None else ()
-    return SharedGrant(GRANT_INDEX if fds else 0, fds, session.ended)
+    what, fds = 0, []
+    if index is not None:
+        what, fds = GRANT_INDEX, [index.open_reader_fd()]
+    if session.attachment is not None:
+        if session.progress is None:
+            session.progress = ProgressWriter()
+        what |= GRANT_PROGRESS | GRANT_WAKE
+        fds += session.progress.client_fds()
+    return SharedGrant(what, tuple(fds), session.ended)
+
+
+def in_step_progress(session: Session, layout: KvLayout, in_step: InStep | None) -> LayerProgress | None:
+    """The progress entry an in-step load reports to (None for an ordinary load)."""
+    if in_step is None:
+        return None
+    if session.progress is None:
+        raise FailedPrecondition("an in-step load needs the session's progress page: ask for its shared memory first")
+    session.progress.check_slot(in_step.slot)
+    return LayerProgress(session.progress, in_step.slot, in_step.base, len(layout.layers))

@@ -32,9 +32,10 @@ from kvd.errors import (
     Unavailable,
 )
 from kvd.memory.index_registry import IndexRegistry
+from kvd.memory.progress import LayerProgress
 from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
 from kvd.service.operations import Operation, Outcome, run_load, run_save
-from kvd.service.published import publish_namespace
+from kvd.service.published import in_step_progress, publish_namespace
 from kvd.service.sessions import Session, SessionTable, open_pidfd
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
@@ -42,12 +43,12 @@ from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockBatch,
     DaemonStages,
+    InStep,
     LookupResult,
     Notice,
     OpKind,
     Registration,
     ServiceCounters,
-    SessionSnapshot,
     Stamps,
     StatsSnapshot,
     Tier,
@@ -222,14 +223,21 @@ class KvdService:
         return op_id
 
     def load(
-        self, session_id: str, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
+        self,
+        session_id: str,
+        blocks: BlockBatch,
+        ready_event: bytes,
+        client_tag: int,
+        stamps: Stamps = None,
+        in_step: InStep | None = None,
     ) -> int:
         session, layout = self._begin_transfer(session_id, blocks)
         if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
+        progress = in_step_progress(session, layout, in_step)
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps))
+        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress))
         return op_id
 
     async def _run(
@@ -242,13 +250,15 @@ class KvdService:
         ready_event: bytes,
         client_tag: int,
         stamps: Stamps,
+        progress: LayerProgress | None = None,
     ) -> None:
         start = time.monotonic()
         stamps = stamps or DaemonStages(received_ns=time.monotonic_ns())
         keys = block_keys(session.namespace_key, blocks.hashes)
         what = f"{kind} {op_id} of session {session.id[:12]}"
         run = run_save if kind is OpKind.SAVE else run_load
-        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what, stamps))
+        memory = session.attachment
+        outcome = await run(Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress))
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit
@@ -299,22 +309,13 @@ class KvdService:
             boot_id=self.boot_id,
             version=kvd.__version__,
             uptime_s=int(time.monotonic() - self.started),
-            sessions=tuple(
-                SessionSnapshot(
-                    session_id=s.id,
-                    worker_name=s.registration.worker_name,
-                    namespace=s.registration.namespace,
-                    pid=s.registration.peer.pid,
-                    transport=s.transport,
-                    saves=s.saves,
-                    loads=s.loads,
-                    in_flight=s.in_flight,
-                )
-                for s in self.sessions
-            ),
+            sessions=tuple(s.snapshot() for s in self.sessions),
             tiers=self.store.snapshots(),
             counters=dataclasses.replace(self.counters),
-            tier_counters={k: float(v) for k, v in self.store.counters().items()},
+            tier_counters={
+                k: float(v)
+                for k, v in (*self.store.counters().items(), *(self.indexes.counters() if self.indexes else {}).items())
+            },
         )
 
     def tier_health(self) -> tuple[tuple[str, bool], ...]:

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from kvd.errors import SessionNotFound
+from kvd.memory.progress import ProgressWriter
 from kvd.transports.base import Attachment
-from kvd.types import Notice, PeerIdentity, Registration
+from kvd.types import Notice, PeerIdentity, Registration, SessionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Session:
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _watchers: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once closed (leases held on it drop)
+    progress: ProgressWriter | None = None  # its in-step loads' progress page, once its process asked for it
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -47,6 +49,18 @@ class Session:
     @property
     def namespace_key(self) -> str:
         return self.registration.namespace.key
+
+    def snapshot(self) -> SessionSnapshot:
+        return SessionSnapshot(
+            session_id=self.id,
+            worker_name=self.registration.worker_name,
+            namespace=self.registration.namespace,
+            pid=self.registration.peer.pid,
+            transport=self.transport,
+            saves=self.saves,
+            loads=self.loads,
+            in_flight=self.in_flight,
+        )
 
     @property
     def transport(self) -> str:
@@ -89,6 +103,8 @@ class Session:
         """The session is closed: its Watch stream ends, and so do leases held on it (kvd.rpc.shared)."""
         self._notices.put_nowait(_CLOSED)
         self.ended.set()
+        if self.progress is not None:
+            self.progress.close()  # the worker's mapping stays valid; nothing writes it any more
 
 
 class SessionTable:

@@ -9,7 +9,7 @@ own memory against the layout once, in `attach`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
@@ -43,6 +43,22 @@ class Attachment(abc.ABC):
     ) -> bytes:
         """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"").
         Stamps `stamps` as save does."""
+
+    async def load_layers(
+        self,
+        block_indices: Sequence[int],
+        slots: Sequence[SlotRef],
+        ready_event: bytes,
+        on_layer: Callable[[int], None],
+        layers: int,
+        stamps: Stamps = None,
+    ) -> bytes:
+        """A load in layer order (an in-step load): `on_layer(i)` once layer i of every block is in place, from any
+        thread. This default copies everything, then reports every layer: correct, without the overlap."""
+        event = await self.load(block_indices, slots, ready_event, stamps)
+        for layer in range(layers):
+            on_layer(layer)
+        return event
 
     @abc.abstractmethod
     async def close(self) -> None:

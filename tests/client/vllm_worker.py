@@ -113,7 +113,14 @@ def serve(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             (out,) = llm.generate([TokensPrompt(prompt_token_ids=request["prompt"])], params, use_tqdm=False)
             reply = {"ttft_s": time.perf_counter() - t, "tokens": list(out.outputs[0].token_ids)}
-        reply["external_hits"] = _counter(llm.get_metrics(), "vllm:external_prefix_cache_hits")
+        metrics = llm.get_metrics()
+        reply["external_hits"] = _counter(metrics, "vllm:external_prefix_cache_hits")
+        if request.get("stats"):  # the connector's own counters (vllm:kvd_*), summed over engines
+            reply["connector"] = {
+                m.name.removeprefix("vllm:kvd_"): _counter(metrics, m.name)
+                for m in metrics
+                if m.name.startswith("vllm:kvd_")
+            }
         print("KVD-REPLY " + json.dumps(reply), flush=True)
     llm.llm_engine.engine_core.shutdown()
 

@@ -31,7 +31,7 @@ from kvd_client.vllm.clients import ClientSpec
 from kvd_client.vllm.config import ConnectorConfig, MemoryAccess, extra_config
 from kvd_client.vllm.fingerprint import fingerprint
 from kvd_client.vllm.scheduler import KvdScheduler
-from kvd_client.vllm.stats import KvdConnectorStats
+from kvd_client.vllm.stats import KvdConnectorStats, KvdPromMetrics
 from kvd_client.vllm.worker import KvdWorker
 
 if TYPE_CHECKING:
@@ -143,6 +143,12 @@ class KvdConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KvdConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine_labelvalues: dict[int, Any]
+    ) -> KvdPromMetrics:
+        return KvdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side ------------------------------------------------------------------------------------------
 

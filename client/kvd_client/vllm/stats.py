@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 COUNTERS = (
     "lookups",
@@ -73,3 +74,26 @@ class StatsOwner:
             return None
         stats, self.stats = self.stats, KvdConnectorStats()
         return stats
+
+
+class KvdPromMetrics(KVConnectorPromMetrics):
+    """The counters as Prometheus counters, `vllm:kvd_<name>` per engine (what LLM.get_metrics() and /metrics show)."""
+
+    def __init__(self, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine: dict[int, Any]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine)
+        counter: Any = self._counter_cls
+        self._counters: dict[str, Any] = {
+            name: counter(name=f"vllm:kvd_{name}", documentation=f"KvdConnector: {name}", labelnames=labelnames)
+            for name in COUNTERS
+        }
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            if name not in self._counters or not isinstance(value, int | float) or value <= 0:
+                continue
+            child = self._children.get((engine_idx, name))
+            if child is None:
+                child = self._counters[name].labels(*self.per_engine_labelvalues[engine_idx])
+                self._children[(engine_idx, name)] = child
+            child.inc(value)
