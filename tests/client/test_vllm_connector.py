@@ -368,16 +368,17 @@ def test_lookup_pending_returns_none_then_the_hit(vllm_config: Any, fake_clients
     root = root_hash(conn.fingerprint)
     assert hashes == block_hashes(tokens[: 5 * BLOCK], BLOCK, root)
 
-    fut.set_result(LookupResult(hit_blocks=3, tiers=(Tier.HOST_MEMORY,) * 3))
-    # A local hit of one block: kvd supplies blocks 1 and 2, loaded asynchronously.
+    fut.set_result(LookupResult(hit_blocks=3, tiers=(Tier.DISK,) * 3))
+    # A local hit of one block: kvd supplies blocks 1 and 2, from disk: loaded asynchronously.
     assert conn.get_num_new_matched_tokens(req, BLOCK) == (2 * BLOCK, True)
     conn.update_state_after_alloc(req, _Blocks([10, 11, 12, 13, 14, 15]), 2 * BLOCK)
-    assert conn.get_external_cache_hit_sources(req, 2 * BLOCK) == {"host": 2 * BLOCK}
+    assert conn.get_external_cache_hit_sources(req, 2 * BLOCK) == {"disk": 2 * BLOCK}
 
     meta = conn.build_connector_meta(_scheduler_output([]))
     assert isinstance(meta, KvdConnectorMetadata)
     (load,) = meta.loads
     assert load.req_id == "r1" and load.block_ids == (11, 12) and load.block_hashes == tuple(hashes[1:3])
+    assert not load.in_step
     assert pickle.loads(pickle.dumps(meta)) == meta
 
     # After the load, the request is scheduled: the blocks kvd lacks (3, 4) are saved once they are computed.
@@ -509,7 +510,7 @@ def test_real_daemon_lookup_is_answered_at_once_from_the_index(tiny_model: Path,
         try:
             req = _request("r", tokens)
             conn.on_new_request(req)
-            assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
+            assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)  # in host memory: in-step
         finally:
             daemon.resume()
         stats = conn._scheduler.stats.stats.data
@@ -680,9 +681,13 @@ def test_lookup_starts_when_the_request_arrives(vllm_config: Any, fake_clients: 
     conn.on_new_request(req)
     assert len(client.lookups) == 1
     client.lookups[0][1].set_result(LookupResult(hit_blocks=3, tiers=(Tier.HOST_MEMORY,) * 3))
-    # Answered before the scheduler first asks: no "ask again" round, and no second lookup.
-    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
+    # Answered before the scheduler first asks: no "ask again" round, and no second lookup. Every block is in the
+    # daemon's host memory: loaded inside the step that schedules the request (False: not asynchronously).
+    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)
     assert len(client.lookups) == 1
+    conn.update_state_after_alloc(req, _Blocks([20, 21, 22, 23]), 3 * BLOCK)
+    (load,) = conn.build_connector_meta(_scheduler_output([])).loads
+    assert load.in_step and load.block_ids == (20, 21, 22)
 
 
 @pytest.mark.vllm
@@ -738,11 +743,15 @@ def test_may_load_async_follows_the_lookup(vllm_config: Any, fake_clients: list[
     first = _request("first", tokens)
     conn.on_new_request(first)
     assert not conn.may_load_async(first)  # pending, and no lookup has hit yet
-    client.lookups[0][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY,) * 2))
-    assert conn.may_load_async(first)  # answered: a hit
+    client.lookups[0][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY, Tier.DISK)))
+    assert conn.may_load_async(first)  # answered: a hit, partly on disk
     assert conn.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, True)
+    host = _request("host", [t + 2 for t in tokens])
+    conn.on_new_request(host)
+    client.lookups[1][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY,) * 2))
+    assert not conn.may_load_async(host)  # a hit in host memory loads inside the step, not asynchronously
     miss = _request("miss", [t + 1 for t in tokens])
     conn.on_new_request(miss)
-    client.lookups[1][1].set_result(LookupResult(hit_blocks=0, tiers=()))
+    client.lookups[2][1].set_result(LookupResult(hit_blocks=0, tiers=()))
     assert not conn.may_load_async(miss)
     assert not conn.may_load_async(_request("unknown", tokens))  # never seen: no lookup to go by

@@ -82,6 +82,7 @@ class ConnectorConfig:
     saves: bool  # kv_role is a producer and "save" is not off
     memory_access: MemoryAccess
     remote_lookups: RemoteLookups = RemoteLookups.PREFETCH
+    in_step_loads: bool = True  # hits all in the daemon's host memory load inside the step (kvd_client.vllm.in_step)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorConfig:
@@ -105,4 +106,5 @@ class ConnectorConfig:
             saves=bool(transfer is not None and transfer.is_kv_producer) and _flag(extra, "save", True),
             memory_access=MemoryAccess.parse(extra.get("kv_cache_access")),
             remote_lookups=_choice(RemoteLookups, extra, "remote_lookups", "prefetch"),
+            in_step_loads=_flag(extra, "in_step_loads", True),
         )

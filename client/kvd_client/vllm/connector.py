@@ -197,7 +197,9 @@ class KvdConnector(KVConnectorBase_V1):
         self._work().start_load_kv(self._connector_metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are asynchronous: vLLM waits for them through finished_recving
+        # In-step loads only (hits in the daemon's host memory, kvd_client.vllm.in_step): this layer's bytes. The
+        # others are asynchronous: vLLM waits for them through finished_recving.
+        self._work().wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_HOST = 1  # kvd.v1.Tier HOST_MEMORY
 _TIER_SOURCE = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK}  # kvd.v1.Tier -> vLLM's label; remote is unlabelled
 _MAX_ROOTS = 4096  # distinct (LoRA, cache salt) roots remembered
 _HIT_RATE_DECAY = 0.9  # weight of the past in the running share of lookups that hit (may_load_async)
@@ -48,6 +49,7 @@ class _ReqState:
     # The answer (hit blocks, tier of each), kept until admission consumes it; (0, ()) after a failed lookup.
     result: tuple[int, tuple[int, ...]] | None = None
     hit_blocks: int = 0  # blocks granted by the last get_num_new_matched_tokens
+    in_step: bool = False  # ... to be loaded inside the step that schedules the request
     hit_sources: dict[CacheHitSource, int] = field(default_factory=dict)
     block_ids: list[int] = field(default_factory=list)
     saved_blocks: int = 0  # blocks [0, saved_blocks) are in kvd or have a save planned
@@ -201,7 +203,16 @@ class KvdScheduler:
                 return 0, False
         st.hit_blocks = min(st.result[0], st.lookup_blocks, max_blocks)
         external = st.hit_blocks * self._block_size - num_computed_tokens
-        return (external, True) if external > 0 else (0, False)
+        if external <= 0:
+            return 0, False
+        # Hits all in host memory: loaded inside this step, layer by layer (the request is scheduled now). Else an
+        # asynchronous load, which the request waits for in WAITING_FOR_REMOTE_KVS.
+        st.in_step = self._in_step(st.result[1][num_computed_tokens // self._block_size : st.hit_blocks])
+        return external, not st.in_step
+
+    def _in_step(self, tiers: Sequence[int]) -> bool:
+        """Load inside the step: every block in the daemon's host memory (and in-step loads on)."""
+        return self._config.in_step_loads and all(t == _HOST for t in tiers)
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34+: may this request's KV arrive by an async load (it then waits in a queue that can start
@@ -213,8 +224,9 @@ class KvdScheduler:
             return False
         if st.result is None and st.lookup is not None and st.lookup.done():
             self._take_answer(st, request)
-        if st.result is not None:
-            return min(st.result[0], st.lookup_blocks, self._max_blocks(request)) > 0
+        if st.result is not None:  # a hit, and not one loaded inside the step (those are not async loads)
+            hit = min(st.result[0], st.lookup_blocks, self._max_blocks(request))
+            return hit > 0 and not self._in_step(st.result[1][:hit])
         return st.lookup is not None and self._hit_rate >= 0.5
 
     # -- admission -----------------------------------------------------------------------------------------------
@@ -236,7 +248,8 @@ class KvdScheduler:
         start = max(0, (st.hit_blocks * bs - num_external_tokens) // bs)
         hashes = self._hashes(st, end * bs)
         # Always one op per async load, even an empty one: the request waits for its finished_recving.
-        self._pending_loads.append(BlockOp(request.request_id, tuple(block_ids[start:end]), tuple(hashes[start:end])))
+        op = BlockOp(request.request_id, tuple(block_ids[start:end]), tuple(hashes[start:end]), st.in_step)
+        self._pending_loads.append(op)
         self.stats.stats.add("query_tokens", request.num_tokens)
         self.stats.stats.add("hit_tokens", num_external_tokens)
         for tier in tiers[start:end]:

@@ -18,6 +18,7 @@ COUNTERS = (
     "query_tokens",
     "hit_tokens",
     "loads",
+    "in_step_loads",  # loads inside the step that scheduled the request (hits in the daemon's host memory)
     "load_blocks",
     "load_failed_blocks",
     "load_bytes",
