@@ -291,19 +291,22 @@ class IndexReader:
         return self._slot_of(block_hash) >= 0
 
     def _probe_python(self, block_hashes: Sequence[bytes], want_host: bool) -> tuple[int, int]:
-        words, mask, unpack = self._words, self._mask, _WORDS3.unpack_from
-        hit = 0
+        words, flags, mask, unpack = self._words, self._flags, self._mask, _WORDS3.unpack_from
+        hit = host = 0
+        host_run = want_host
         for block_hash in block_hashes:
             w0, tag, w2 = unpack(block_hash if len(block_hash) == DIGEST_BYTES else index_digest(block_hash))
-            if words[w0 & mask] != tag and words[w2 & mask] != tag:
-                break
+            slot = w0 & mask
+            if words[slot] != tag:
+                slot = w2 & mask
+                if words[slot] != tag:
+                    break
             hit += 1
-        if not want_host:
-            return hit, 0
-        host = 0
-        flags = self._flags
-        while host < hit and flags[self._slot_of(block_hashes[host])] & FLAG_HOST:
-            host += 1
+            if host_run:
+                if flags[slot] & FLAG_HOST:
+                    host += 1
+                else:
+                    host_run = False
         return hit, host
 
     def _probe_numpy(self, block_hashes: Sequence[bytes], want_host: bool) -> tuple[int, int]:

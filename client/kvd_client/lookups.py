@@ -49,12 +49,18 @@ class LocalIndex:
         self._grant: Grant | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_try = 0.0
+        self.enabled = True  # False: every lookup goes to the RPC (benchmarks compare the two)
         self.answered = 0  # lookups answered from the index
         self.fell_back = 0  # lookups that went to the RPC instead
 
     @property
     def mapped(self) -> bool:
         return self._reader is not None
+
+    @property
+    def reader(self) -> IndexReader | None:
+        """The mapped index (tools and benchmarks probe it directly)."""
+        return self._reader
 
     @property
     def boot_id(self) -> str:
@@ -88,7 +94,7 @@ class LocalIndex:
     def probe(self, block_hashes: Sequence[bytes]) -> LookupResult | None:
         """The local tiers' answer (host pool, write-down queue, disk), or None when the index cannot give one."""
         reader = self._reader
-        if reader is None or not block_hashes:
+        if reader is None or not block_hashes or not self.enabled:
             return None
         try:
             if len(block_hashes) > reader.counter(W_MAX_LOOKUP):
