@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from kvd_client._wire.kvd.v1 import kvd_pb2
 
@@ -162,3 +163,25 @@ def rss_bytes(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raw_call(channel: grpc.Channel, method: str, request: bytes, timeout: float = 10.0) -> tuple[str, str, bytes]:
+    """One unary kvd.v1.Kvd call with raw bytes from this process: (status code name, details, response)."""
+    call = channel.unary_unary(f"/kvd.v1.Kvd/{method}")
+    try:
+        response = call(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or "", b""
+    return "OK", "", response
+
+
+def raw_watch(channel: grpc.Channel, request: bytes, timeout: float = 1.0) -> tuple[str, list[bytes]]:
+    """A Watch from this process for `timeout` s: (how it ended, the notices it got). A stream that stays open
+    ends as DEADLINE_EXCEEDED: the daemon accepted it."""
+    notices: list[bytes] = []
+    try:
+        for notice in channel.unary_stream("/kvd.v1.Kvd/Watch")(request, timeout=timeout):
+            notices.append(notice)
+    except grpc.RpcError as exc:
+        return exc.code().name, notices
+    return "OK", notices
