@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helper
 from tests.helpers.daemon import Daemon, MiB
 from tests.security.fuzzer import Fuzzer, Target, band_problems
 
-RSS_SLACK = 48 * MiB
+RSS_SLACK = 32 * MiB
 FD_SLACK = 8
 
 

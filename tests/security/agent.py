@@ -24,15 +24,16 @@ Parent side: `Agent`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import mmap
 import os
+import queue
 import socket
 import subprocess
 import sys
 import threading
-import queue
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,8 @@ def map_anonymous(nbytes: int, addr: int = 0) -> int:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (MAP_FIXED_NOREPLACE if addr else 0)
     got = _libc.mmap(ctypes.c_void_p(addr or None), nbytes, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
     if got in (None, ctypes.c_void_p(-1).value) or (addr and got != addr):
-        raise OSError(ctypes.get_errno(), f"mmap of {nbytes} bytes at {addr:#x} failed: {os.strerror(ctypes.get_errno())}")
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {nbytes} bytes at {addr:#x} failed: {os.strerror(err)}")
     return int(got)
 
 
@@ -70,15 +72,11 @@ def _warm_grpc() -> None:
     """Import what grpc loads lazily on a first call, while the interpreter's files are still readable."""
     channel = grpc.insecure_channel("unix:/nonexistent/kvd-agent-warmup")
     call = channel.unary_unary(SERVICE + "Stats")
-    try:
+    with contextlib.suppress(grpc.RpcError):
         call(b"", timeout=0.05)
-    except grpc.RpcError:
-        pass
     stream = channel.unary_stream(SERVICE + "Watch")
-    try:
+    with contextlib.suppress(grpc.RpcError):
         list(stream(b"", timeout=0.05))
-    except grpc.RpcError:
-        pass
     channel.close()
 
 
@@ -101,7 +99,8 @@ class _Channels:
 
     def get(self, path: str) -> grpc.Channel:
         if path not in self._channels:
-            self._channels[path] = grpc.insecure_channel(f"unix:{path}", options=[("grpc.max_send_message_length", 1 << 28)])
+            options = [("grpc.max_send_message_length", 1 << 28)]
+            self._channels[path] = grpc.insecure_channel(f"unix:{path}", options=options)
         return self._channels[path]
 
 

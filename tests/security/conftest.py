@@ -64,7 +64,8 @@ def agents(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AgentFact
     made: list[Agent] = []
 
     def make(uid: int = NOBODY, gid: int | None = None) -> Agent:
-        agent = Agent.start(uid, uid if gid is None else gid, env=child_env(), log_path=tmp_path / f"agent{len(made)}.log")
+        log_path = tmp_path / f"agent{len(made)}.log"
+        agent = Agent.start(uid, uid if gid is None else gid, env=child_env(), log_path=log_path)
         made.append(agent)
         return agent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.helpers.rpc import namespace_pb
 

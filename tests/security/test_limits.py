@@ -15,7 +15,9 @@ import time
 
 import grpc
 import pytest
-from kvd_client._wire.kvd.v1 import kvd_pb2
+from kvd_client.credentials import fetch_token
+from kvd_client.errors import ResourceExhausted
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.conftest import DaemonFactory
 from tests.helpers.daemon import Daemon, MiB
@@ -101,6 +103,14 @@ def test_outstanding_credential_tokens_are_capped(daemon_factory: DaemonFactory,
     assert len(_credential_bytes(daemon)) == 32
 
 
+def test_the_client_raises_the_daemons_refusal(daemon_factory: DaemonFactory) -> None:
+    """kvd_client turns a refusal on the credential socket into the same error family as an RPC status."""
+    daemon = daemon_factory(env={"KVD_MAX_TOKENS_PER_UID": "1"})
+    fetch_token(daemon.socket, timeout_s=5)
+    with pytest.raises(ResourceExhausted, match="max_tokens_per_uid"):
+        fetch_token(daemon.socket, timeout_s=5)
+
+
 # Bytes no kvd.v1 request decodes from: a truncated varint, a string that is not UTF-8, a length past the end.
 UNDECODABLE = [b"\xff", b"\x08", b"\x0a\x02\xff\xfe", b"\x12\x05ab"]
 METHODS = ["RegisterSession", "Heartbeat", "Unregister", "Lookup", "Save", "Load", "Stats"]
@@ -127,3 +137,53 @@ def test_an_undecodable_request_is_invalid_argument_and_one_log_line(daemon: Dae
     assert "Traceback" not in new_log, new_log[-3000:]
     assert len(new_log.splitlines()) <= 5, f"{len(new_log.splitlines())} log lines for 675 bad requests"
     assert daemon.health() == 1
+
+
+def test_an_undecodable_health_check_is_invalid_argument_too(daemon: Daemon) -> None:
+    """Every service on the socket, not only kvd.v1.Kvd: health and reflection go through the same guard."""
+    call = daemon.channel().unary_unary("/grpc.health.v1.Health/Check")
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"\x0a\x02\xff\xfe", timeout=5)  # service: a string that is not UTF-8
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in daemon.log_text()
+
+
+@pytest.mark.cuda
+def test_ipc_events_one_session_has_the_daemon_open_are_capped(daemon_factory: DaemonFactory) -> None:
+    """A client that sends a new event handle with every save would have the daemon open events without bound;
+    past max_worker_events distinct handles, a save is RESOURCE_EXHAUSTED (a handle already open stays free)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from kvd_client.layout import KvLayout
+    from kvd_client.messages import layout_message, worker_memory
+
+    from tests.kvd.cuda_common import SPEC as GPU_SPEC
+    from tests.kvd.cuda_common import make_gpu_caches
+
+    daemon = daemon_factory(
+        capacity_bytes=256 * MiB, slab_bytes=4 * MiB, env={"KVD_MAX_WORKER_EVENTS": "4"}
+    )
+    caches, _backing = make_gpu_caches(offset_elements=4096)
+    memory, _ = worker_memory(list(caches.values()))
+    layout = KvLayout.from_tensors(caches, block_dim=1, block_size_tokens=GPU_SPEC.block_size)
+    request = kvd_pb2.RegisterSessionRequest(
+        namespace=kvd_pb2.Namespace(model_id="m-events", layout_fingerprint=layout.fingerprint(), tp_world_size=1),
+        layout=layout_message(layout),
+        credential_token=token(daemon.socket),
+        cuda=memory,
+    )
+    code, details, response = raw_call(daemon.channel(), "RegisterSession", request.SerializeToString())
+    assert code == "OK", details
+    session = SessionRef.of(response)
+    events = [torch.cuda.Event(interprocess=True) for _ in range(5)]
+    handles = [bytes(e.ipc_handle()) for e in events]
+    for i, handle in enumerate(handles[:4] + handles[:1]):
+        message = kvd_pb2.TransferRequest.FromString(transfer(session, [(i, bytes([i + 1]) * 32)]))
+        message.ready_event = handle
+        code, details, _ = raw_call(daemon.channel(), "Save", message.SerializeToString())
+        assert code == "OK", details
+    message = kvd_pb2.TransferRequest.FromString(transfer(session, [(9, b"\x09" * 32)]))
+    message.ready_event = handles[4]
+    code, details, _ = raw_call(daemon.channel(), "Save", message.SerializeToString())
+    assert code == "RESOURCE_EXHAUSTED" and "max_worker_events" in details, f"{code}: {details}"

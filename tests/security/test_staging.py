@@ -19,7 +19,7 @@ CHUNK = 1 * MiB
 def test_a_block_larger_than_the_staging_chunk_is_refused_at_registration(daemon_factory: DaemonFactory) -> None:
     daemon = daemon_factory(
         slab_bytes=4 * MiB,  # the pool would take the block: only the staging chunk is too small
-        env={"KVD_TRANSPORTS__CUDA_CHUNK_BYTES": str(CHUNK), "KVD_ENGINE__CUDA_CHUNK_BYTES": str(CHUNK)},
+        env={"KVD_TRANSPORTS__CUDA_CHUNK_BYTES": str(CHUNK)},
     )
     request = cuda_request(token(daemon.socket), block_bytes=2 * MiB)
     code, details, _ = raw_call(daemon.channel(), "RegisterSession", request.SerializeToString())

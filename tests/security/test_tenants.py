@@ -9,7 +9,10 @@ Runs as root (processes of two uids); skipped otherwise.
 
 from __future__ import annotations
 
-from kvd_client._wire.kvd.v1 import kvd_pb2
+import json
+from collections.abc import Callable
+
+from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.conftest import WorkerFactory
 from tests.helpers.daemon import Daemon
@@ -20,6 +23,7 @@ from tests.security.conftest import AgentFactory
 from tests.security.kit import (
     NOBODY,
     AgentSession,
+    SessionRef,
     lookup_only_request,
     raw_cpu_request,
     register,
@@ -98,3 +102,23 @@ def test_another_tenant_cannot_lock_a_namespace_to_its_layout(
     hello = victim.hello()
     assert hello.get("event") == "ready", f"another user's session locked the victim out of its namespace: {hello}"
 
+
+
+def test_uids_mapped_to_one_tenant_share_blocks_on_purpose(
+    other_users_daemon_factory: Callable[..., Daemon], worker_factory: WorkerFactory, agents: AgentFactory,
+    spec: CacheSpec,
+) -> None:
+    """The operator lists root and NOBODY in one tenant: now NOBODY sees (and may load) what root's worker stored."""
+    daemon = other_users_daemon_factory(env={"KVD_TENANTS": json.dumps({"shared": [0, NOBODY]})})
+    victim = worker_factory(daemon.socket, spec, "m-share", name="owner")
+    victim.wait_ready()
+    victim.fill(PREFIX)
+    assert victim.save(PREFIX)["ok"]
+    other = agents(NOBODY)
+    request = lookup_only_request(token_of(other, daemon.socket), "m-share", fingerprint(spec))
+    code, _, response = other.call(daemon.socket, "RegisterSession", request.SerializeToString())
+    assert code == "OK"
+    session = AgentSession(other, daemon.socket, SessionRef.of(response))
+    assert kvd_pb2.RegisterSessionResponse.FromString(response).tenant == "shared"
+    assert session.lookup([h for _, h in PREFIX]) == ("OK", len(PREFIX))
+    assert {s.tenant for s in daemon.stats().sessions} == {"shared"}

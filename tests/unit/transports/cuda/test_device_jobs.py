@@ -19,6 +19,7 @@ from kvd_client.layout import DType, KvLayout, LayerLayout
 
 from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
+from kvd.process import PeerProcess
 from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
 from kvd.transports.cuda.transport import CudaTransport
@@ -128,7 +129,7 @@ async def attached(recorder: Recorder) -> tuple[Any, Any]:
         TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
     )
     await transport.start()
-    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(1, 0, 0, True))
+    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     return transport, attachment
 
 
