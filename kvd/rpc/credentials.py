@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -50,6 +51,7 @@ class _Issued:
     peer: PeerProcess
     at: float
     fds: PassedFds = field(default_factory=PassedFds)  # descriptors passed with the token (driver-mapped memory)
+    exchanged: asyncio.Event = field(default_factory=asyncio.Event)  # set once the descriptor exchange is over
 
     def close(self) -> None:
         self.peer.close()
@@ -93,14 +95,22 @@ class CredentialIssuer:
                 writer.write(REFUSAL_PREFIX + f"{exc.code.name} {exc.message}\n".encode())
                 await writer.drain()
                 return
-            fd_channel.pause(writer)
-            writer.write(token)
-            await writer.drain()
-            self._keep_fds(token, await fd_channel.receive_after_token(writer))
+            try:
+                fd_channel.pause(writer)
+                writer.write(token)
+                await writer.drain()
+                self._keep_fds(token, await fd_channel.receive_after_token(writer))
+            finally:
+                self._exchanged(token)
         except OSError as exc:  # FdPassError included: nothing of the exchange is kept
             log.warning("credential socket: %s", exc)
         finally:
             writer.close()
+
+    def _exchanged(self, token: bytes) -> None:
+        issued = self._tokens.get(token)
+        if issued is not None:
+            issued.exchanged.set()
 
     def _keep_fds(self, token: bytes, fds: list[int]) -> None:
         issued = self._tokens.get(token)
@@ -138,11 +148,16 @@ class CredentialIssuer:
         log.debug("credential socket: peer pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
         return token
 
-    def redeem(self, token: bytes) -> tuple[PeerProcess, PassedFds]:
+    async def redeem(self, token: bytes) -> tuple[PeerProcess, PassedFds]:
         """The process a token was issued to, and the descriptors it passed with it; the caller owns both from now
-        on. Each token works once and for TOKEN_TTL_S seconds."""
+        on. Each token works once and for TOKEN_TTL_S seconds. The worker may register as soon as the daemon has
+        acknowledged its descriptors, a moment before they are bound to the token: wait for the exchange to end."""
         self._expire()
-        issued = self._tokens.pop(token, None)
+        issued = self._tokens.get(token)
+        if issued is not None and not issued.exchanged.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(issued.exchanged.wait(), fd_channel.FD_WAIT_S + 1.0)
+        issued = self._tokens.pop(token, None)  # again: a twin registration may have taken it meanwhile
         if issued is None:
             raise PermissionDenied("unknown, used or expired credential token: connect to the credential socket again")
         self._uncount(issued.peer.uid)

@@ -81,7 +81,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     ) -> kvd_pb2.RegisterSessionResponse:
         service = self._svc()
         service.check_open()  # a draining daemon says "retry later" before anything else
-        peer, fds = self._peer(request, service)  # then the token: spent by any registration that names it
+        peer, fds = await self._peer(request, service)  # then the token: spent by any registration that names it
         try:
             registration = Registration(
                 namespace=_namespace(request.namespace),
@@ -108,7 +108,9 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             tenant=peer.tenant,
         )
 
-    def _peer(self, request: kvd_pb2.RegisterSessionRequest, service: KvdService) -> tuple[PeerIdentity, PassedFds]:
+    async def _peer(
+        self, request: kvd_pb2.RegisterSessionRequest, service: KvdService
+    ) -> tuple[PeerIdentity, PassedFds]:
         """The process that took the request's credential token, its tenant, and the descriptors it passed with the
         token. No token, no session: a pid or uid a request states is never believed."""
         if not request.credential_token:
@@ -116,7 +118,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
                 "no credential token: every session registers through the credential socket"
                 f" ({self._credentials.path.name}, next to the gRPC socket)"
             )
-        process, fds = self._credentials.redeem(request.credential_token)
+        process, fds = await self._credentials.redeem(request.credential_token)
         return PeerIdentity(process=process, tenant=service.config.tenant_of(process.uid)), fds
 
     @_mapped

@@ -178,10 +178,12 @@ def test_blocks_as_columns_are_checked_like_blocks(session: RawSession, stub: kv
     }
     for rpc in (stub.Save, stub.Load):
         for expected, (indices, hashes) in cases.items():
-            request = kvd_pb2.TransferRequest(session_id=session.id, block_indices=indices, block_hashes=hashes)
+            request = transfer(session.response, [])
+            request.block_indices.extend(indices)
+            request.block_hashes.extend(hashes)
             code, details = code_of(rpc, request)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
-        both = transfer(session.id, [(0, b"a")])
+        both = transfer(session.response, [(0, b"a")])
         both.block_indices.append(1)
         both.block_hashes.append(b"b")
         code, details = code_of(rpc, both)

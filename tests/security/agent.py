@@ -80,17 +80,26 @@ def _warm_grpc() -> None:
     channel.close()
 
 
-def _read_all(sock_path: str) -> dict[str, Any]:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5.0)
-            sock.connect(sock_path)
-            data = b""
+def credential_reply(cred_path: str, timeout_s: float = 5.0) -> bytes:
+    """What the credential socket answers this process: a 32-byte token, or the daemon's refusal (`KVDERR ...`, to
+    the end of the connection). Then the connection closes: no descriptors are passed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(cred_path)
+        data = b""
+        while len(data) < 32 and (chunk := sock.recv(32 - len(data))):
+            data += chunk
+        if data.startswith(b"KVDERR "):
             while chunk := sock.recv(4096):
                 data += chunk
+    return data
+
+
+def _read_all(sock_path: str) -> dict[str, Any]:
+    try:
+        return {"data": credential_reply(sock_path).hex()}
     except OSError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"data": data.hex()}
 
 
 class _Channels:

@@ -19,7 +19,6 @@ import collections
 import ctypes
 import os
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from google.protobuf import descriptor, descriptor_pool, message, message_factor
 from google.protobuf.json_format import ParseDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from tests.security.agent import credential_reply
 
 SERVICE = "kvd.v1.Kvd"
 
@@ -86,14 +87,7 @@ def discover(channel: grpc.Channel) -> dict[str, Method]:
 
 
 def credential_bytes(socket_path: Path) -> bytes:
-    cred = socket_path.with_name(socket_path.name + ".cred")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5.0)
-        sock.connect(str(cred))
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    return data
+    return credential_reply(str(socket_path.with_name(socket_path.name + ".cred")))
 
 
 @dataclass

@@ -10,7 +10,6 @@ undecodable request answers INVALID_ARGUMENT at the cost of one rate-limited log
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import grpc
@@ -22,6 +21,7 @@ from kvd_client.wire.kvd.v1 import kvd_pb2
 from tests.conftest import DaemonFactory
 from tests.helpers.daemon import Daemon, MiB
 from tests.helpers.rpc import token
+from tests.security.agent import credential_reply
 from tests.security.kit import SessionRef, lookup, lookup_only_request, raw_call, rss_bytes, scoped, transfer
 
 BIG_CHANNEL = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
@@ -81,13 +81,7 @@ def test_sessions_per_uid_are_capped(daemon_factory: DaemonFactory) -> None:
 
 
 def _credential_bytes(daemon: Daemon) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(str(daemon.credential_socket))
-        data = b""
-        while chunk := sock.recv(4096):
-            data += chunk
-    return data
+    return credential_reply(str(daemon.credential_socket))
 
 
 @pytest.mark.parametrize("cap", ["KVD_MAX_TOKENS_PER_UID", "KVD_MAX_TOKENS"])

@@ -267,7 +267,7 @@ async def test_driver_mapped_memory_is_imported_mapped_and_unmapped_chunk_by_chu
         TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
     )
     await transport.start()
-    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(1, 0, 0, True))
+    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     base, fds = 0x9_0000_0000, [r for r, _ in pipes]
     assert [c for c in recorder.calls if c[0].startswith("vmm.")] == [
         ("vmm.reserve", (3 * size,)),
