@@ -13,6 +13,7 @@ import grpc
 
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import from_rpc_error
+from kvd_client.messages import SessionRef, scoped
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ async def register_session(
 
 
 async def heartbeat(
-    stub: kvd_pb2_grpc.KvdStub, session_id: str, boot_id: str, every_s: float, timeout_s: float
+    stub: kvd_pb2_grpc.KvdStub, session: SessionRef, boot_id: str, every_s: float, timeout_s: float
 ) -> None:
     """Beat every `every_s` until the daemon answers with another boot id (it restarted: the session and everything
     in flight are gone); a failed call raises."""
     while True:
         await asyncio.sleep(every_s)
-        response = await stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=session_id), timeout=timeout_s)
+        response = await stub.Heartbeat(scoped(kvd_pb2.HeartbeatRequest, session), timeout=timeout_s)
         if response.boot_id != boot_id:
             return
