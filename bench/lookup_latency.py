@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helper
 
 from kvd_client import KvdClient
 from kvd_client.index import IndexReader
-from kvd_client.shared import GRANT_INDEX, fetch_shared
+from kvd_client.shared import GRANT_INDEX
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.helpers.clients import Completions
 from tests.helpers.daemon import Daemon
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, make_caches
-from tests.helpers.rpc import fingerprint, lookup_only_request
+from tests.helpers.rpc import fingerprint, lookup_only_request, scoped
 
 TARGET_P99_US = 300.0
 TARGET_INDEX_P99_US = {1000: 20.0, 16: 5.0}
@@ -79,7 +79,7 @@ def index_probes(client: KvdClient, hashes: list[bytes], stored: int, calls: int
     """The in-process lookups, from the daemon's published index as this client mapped it: through
     KvdClient.lookup (the API), and the bare probe, numpy and plain Python."""
     out: dict[str, Any] = {}
-    grant = fetch_shared(client.socket_path, client.session_id, timeout_s=5)
+    grant = client.index.fetch()
     fd = grant.take(GRANT_INDEX)
     python_reader = IndexReader(fd, use_numpy=False)
     os.close(fd)
@@ -133,8 +133,8 @@ def main() -> int:
 
             # -- sync stub from one thread ------------------------------------------------------------------
             stub = daemon.stub()
-            reg = stub.RegisterSession(lookup_only_request("bench-lookup", fingerprint(spec), pid=1 << 30), timeout=5)
-            request = kvd_pb2.LookupRequest(session_id=reg.session_id, block_hashes=hashes)
+            reg = stub.RegisterSession(lookup_only_request(daemon.socket, "bench-lookup", fingerprint(spec)), timeout=5)
+            request = scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes)
             out["request_bytes"] = request.ByteSize()
             for _ in range(args.warmup):
                 stub.Lookup(request, timeout=5)
@@ -173,11 +173,11 @@ def main() -> int:
             # Client-side cost alone: building and serializing the request, parsing a response.
             t0 = time.perf_counter_ns()
             for _ in range(200):
-                kvd_pb2.LookupRequest(session_id=reg.session_id, block_hashes=hashes).SerializeToString()
+                scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes).SerializeToString()
             out["client_serialize_us"] = round((time.perf_counter_ns() - t0) / 200 / 1000, 1)
 
             # Small lookups, for the fixed per-call cost.
-            small = kvd_pb2.LookupRequest(session_id=reg.session_id, block_hashes=hashes[:1])
+            small = scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes[:1])
             for _ in range(args.warmup):
                 stub.Lookup(small, timeout=5)
             samples = []

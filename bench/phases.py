@@ -164,11 +164,12 @@ def floors(client: KvdClient, socket: str, hashes_per_lookup: int, count: int = 
     from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
     # On the client's own loop and channel (its private attributes: the benchmark measures the client's own floor).
-    beats = asyncio.run_coroutine_threadsafe(_heartbeats(client._stub, client.session_id, count), client._loop)
+    session = client._session  # its id and key: a heartbeat names both
+    beats = asyncio.run_coroutine_threadsafe(_heartbeats(client._stub, session, count), client._loop)
     out: dict[str, Any] = {"aio_heartbeat_us": dist_us(beats.result(timeout=60))}
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         stub = kvd_pb2_grpc.KvdStub(channel)
-        request = kvd_pb2.HeartbeatRequest(session_id=client.session_id)
+        request = kvd_pb2.HeartbeatRequest(session_id=session.id, session_key=session.key)
         stub.Heartbeat(request, timeout=5)
         took = []
         for _ in range(count):
@@ -192,10 +193,10 @@ def floors(client: KvdClient, socket: str, hashes_per_lookup: int, count: int = 
     return out
 
 
-async def _heartbeats(stub: Any, session_id: str, count: int) -> list[int]:
+async def _heartbeats(stub: Any, session: Any, count: int) -> list[int]:
     from kvd_client.wire.kvd.v1 import kvd_pb2
 
-    request = kvd_pb2.HeartbeatRequest(session_id=session_id)
+    request = kvd_pb2.HeartbeatRequest(session_id=session.id, session_key=session.key)
     took = []
     for _ in range(count):
         start = time.monotonic_ns()

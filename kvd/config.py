@@ -52,6 +52,11 @@ RENAMED_ENGINE = (
     " max_inflight_ops and engine.gil_switch_interval_us is runtime.gil_switch_interval_us"
 )
 
+REMOVED_TCP = (
+    "tcp is gone: a peer over TCP has no kernel-verified identity, so the daemon could trust nothing it says"
+    " (docs/security.md); workers connect to the Unix socket (socket_mode and allowed_uids for other users)"
+)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -170,14 +175,19 @@ class KvdConfig(BaseSettings):
     # The listener (kvd/rpc) and who may register.
     socket: Path = Field(default_factory=default_socket_path)
     socket_mode: int = Field(default=0o600, ge=0, le=0o777)  # 0660 plus a shared group lets other users' workers in
-    tcp: str | None = None  # "host:port"; off unless set (CUDA IPC and CPU transports still need a local peer)
     allowed_uids: tuple[int, ...] = ()  # peers besides the daemon's own uid and root that may register
+    # Who shares blocks (docs/security.md): each uid is its own tenant unless listed here, name -> uids.
+    tenants: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    max_tokens_per_uid: int = Field(default=64, ge=1)  # credential tokens issued and not yet redeemed
+    max_tokens: int = Field(default=1024, ge=1)  # ... of every uid together
     # The service (kvd/service): sessions and the limits it admits work under.
     lease_ms: int = Field(default=10_000, ge=100)
     max_batch_blocks: int = Field(default=16_384, ge=1)
     max_lookup_blocks: int = Field(default=65_536, ge=1)
     max_inflight_ops: int = Field(default=64, ge=1)  # per session: more is RESOURCE_EXHAUSTED
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    max_sessions_per_uid: int = Field(default=128, ge=1)
+    max_worker_events: int = Field(default=256, ge=1)  # CUDA IPC events one session may have the daemon open
     # One section per layer below.
     host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
     index: IndexConfig = IndexConfig()
@@ -195,21 +205,14 @@ class KvdConfig(BaseSettings):
         """A file or flags written for the old `[engine]` section get a clear error, not a silent default."""
         if isinstance(data, dict) and "engine" in data:
             raise ValueError(RENAMED_ENGINE)
+        if isinstance(data, dict) and "tcp" in data:
+            raise ValueError(REMOVED_TCP)
         return data
 
     @field_validator("socket_mode", mode="before")
     @classmethod
     def _octal(cls, value: Any) -> Any:
         return int(value, 8) if isinstance(value, str) else value
-
-    @field_validator("tcp")
-    @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is not None:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError("expected HOST:PORT with a port from 1 to 65535")
-        return value
 
     @field_validator("socket")
     @classmethod
@@ -222,6 +225,29 @@ class KvdConfig(BaseSettings):
                 f"leaving room for the {CREDENTIAL_SUFFIX} socket beside it): choose a shorter path"
             )
         return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _one_tenant_per_uid(cls, value: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        seen: dict[int, str] = {}
+        for name, uids in value.items():
+            if not name or name.startswith("uid:"):
+                raise ValueError(f"tenant name {name!r}: empty, or of the form uid:N (the default names)")
+            for uid in uids:
+                if uid in seen:
+                    raise ValueError(f"uid {uid} is in two tenants: {seen[uid]!r} and {name!r}")
+                seen[uid] = name
+        return value
+
+    def tenant_of(self, uid: int) -> str:
+        """The tenant whose blocks a peer of `uid` sees: the one listing it, else its own (`uid:N`)."""
+        for name, uids in self.tenants.items():
+            if uid in uids:
+                return name
+        return f"uid:{uid}"
+
+    def may_register(self, uid: int) -> bool:
+        return uid in (0, os.getuid(), *self.allowed_uids)
 
     @property
     def credential_socket(self) -> Path:
@@ -248,6 +274,8 @@ class KvdConfig(BaseSettings):
         """flags (overrides) > env > TOML file > defaults. `config_file` falls back to $KVD_CONFIG."""
         if stale := sorted(name for name in os.environ if name.startswith("KVD_ENGINE__")):
             raise ValueError(f"{', '.join(stale)}: {RENAMED_ENGINE}")
+        if "KVD_TCP" in os.environ:
+            raise ValueError(f"KVD_TCP: {REMOVED_TCP}")
         path = config_file or (Path(os.environ["KVD_CONFIG"]) if os.environ.get("KVD_CONFIG") else None)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")

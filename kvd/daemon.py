@@ -174,6 +174,7 @@ def run_daemon(config: KvdConfig) -> int:
     import uvloop
 
     sys.setswitchinterval(config.runtime.gil_switch_interval_us / 1e6)
+    _raise_fd_limit()
     daemon = KvdDaemon(config)
     try:
         uvloop.run(daemon.serve())
@@ -184,3 +185,14 @@ def run_daemon(config: KvdConfig) -> int:
         log.error("kvd: %s", exc)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _raise_fd_limit() -> None:
+    """Every session holds its worker's pidfd and /proc directory (and, for the CPU transport, its address space):
+    take the whole hard limit on open files, not the 1024 a login shell often gives."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -27,6 +27,7 @@ class FailureReason(enum.StrEnum):
     NO_ROOM = "host_pool_full"  # a save found no slot it could take or evict
     PROCESS_VM = "process_vm"  # CPU transport: process_vm_readv/writev failed (worker gone, no ptrace grant)
     PARTIAL_COPY = "partial_copy"  # CPU transport: fewer bytes than asked (the worker's memory changed)
+    PEER_CHANGED = "peer_changed"  # the worker exec'd, exited or changed credentials: its session may not copy
     CUDA = "cuda"  # a CUDA call or a GPU copy failed
     CANCELLED = "cancelled"  # the daemon's drain ran out of time and cancelled the operation
     CONCURRENT_SAVE = "concurrent_save_failed"  # another save of the same block, which this one waited for, failed

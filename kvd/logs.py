@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -61,3 +62,43 @@ def setup_logging(config: LogConfig, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+
+
+class Throttled:
+    """One logger's repeating warnings, at most one record per key per `interval_s`.
+
+    A fault that repeats (a full disk refusing every write, a store answering every call with an error) must not
+    flood the log: the first occurrence is logged at once, later ones with the same key are counted, and the next
+    record logged for that key says how many were held back. State changes (degraded, recovered) are logged by
+    their owner once per change and need no throttling."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: Any = None) -> bool:
+        """Log `msg % args` unless `key` was logged less than `interval_s` ago; True when it was logged."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg = f"{msg} (and {held} more like it in the last {now - last:.0f} s)"  # type: ignore[operator]
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        return self.log(logging.WARNING, key, msg, *args)
+
+    def exception(self, key: str, msg: str, *args: object) -> bool:
+        """An error with the traceback of the exception being handled (the first of each burst only)."""
+        return self.log(logging.ERROR, key, msg, *args, exc_info=True)
+
+    def held_back(self) -> int:
+        """Records suppressed and not yet reported."""
+        return sum(self._held.values())

@@ -16,6 +16,7 @@ from kvd_client.layout import KvLayout, Namespace
 from kvd_client.types import DaemonStages, LookupResult, OpKind, Tier
 
 from kvd.errors import InvalidArgument
+from kvd.process import PeerProcess
 
 BlockHash = bytes
 BlockKey = tuple[str, BlockHash]  # (namespace key, block hash): different models never share a key
@@ -28,12 +29,23 @@ class TransportKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
-    """Who is on the other end, as the kernel says (SO_PEERCRED), or unverified (pid from the request)."""
+    """Who registered, as the kernel says: the process (held by a pidfd since it connected to the credential socket),
+    the uid and gid it connected with, and the tenant whose blocks it sees. Never a pid or uid a request claims."""
 
-    pid: int
-    uid: int
-    gid: int
-    verified: bool
+    process: PeerProcess
+    tenant: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def uid(self) -> int:
+        return self.process.uid
+
+    @property
+    def gid(self) -> int:
+        return self.process.gid
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +162,18 @@ Stamps = DaemonStages | None  # an operation's stage times, where it keeps them 
 
 
 @dataclass(frozen=True, slots=True)
+class SessionRef:
+    """What a session-scoped call names: the session's id and the key RegisterSession handed its owner. The key is
+    secret: never logged, never shown (its repr hides it)."""
+
+    id: str
+    key: bytes
+
+    def __repr__(self) -> str:
+        return f"SessionRef({self.id[:12]!r}, key=<{len(self.key)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """An operation's end, as the daemon records it; the servicer sends it as a kvd.v1.CompletionNotice on the
     session's Watch stream (the client turns that into a kvd_client.Completion)."""
@@ -168,7 +192,8 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class SessionSnapshot:
-    session_id: str
+    label: str  # kvd_client.types.session_label of the id: Stats never shows ids or keys
+    tenant: str
     worker_name: str
     namespace: Namespace
     pid: int
@@ -250,6 +275,7 @@ __all__ = [
     "PeerIdentity",
     "Registration",
     "ServiceCounters",
+    "SessionRef",
     "SessionSnapshot",
     "Stamps",
     "StatsSnapshot",
@@ -258,3 +284,9 @@ __all__ = [
     "TransportKind",
     "WorkerMemory",
 ]
+
+
+def namespace_key(tenant: str, namespace: Namespace) -> str:
+    """Where a namespace's blocks live: inside the tenant of the peer that registered it. Two peers share blocks
+    iff they have the same tenant and the same namespace; a client cannot name another tenant."""
+    return f"{tenant}|{namespace.key}"

@@ -30,13 +30,12 @@ from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
 from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
-from kvd_client.index import group_key
 from kvd_client.lookups import LocalIndex, resolved, rpc_lookup
 from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
 from kvd_client.progress import StepLoad
 from kvd_client.session import heartbeat, open_channel, register_session
-from kvd_client.types import Completion, LookupResult, OpKind
+from kvd_client.types import Completion, LookupResult, OpKind, session_label
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class KvdClient:
         self._ready = threading.Event()
         self._closed = False
         self._stub: kvd_pb2_grpc.KvdStub | None = None
-        self._session_id = ""
+        self._session = messages.SessionRef()
         self.boot_id = ""
         self.block_bytes = 0
         self._columnar = False
@@ -113,7 +112,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self.index.configure(self.socket_path, group_key(self.model_id, self.layout_fingerprint, self.tp_world_size))
+        self.index.configure(self.socket_path, self.model_id, self.layout_fingerprint, self.tp_world_size)
         self._inbox.open()
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
@@ -128,7 +127,7 @@ class KvdClient:
 
     @property
     def session_id(self) -> str:
-        return self._session_id
+        return self._session.id
 
     # -- operations (called from the model / scheduler thread; none of them blocks) -------------------------------
 
@@ -267,7 +266,7 @@ class KvdClient:
             finally:
                 self.index.drop()
                 self._ready.clear()
-                self._session_id = ""
+                self._session = messages.SessionRef()
                 self._stub = None
                 await channel.close(grace=None)
             self._fail_all(reason)
@@ -293,26 +292,26 @@ class KvdClient:
         ptrace = kv.message is not None and not kv.cuda
         stub, response = await register_session(channel, self.socket_path, self.timeout_s, request, ptrace, kv.fds)
         self._stub = stub
-        self._session_id = response.session_id
+        self._session = messages.SessionRef(response.session_id, response.session_key)
         self.boot_id = response.boot_id
         self.block_bytes = response.block_bytes
         self._columnar = response.columnar_blocks  # the daemon takes a request's blocks as two columns
         self._lease_s = response.lease_ms / 1000
         self.registrations += 1
-        log.info("kvd session %s (boot %s)", response.session_id[:12], response.boot_id)
-        await self.index.attach(self._session_id, self.boot_id)
+        log.info("kvd session %s (boot %s)", session_label(response.session_id), response.boot_id)
+        await self.index.attach(self._session, self.boot_id, response.tenant)
 
     async def _serve_session(self) -> None:
         stub = self._stub
         if stub is None:
             return
-        call = stub.Watch(kvd_pb2.WatchRequest(session_id=self._session_id))
+        call = stub.Watch(messages.scoped(kvd_pb2.WatchRequest, self._session))
         await asyncio.wait_for(call.initial_metadata(), timeout=self.timeout_s)  # the stream is live
         self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
-        every_s, ids = max(0.05, self._lease_s / 3), (self._session_id, self.boot_id)
-        beat = asyncio.create_task(heartbeat(stub, *ids, every_s, self.timeout_s, lambda: self.index.retry(*ids)))
+        every_s, retry = max(0.05, self._lease_s / 3), self.index.retry  # an index published since we registered
+        beat = asyncio.create_task(heartbeat(stub, self._session, self.boot_id, every_s, self.timeout_s, retry))
         broken = asyncio.create_task(self._broken.wait())
         try:
             done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
@@ -356,7 +355,7 @@ class KvdClient:
         if stub is None:
             self._fail_pending(op.op_id, "kvd is not connected")
             return
-        request = messages.transfer_request(self._session_id, op, self._columnar)
+        request = messages.transfer_request(self._session, op, self._columnar)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
         try:
             op.send_ns = time.monotonic_ns()
@@ -375,16 +374,16 @@ class KvdClient:
 
     async def _lookup(self, hashes: list[bytes]) -> LookupResult:
         try:
-            return await rpc_lookup(self._stub, self._session_id, hashes, self.timeout_s)
+            return await rpc_lookup(self._stub, self._session, hashes, self.timeout_s)
         except KvdError as error:
             self._connection_lost(error)
             raise
 
     async def _unregister(self) -> None:
-        stub, session = self._stub, self._session_id
-        if stub is not None and session:
+        stub, session = self._stub, self._session
+        if stub is not None and session.id:
             try:
-                await stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session), timeout=self.timeout_s)
+                await stub.Unregister(messages.scoped(kvd_pb2.UnregisterRequest, session), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 log.debug("unregister: %s", exc.details())
 

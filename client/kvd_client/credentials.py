@@ -11,9 +11,14 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvd_client.fdpass import recv_exactly, send_fds
+import grpc
+
+from kvd_client.errors import error_of
+from kvd_client.fdpass import send_fds
 
 TOKEN_BYTES = 32
+REFUSAL_PREFIX = b"KVDERR "  # instead of a token: "KVDERR <STATUS> <message>" (a token never starts so)
+MAX_REFUSAL_BYTES = 4096
 PR_SET_PTRACER = 0x59616D61  # Yama: let one named process ptrace (and process_vm_readv) us
 _UCRED = struct.Struct("3i")
 
@@ -23,16 +28,31 @@ def credential_socket_path(socket_path: Path) -> Path:
 
 
 def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) -> tuple[bytes, int]:
-    """A single-use token bound by the daemon to this process's kernel-verified pid, and the daemon's pid as this
-    process's pid namespace sees it (from SO_PEERCRED of the same connection). `fds` (driver-mapped KV memory) are
-    passed on the same connection and bound to the token (kvd_client.fdpass)."""
+    """A single-use token bound by the daemon to this process (and its uid), and the daemon's pid as this process's
+    pid namespace sees it (from SO_PEERCRED of the same connection). `fds` (driver-mapped KV memory) are passed on the
+    same connection and bound to the token (kvd_client.fdpass). A refusal (a uid that may not register, too many
+    tokens outstanding) raises its KvdError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(str(credential_socket_path(socket_path)))
         daemon_pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        token = recv_exactly(sock, TOKEN_BYTES, "a token")
+        token = _read_token(sock)
         send_fds(sock, fds)
     return token, daemon_pid
+
+
+def _read_token(sock: socket.socket) -> bytes:
+    data = b""
+    while len(data) < TOKEN_BYTES and (chunk := sock.recv(TOKEN_BYTES - len(data))):
+        data += chunk
+    if data.startswith(REFUSAL_PREFIX):  # the daemon's reason, to the end of the connection
+        while len(data) < MAX_REFUSAL_BYTES and (chunk := sock.recv(4096)):
+            data += chunk
+        code, _, message = data[len(REFUSAL_PREFIX) :].decode(errors="replace").strip().partition(" ")
+        raise error_of(getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN), f"credential socket: {message}")
+    if len(data) != TOKEN_BYTES:
+        raise ConnectionError("credential socket closed before sending a token")
+    return data
 
 
 def allow_ptrace(daemon_pid: int) -> None:

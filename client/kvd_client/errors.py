@@ -108,9 +108,14 @@ def from_rpc_error(error: grpc.RpcError) -> KvdError:
     """The kvd exception for a failed RPC (use as `raise from_rpc_error(e) from None`)."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    return error_of(code, details or code.name)
+
+
+def error_of(code: grpc.StatusCode, message: str) -> KvdError:
+    """The kvd exception for a status code (from an RPC, or named in a credential-socket refusal)."""
     cls = _BY_CODE.get(code, KvdError)
     if code == grpc.StatusCode.CANCELLED:
         cls = Unavailable
-    exc = cls(details or code.name)
+    exc = cls(message)
     exc.code = code
     return exc

@@ -140,9 +140,9 @@ def stash_entry_offset(i: int) -> int:
     return STASH_OFFSET + i * STASH_ENTRY_BYTES
 
 
-def group_key(model_id: str, layout_fingerprint: str, tp_world_size: int) -> str:
-    """The namespace group an index covers: every tensor-parallel rank of one model and KV layout."""
-    return f"{model_id}|{layout_fingerprint}|tp*/{tp_world_size}"
+def group_key(tenant: str, model_id: str, layout_fingerprint: str, tp_world_size: int) -> str:
+    """The namespace group an index covers: every tensor-parallel rank of one model and KV layout, in one tenant."""
+    return f"{tenant}|{model_id}|{layout_fingerprint}|tp*/{tp_world_size}"
 
 
 def label_of(group_key: str) -> bytes:

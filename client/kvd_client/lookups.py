@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from kvd_client import messages
 from kvd_client.errors import Unavailable, from_rpc_error
 from kvd_client.index import (
     DAEMON_REMOTE_TIER,
@@ -27,8 +29,10 @@ from kvd_client.index import (
     W_MAX_LOOKUP,
     IndexReader,
     IndexUnavailable,
+    group_key,
     label_of,
 )
+from kvd_client.messages import SessionRef
 from kvd_client.progress import ProgressPage
 from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE, Grant, SharedRefused, fetch_shared
 from kvd_client.types import LookupResult, Tier
@@ -43,7 +47,10 @@ class LocalIndex:
     def __init__(self, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
         self._socket_path = Path()
-        self._group = ""
+        self._group: tuple[str, str, int] = ("", "", 1)  # model id, layout fingerprint, TP world size
+        self.tenant = ""  # the session's tenant, from its registration
+        self._session: SessionRef | None = None
+        self._boot_id = ""
         self._reader: IndexReader | None = None
         self.page: ProgressPage | None = None  # the session's progress page (in-step loads), with KV memory only
         self._grant: Grant | None = None
@@ -106,23 +113,32 @@ class LocalIndex:
 
     # -- the loop thread -----------------------------------------------------------------------------------------
 
-    def configure(self, socket_path: Path, group: str) -> None:
-        """The daemon to ask, and the namespace group (kvd_client.index.group_key) whose index to accept."""
-        self._socket_path, self._group = socket_path, group
+    def fetch(self) -> Grant:
+        """A fresh grant of this session's shared memory (tools and benchmarks map it again themselves)."""
+        if self._session is None:
+            raise SharedRefused("no session")
+        return fetch_shared(self._socket_path, self._session.id, self._session.key, self.timeout_s)
 
-    async def retry(self, session_id: str, boot_id: str) -> None:
+    def configure(self, socket_path: Path, model_id: str, layout_fingerprint: str, tp_world_size: int) -> None:
+        """The daemon to ask, and the namespace group (kvd_client.index.group_key, with `tenant`) whose index to
+        accept."""
+        self._socket_path, self._group = socket_path, (model_id, layout_fingerprint, tp_world_size)
+
+    async def retry(self) -> None:
         """Attach again if no index is mapped (none was published yet when we registered) and it is time to ask."""
-        if self._reader is None and time.monotonic() - self._last_try >= RETRY_S:
-            await self.attach(session_id, boot_id)
+        if self._reader is None and self._session is not None and time.monotonic() - self._last_try >= RETRY_S:
+            await self.attach(self._session, self._boot_id, self.tenant)
 
-    async def attach(self, session_id: str, boot_id: str) -> None:
+    async def attach(self, session: SessionRef, boot_id: str, tenant: str) -> None:
         """Map the session's index if the daemon publishes one (never raises: without it lookups use the RPC)."""
         self.drop()
+        self._session, self._boot_id, self.tenant = session, boot_id, tenant
         self._last_try = time.monotonic()
         loop = asyncio.get_running_loop()
-        group = self._group
+        group = group_key(self.tenant, *self._group)
+        ask = functools.partial(fetch_shared, self._socket_path, session.id, session.key, self.timeout_s)
         try:
-            grant = await loop.run_in_executor(None, fetch_shared, self._socket_path, session_id, self.timeout_s)
+            grant = await loop.run_in_executor(None, ask)
         except (OSError, SharedRefused) as exc:
             log.debug("kvd: no shared index (%s); lookups go over RPC", exc)
             return
@@ -138,7 +154,7 @@ class LocalIndex:
     def drop(self) -> None:
         """Stop answering from the mapping (the session ended). The mapping goes once no probe uses it. The progress
         page is marked gone (waits on it end; the worker releases its in-step loads) and dropped."""
-        self._reader = None
+        self._reader, self._session = None, None
         page, self.page = self.page, None
         if page is not None:
             page.daemon_gone = True
@@ -204,15 +220,13 @@ def resolved(result: LookupResult) -> concurrent.futures.Future[LookupResult]:
 
 
 async def rpc_lookup(
-    stub: kvd_pb2_grpc.KvdStub | None, session_id: str, hashes: list[bytes], timeout_s: float
+    stub: kvd_pb2_grpc.KvdStub | None, session: SessionRef, hashes: list[bytes], timeout_s: float
 ) -> LookupResult:
     """A Lookup RPC (the remote tier, or no index mapped). Raises KvdError; Unavailable when not connected."""
-    from kvd_client import messages
-
     if stub is None:
         raise Unavailable("kvd is not connected")
     try:
-        request = kvd_pb2.LookupRequest(session_id=session_id, block_hashes=hashes)
+        request = messages.scoped(kvd_pb2.LookupRequest, session, block_hashes=hashes)
         response = await stub.Lookup(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -11,6 +11,25 @@ from kvd_client.errors import InvalidArgument, KvdError
 from kvd_client.layout import KvLayout
 from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """The client's session: its id and the key that makes it ours (sent with every call on it, never logged)."""
+
+    id: str = ""
+    key: bytes = b""
+
+    def __repr__(self) -> str:
+        return f"SessionRef({self.id[:12]!r})"
+
+
+M = TypeVar("M", kvd_pb2.HeartbeatRequest, kvd_pb2.UnregisterRequest, kvd_pb2.WatchRequest, kvd_pb2.LookupRequest)
+
+
+def scoped(message: type[M], session: SessionRef, **fields: Any) -> M:
+    """A session-scoped request: the session's id and key, and `fields`."""
+    return message(session_id=session.id, session_key=session.key, **fields)
 
 
 def layout_message(layout: KvLayout) -> kvd_pb2.KvLayout:
@@ -82,10 +101,12 @@ class PendingOp:
     accepted_ns: int = 0
 
 
-def transfer_request(session_id: str, op: PendingOp, columnar: bool) -> kvd_pb2.TransferRequest:
+def transfer_request(session: SessionRef, op: PendingOp, columnar: bool) -> kvd_pb2.TransferRequest:
     """`columnar`: the daemon takes the blocks as two columns (no message per block: microseconds, not a
     millisecond, for hundreds of blocks); else the per-block form every daemon takes."""
-    request = kvd_pb2.TransferRequest(session_id=session_id, ready_event=op.ready_event, client_tag=op.op_id)
+    request = kvd_pb2.TransferRequest(
+        session_id=session.id, session_key=session.key, ready_event=op.ready_event, client_tag=op.op_id
+    )
     if columnar:
         request.block_indices.extend([i for i, _ in op.blocks])
         request.block_hashes.extend([h for _, h in op.blocks])

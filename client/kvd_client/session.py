@@ -13,6 +13,7 @@ import grpc
 
 from kvd_client.credentials import allow_ptrace, fetch_token
 from kvd_client.errors import from_rpc_error
+from kvd_client.messages import SessionRef, scoped
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ async def register_session(
 
 async def heartbeat(
     stub: kvd_pb2_grpc.KvdStub,
-    session_id: str,
+    session: SessionRef,
     boot_id: str,
     every_s: float,
     timeout_s: float,
@@ -73,7 +74,7 @@ async def heartbeat(
     in flight are gone); a failed call raises. `after_beat` runs after each beat the daemon answered."""
     while True:
         await asyncio.sleep(every_s)
-        response = await stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=session_id), timeout=timeout_s)
+        response = await stub.Heartbeat(scoped(kvd_pb2.HeartbeatRequest, session), timeout=timeout_s)
         if response.boot_id != boot_id:
             return
         if after_beat is not None:

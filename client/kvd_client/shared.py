@@ -3,12 +3,13 @@
 After RegisterSession a client connects to the credential socket again, reads the token the daemon sends every
 connection (unused here), and asks for its session's shared memory:
 
-    request   b"KVSH", uint16 length, session id (ASCII)
+    request   b"KVSH", uint16 id length, uint16 key length, the session id (ASCII), the session key
     reply     b"KVSH", uint32 status (0: granted), uint32 what (GRANT_* bits), uint32 length, then `length` bytes:
               a refusal's message, or nothing; the descriptors ride on the reply as ancillary data, in GRANT_* order
 
-The daemon checks that the connecting process (SO_PEERCRED) is the session's own and passes read-only descriptors of
-its namespace group's index only. It then keeps the connection open for the session's life: the client's end hanging
+The daemon checks the session key (the session's capability) and that the connecting process (SO_PEERCRED, held by a
+pidfd) is the session's own, and passes read-only descriptors of its tenant's namespace group's index only. It then
+keeps the connection open for the session's life: the client's end hanging
 up means the daemon is gone (or dropped the session), which is how a worker waiting on an in-step load, or holding a
 mapped index, learns of a daemon's death at once, whatever its pid namespace.
 
@@ -28,9 +29,10 @@ from pathlib import Path
 from kvd_client.credentials import TOKEN_BYTES, credential_socket_path
 
 MAGIC = b"KVSH"
-REQUEST = struct.Struct("<4sH")
+REQUEST = struct.Struct("<4sHH")
 REPLY = struct.Struct("<4sIII")
 MAX_SESSION_ID = 256
+MAX_SESSION_KEY = 256
 MAX_MESSAGE = 4096
 GRANT_INDEX = 1  # the namespace group's published index (read-only memfd)
 GRANT_PROGRESS = 2  # the session's progress page for in-step loads (kvd_client.progress; read-write memfd)
@@ -70,7 +72,7 @@ class Grant:
             self.lease = None
 
 
-def fetch_shared(socket_path: Path, session_id: str, timeout_s: float) -> Grant:
+def fetch_shared(socket_path: Path, session_id: str, session_key: bytes, timeout_s: float) -> Grant:
     """Ask the daemon for this session's shared memory (blocking; off the model thread)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -78,7 +80,7 @@ def fetch_shared(socket_path: Path, session_id: str, timeout_s: float) -> Grant:
         sock.connect(str(credential_socket_path(socket_path)))
         _recv_exactly(sock, TOKEN_BYTES)
         ident = session_id.encode()
-        sock.sendall(REQUEST.pack(MAGIC, len(ident)) + ident)
+        sock.sendall(REQUEST.pack(MAGIC, len(ident), len(session_key)) + ident + session_key)
         grant = _receive_grant(sock)
     except BaseException:
         sock.close()
@@ -115,17 +117,27 @@ def _receive_grant(sock: socket.socket) -> Grant:
     return grant
 
 
-def read_request(data: bytes) -> tuple[int, str] | None:
-    """(bytes the request takes, session id) once `data` holds a whole request; None while it is incomplete.
-    Raises ValueError for anything that is not a request."""
+def read_request(data: bytes) -> tuple[str, bytes] | None:
+    """(session id, session key) once `data` holds a whole request; None while it is incomplete. Raises ValueError
+    for anything that is not a request."""
     if len(data) < REQUEST.size:
         return None
-    magic, length = REQUEST.unpack_from(data)
-    if magic != MAGIC or not 0 < length <= MAX_SESSION_ID:
+    magic, id_length, key_length = REQUEST.unpack_from(data)
+    if magic != MAGIC or not 0 < id_length <= MAX_SESSION_ID or key_length > MAX_SESSION_KEY:
         raise ValueError("not a shared-memory request")
-    if len(data) < REQUEST.size + length:
+    end = REQUEST.size + id_length + key_length
+    if len(data) < end:
         return None
-    return REQUEST.size + length, data[REQUEST.size : REQUEST.size + length].decode("ascii")
+    ident = data[REQUEST.size : REQUEST.size + id_length].decode("ascii")
+    return ident, data[REQUEST.size + id_length : end]
+
+
+def request_bytes(data: bytes) -> int:
+    """How many bytes the request whose header `data` starts with takes in all (at least the header's)."""
+    if len(data) < REQUEST.size:
+        return REQUEST.size
+    _, id_length, key_length = REQUEST.unpack_from(data)
+    return REQUEST.size + id_length + key_length
 
 
 def send_reply(sock: socket.socket, what: int, fds: list[int], status: int = 0, message: str = "") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
@@ -109,3 +110,8 @@ class Completion:
     duration_s: float = 0.0
     done_event: bytes = b""  # CUDA loads: wait on this before reading the blocks (KvdClient.wait_loaded does)
     stages: OperationStages | None = None  # when each stage happened (None: the daemon never saw the operation)
+
+
+def session_label(session_id: str) -> str:
+    """The short name a session goes by in the daemon's Stats and log: a digest of its id, never the id itself."""
+    return "s-" + hashlib.blake2b(session_id.encode(), digest_size=4).hexdigest()

@@ -44,7 +44,6 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `config`: each one given overrides the environment and the file."""
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (default: $KVD_CONFIG)")
     p.add_argument("--socket", type=Path, metavar="PATH", help="gRPC Unix socket to listen on")
-    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
     p.add_argument(
         "--capacity",
         type=byte_size,
@@ -150,7 +149,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         target[leaf] = value
 
     put("socket", args.socket)
-    put("tcp", args.tcp)
     put("lease_ms", args.lease_ms)
     put("host_pool.capacity_bytes", args.capacity)
     put("metrics.port", args.metrics_port)

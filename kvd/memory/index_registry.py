@@ -16,7 +16,7 @@ from kvd_client.layout import Namespace
 
 from kvd.config import IndexConfig
 from kvd.memory.shm_index import ShmIndex, Source
-from kvd.types import BlockKey
+from kvd.types import BlockKey, namespace_key
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ class BlockListener(Protocol):
     def dropped(self, key: BlockKey, source: Source) -> None: ...
 
 
-def group_of(namespace: Namespace) -> str:
-    return group_key(namespace.model_id, namespace.layout_fingerprint, namespace.tp_world_size)
+def group_of(tenant: str, namespace: Namespace) -> str:
+    return group_key(tenant, namespace.model_id, namespace.layout_fingerprint, namespace.tp_world_size)
 
 
 class IndexRegistry:
@@ -45,12 +45,12 @@ class IndexRegistry:
         self._routes: dict[str, tuple[ShmIndex, int]] = {}  # namespace key -> (its group's index, its rank)
         self._attached: set[str] = set()  # namespace keys whose resident blocks were published
 
-    def attach(self, namespace: Namespace, block_bytes: int) -> tuple[ShmIndex | None, bool]:
-        """The index of `namespace`'s group, created at its first memory session (None when indexes are off), and
-        whether this namespace is new to it: then the caller publishes what the tiers already hold of it."""
+    def attach(self, tenant: str, namespace: Namespace, block_bytes: int) -> tuple[ShmIndex | None, bool]:
+        """The index of `namespace`'s group in `tenant`, created at its first memory session (None when indexes are
+        off), and whether this namespace is new to it: then the caller publishes what the tiers hold of it."""
         if not self.config.enabled:
             return None, False
-        key = group_of(namespace)
+        key = group_of(tenant, namespace)
         index = self._groups.get(key)
         if index is None:
             index = ShmIndex(
@@ -64,15 +64,15 @@ class IndexRegistry:
             )
             self._groups[key] = index
             for rank in range(namespace.tp_world_size):
-                rank_key = Namespace(namespace.model_id, namespace.layout_fingerprint, rank, namespace.tp_world_size)
-                self._routes[rank_key.key] = (index, rank)
+                rank_ns = Namespace(namespace.model_id, namespace.layout_fingerprint, rank, namespace.tp_world_size)
+                self._routes[namespace_key(tenant, rank_ns)] = (index, rank)
             log.info("index for %r: %d slots", key, index.slots)
-        first = namespace.key not in self._attached
-        self._attached.add(namespace.key)
+        first = namespace_key(tenant, namespace) not in self._attached
+        self._attached.add(namespace_key(tenant, namespace))
         return index, first
 
-    def index_of(self, namespace: Namespace) -> ShmIndex | None:
-        return self._groups.get(group_of(namespace))
+    def index_of(self, tenant: str, namespace: Namespace) -> ShmIndex | None:
+        return self._groups.get(group_of(tenant, namespace))
 
     def stored(self, key: BlockKey, source: Source) -> None:
         route = self._routes.get(key[0])

@@ -1,50 +1,73 @@
-"""Peer credentials for registration.
+"""Peer credentials for registration: who is on the other end, from the kernel, bound to the process itself.
 
 grpc does not expose the connecting socket, so SO_PEERCRED cannot be read on the gRPC socket itself. Workers
-therefore first connect to a small credential socket next to it: the daemon reads the kernel's (pid, uid, gid) for
-that connection, logs them, and answers with a random single-use token. RegisterSession presents the token, and the
-session is bound to the kernel's pid, never to the pid the request claims. The CPU transport, which reads the
-worker's memory by pid, requires this.
+therefore first connect to a small credential socket next to it. For each connection the daemon takes the peer's
+process (a pidfd from the same connection) and the uid and gid the kernel recorded (kvd.process.PeerProcess), checks
+that the uid may register at all, and answers with a random single-use token bound to that process. RegisterSession
+presents the token; the session belongs to that process and uid, never to a pid or uid the request claims.
+
+A refusal is one line instead of a token, `KVDERR <STATUS> <message>`, then the connection closes (a token never
+starts that way). Tokens are bounded: per uid and in total (RESOURCE_EXHAUSTED), and each lives TOKEN_TTL_S seconds.
+After a token, a worker with driver-mapped KV memory passes its descriptors on the same connection
+(kvd_client.fdpass); they are bound to the token and handed over with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import secrets
 import socket
-import struct
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvd_client import fdpass
+from kvd_client.credentials import REFUSAL_PREFIX, TOKEN_BYTES
 
-from kvd.errors import PermissionDenied
+from kvd.errors import KvdError, PermissionDenied, ResourceExhausted
+from kvd.logs import Throttled
+from kvd.process import PeerProcess
 from kvd.rpc import fd_channel
 from kvd.rpc.shared import GrantShared, after_token
-from kvd.types import PassedFds, PeerIdentity
+from kvd.types import PassedFds
 
 log = logging.getLogger(__name__)
+_refusals = Throttled(log, interval_s=60.0)  # a peer that connects in a loop costs one line a minute
 
-TOKEN_BYTES = 32
 TOKEN_TTL_S = 60.0
-_UCRED = struct.Struct("3i")
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a connected Unix socket, as the kernel recorded it."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
+@dataclass(frozen=True, slots=True)
+class TokenLimits:
+    per_uid: int  # outstanding (issued, not yet redeemed or expired) tokens of one uid
+    total: int  # outstanding tokens of every uid together
+
+
+@dataclass(slots=True)
+class _Issued:
+    peer: PeerProcess
+    at: float
+    fds: PassedFds = field(default_factory=PassedFds)  # descriptors passed with the token (driver-mapped memory)
+    exchanged: asyncio.Event = field(default_factory=asyncio.Event)  # set once the descriptor exchange is over
+
+    def close(self) -> None:
+        self.peer.close()
+        self.fds.close()
 
 
 class CredentialIssuer:
-    def __init__(self, path: Path, mode: int) -> None:
+    def __init__(self, path: Path, mode: int, may_register: Callable[[int], bool], limits: TokenLimits) -> None:
         self.path = path
         self._mode = mode
-        self._tokens: dict[bytes, tuple[PeerIdentity, float]] = {}
-        self._fds: dict[bytes, PassedFds] = {}  # descriptors passed with a token, until it is redeemed or expires
+        self._may_register = may_register
+        self._limits = limits
+        self._tokens: dict[bytes, _Issued] = {}
+        self._per_uid: collections.Counter[int] = collections.Counter()
         self._server: asyncio.Server | None = None
         self.grant_shared: GrantShared | None = None  # set once the service runs
 
@@ -63,53 +86,104 @@ class CredentialIssuer:
         self._server.close()
         await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
-        for passed in self._fds.values():
-            passed.close()
-        self._fds.clear()
+        for token in list(self._tokens):
+            self._drop(token)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            sock = writer.get_extra_info("socket")
-            pid, uid, gid = peer_credentials(sock)
-            identity = PeerIdentity(pid=pid, uid=uid, gid=gid, verified=True)
-            token = secrets.token_bytes(TOKEN_BYTES)
-            self._expire()
-            self._tokens[token] = (identity, time.monotonic())
-            log.info("credential socket: peer pid %d uid %d gid %d", pid, uid, gid)
-            fd_channel.pause(writer)
-            writer.write(token)
-            await writer.drain()
-            kind = await after_token(writer, identity, self.grant_shared)
-            if kind == fdpass.MAGIC:
-                self._keep_fds(token, await fd_channel.receive_after_token(writer))
-        except (OSError, ValueError) as exc:  # FdPassError included: nothing of the exchange is kept
+            try:
+                token = self._issue(writer.get_extra_info("socket"))
+            except KvdError as exc:
+                _refusals.warning("refused", "credential socket: refused: %s", exc.message)
+                writer.write(REFUSAL_PREFIX + f"{exc.code.name} {exc.message}\n".encode())
+                await writer.drain()
+                return
+            try:
+                fd_channel.pause(writer)
+                writer.write(token)
+                await writer.drain()
+                kind = await after_token(writer, self._tokens[token].peer, self.grant_shared)
+                if kind == fdpass.MAGIC:
+                    self._keep_fds(token, await fd_channel.receive_after_token(writer))
+            finally:
+                self._exchanged(token)
+        except OSError as exc:  # FdPassError included: nothing of the exchange is kept
             log.warning("credential socket: %s", exc)
         finally:
             writer.close()
 
+    def _exchanged(self, token: bytes) -> None:
+        issued = self._tokens.get(token)
+        if issued is not None:
+            issued.exchanged.set()
+
     def _keep_fds(self, token: bytes, fds: list[int]) -> None:
-        passed = PassedFds(fds)
-        if token not in self._tokens:  # expired meanwhile
-            passed.close()
+        issued = self._tokens.get(token)
+        if issued is None:  # redeemed or expired meanwhile: nobody will take them
+            PassedFds(fds).close()
         elif fds:
-            self._fds[token] = passed
+            issued.fds = PassedFds(fds)
             log.info("credential socket: %d descriptors of driver-mapped memory bound to the token", len(fds))
 
-    def take_fds(self, token: bytes) -> PassedFds:
-        """The descriptors passed with `token` (redeem it first); empty when none were."""
-        return self._fds.pop(token, None) or PassedFds()
-
-    def redeem(self, token: bytes) -> PeerIdentity:
-        """The identity a token was issued to. Each token works once and for TOKEN_TTL_S seconds."""
+    def _issue(self, sock: socket.socket) -> bytes:
         self._expire()
-        entry = self._tokens.pop(token, None)
-        if entry is None:
+        peer = PeerProcess.of_connection(sock)
+        try:
+            if not self._may_register(peer.uid):
+                raise PermissionDenied(
+                    f"uid {peer.uid} may not register (allowed: root, the daemon's user, allowed_uids)"
+                )
+            if self._per_uid[peer.uid] >= self._limits.per_uid:
+                raise ResourceExhausted(
+                    f"uid {peer.uid} holds {self._per_uid[peer.uid]} unredeemed credential tokens"
+                    f" (max_tokens_per_uid); each expires {TOKEN_TTL_S:.0f} s after it was issued"
+                )
+            if len(self._tokens) >= self._limits.total:
+                raise ResourceExhausted(
+                    f"{len(self._tokens)} unredeemed credential tokens on this daemon (max_tokens); retry shortly"
+                )
+        except BaseException:
+            peer.close()
+            raise
+        token = secrets.token_bytes(TOKEN_BYTES)
+        while token.startswith(REFUSAL_PREFIX):
+            token = secrets.token_bytes(TOKEN_BYTES)
+        self._tokens[token] = _Issued(peer, time.monotonic())
+        self._per_uid[peer.uid] += 1
+        log.debug("credential socket: peer pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
+        return token
+
+    async def redeem(self, token: bytes) -> tuple[PeerProcess, PassedFds]:
+        """The process a token was issued to, and the descriptors it passed with it; the caller owns both from now
+        on. Each token works once and for TOKEN_TTL_S seconds. The worker may register as soon as the daemon has
+        acknowledged its descriptors, a moment before they are bound to the token: wait for the exchange to end."""
+        self._expire()
+        issued = self._tokens.get(token)
+        if issued is not None and not issued.exchanged.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(issued.exchanged.wait(), fd_channel.FD_WAIT_S + 1.0)
+        issued = self._tokens.pop(token, None)  # again: a twin registration may have taken it meanwhile
+        if issued is None:
             raise PermissionDenied("unknown, used or expired credential token: connect to the credential socket again")
-        return entry[0]
+        self._uncount(issued.peer.uid)
+        return issued.peer, issued.fds
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._tokens)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - TOKEN_TTL_S
-        for token in [t for t, (_, at) in self._tokens.items() if at < cutoff]:
-            del self._tokens[token]
-        for token in [t for t in self._fds if t not in self._tokens]:
-            self._fds.pop(token).close()
+        for token in [t for t, issued in self._tokens.items() if issued.at < cutoff]:
+            self._drop(token)
+
+    def _drop(self, token: bytes) -> None:
+        issued = self._tokens.pop(token)
+        self._uncount(issued.peer.uid)
+        issued.close()
+
+    def _uncount(self, uid: int) -> None:
+        self._per_uid[uid] -= 1
+        if self._per_uid[uid] <= 0:
+            del self._per_uid[uid]
+

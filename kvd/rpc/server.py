@@ -1,5 +1,6 @@
 """The gRPC listener: the kvd.v1.Kvd servicer, health and reflection on one grpc.aio server, bound to the Unix
-socket (mode `socket_mode` from birth) and, if asked, a TCP port; and the credential socket next to it.
+socket (mode `socket_mode` from birth), and the credential socket next to it. There is no TCP listener: a peer there
+has no kernel-verified identity (docs/security.md).
 
 The daemon (kvd.daemon) starts it first, with health NOT_SERVING, hands it the service once everything below is
 ready, and stops it last.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,8 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
 from kvd.errors import StartupError
-from kvd.rpc.credentials import CredentialIssuer
+from kvd.rpc.credentials import CredentialIssuer, TokenLimits
+from kvd.rpc.guard import DecodeGuard, max_request_bytes
 from kvd.rpc.health import HealthServicer
 from kvd.rpc.servicer import KvdServicer
 from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
@@ -29,12 +30,7 @@ from kvd.service.service import KvdService
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = kvd_pb2.DESCRIPTOR.services_by_name["Kvd"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+MAX_RESPONSE_BYTES = 64 << 20  # Stats of many sessions; every other answer is small
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -43,7 +39,8 @@ class RpcEndpoint:
     def __init__(self, config: KvdConfig) -> None:
         self.config = config
         self.health = HealthServicer()
-        self.credentials = CredentialIssuer(config.credential_socket, config.socket_mode)
+        limits = TokenLimits(per_uid=config.max_tokens_per_uid, total=config.max_tokens)
+        self.credentials = CredentialIssuer(config.credential_socket, config.socket_mode, config.may_register, limits)
         self.servicer = KvdServicer(self.credentials)
         self.server: grpc.aio.Server | None = None
         self._bound = False  # only a daemon that bound the socket may remove it (never a live one's)
@@ -51,7 +48,12 @@ class RpcEndpoint:
     async def start(self) -> None:
         """Listen, NOT_SERVING: calls get UNAVAILABLE until `serve` hands over the service."""
         config = self.config
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        options = [
+            ("grpc.max_receive_message_length", max_request_bytes(config)),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options, interceptors=[DecodeGuard()])
         kvd_pb2_grpc.add_KvdServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -70,10 +72,6 @@ class RpcEndpoint:
             self._bound = True
         finally:
             os.umask(old)
-        if config.tcp:
-            _check_tcp(config.tcp)
-            _bind(self.server, config.tcp, "--tcp")
-            log.warning("also listening on TCP %s (no peer credentials there: CUDA IPC sessions only)", config.tcp)
         await self.server.start()
         os.chmod(socket_path, config.socket_mode)
         try:
@@ -122,18 +120,3 @@ def _bind(server: grpc.aio.Server, address: str, flag: str) -> None:
         reason = "in use or not an address of this machine"
         raise StartupError(f"cannot listen on {address}: {reason}; change {flag}") from exc
 
-
-def _check_tcp(address: str) -> None:
-    """Try the TCP address with a plain socket first: grpc would log its own line and say only that it failed."""
-    host, _, port = address.rpartition(":")
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: a TIME_WAIT port is free
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on TCP {address}: {exc.strerror}; change --tcp") from exc

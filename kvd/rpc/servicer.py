@@ -17,8 +17,9 @@ import grpc
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
-from kvd.errors import InvalidArgument, KvdError, Unavailable, status_of
+from kvd.errors import InvalidArgument, KvdError, PermissionDenied, Unavailable, status_of
 from kvd.rpc.credentials import CredentialIssuer
+from kvd.rpc.guard import MAX_DIMS, MAX_FINGERPRINT_BYTES, MAX_LAYERS, MAX_MODEL_ID_BYTES, MAX_NAME_BYTES
 from kvd.service.service import KvdService
 from kvd.types import (
     BlockBatch,
@@ -34,6 +35,7 @@ from kvd.types import (
     PassedFds,
     PeerIdentity,
     Registration,
+    SessionRef,
     SessionSnapshot,
     TierSnapshot,
     VmmChunk,
@@ -65,7 +67,7 @@ def _mapped(handler: Handler[R]) -> Handler[R]:
 
 
 class KvdServicer(kvd_pb2_grpc.KvdServicer):
-    def __init__(self, credentials: CredentialIssuer | None) -> None:
+    def __init__(self, credentials: CredentialIssuer) -> None:
         self._credentials = credentials
         self.service: KvdService | None = None  # set once every layer below is ready; until then: UNAVAILABLE
 
@@ -79,17 +81,20 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         self, request: kvd_pb2.RegisterSessionRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.RegisterSessionResponse:
         service = self._svc()
-        peer = self._peer(request)
-        fds = self._credentials.take_fds(request.credential_token) if self._credentials is not None else PassedFds()
+        service.check_open()  # a draining daemon says "retry later" before anything else
+        peer, fds = await self._peer(request, service)  # then the token: spent by any registration that names it
         try:
             registration = Registration(
                 namespace=_namespace(request.namespace),
                 layout=_layout(request.layout) if request.layout.layers else None,
                 memory=_memory(request, fds),
                 peer=peer,
-                worker_name=request.worker_name[:128],
+                worker_name=request.worker_name[:MAX_NAME_BYTES],
             )
             session = await service.register(registration)
+        except BaseException:
+            peer.process.close()
+            raise
         finally:
             fds.close()  # what the transport did not take (it takes them when it maps driver-mapped memory)
         layout = registration.layout
@@ -100,33 +105,41 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             block_bytes=layout.block_bytes if layout is not None else 0,
             max_batch_blocks=service.config.max_batch_blocks,
             columnar_blocks=True,
+            session_key=session.key,
+            tenant=peer.tenant,
         )
 
-    def _peer(self, request: kvd_pb2.RegisterSessionRequest) -> PeerIdentity:
-        if request.credential_token:
-            if self._credentials is None:
-                raise InvalidArgument("this listener issues no credential tokens")
-            return self._credentials.redeem(request.credential_token)
-        return PeerIdentity(pid=request.pid, uid=-1, gid=-1, verified=False)
+    async def _peer(
+        self, request: kvd_pb2.RegisterSessionRequest, service: KvdService
+    ) -> tuple[PeerIdentity, PassedFds]:
+        """The process that took the request's credential token, its tenant, and the descriptors it passed with the
+        token. No token, no session: a pid or uid a request states is never believed."""
+        if not request.credential_token:
+            raise PermissionDenied(
+                "no credential token: every session registers through the credential socket"
+                f" ({self._credentials.path.name}, next to the gRPC socket)"
+            )
+        process, fds = await self._credentials.redeem(request.credential_token)
+        return PeerIdentity(process=process, tenant=service.config.tenant_of(process.uid)), fds
 
     @_mapped
     async def Heartbeat(
         self, request: kvd_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.HeartbeatResponse:
         service = self._svc()
-        service.heartbeat(request.session_id)
+        service.heartbeat(_ref(request))
         return kvd_pb2.HeartbeatResponse(boot_id=service.boot_id)
 
     @_mapped
     async def Unregister(
         self, request: kvd_pb2.UnregisterRequest, context: grpc.aio.ServicerContext
     ) -> kvd_pb2.UnregisterResponse:
-        await self._svc().unregister(request.session_id)
+        await self._svc().unregister(_ref(request))
         return kvd_pb2.UnregisterResponse()
 
     @_mapped
     async def Lookup(self, request: kvd_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> kvd_pb2.LookupResponse:
-        result = await self._svc().lookup(request.session_id, request.block_hashes)
+        result = await self._svc().lookup(_ref(request), request.block_hashes)
         return kvd_pb2.LookupResponse(
             hit_blocks=result.hit_blocks, tiers=[kvd_pb2.Tier.ValueType(t) for t in result.tiers]
         )
@@ -145,22 +158,23 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
 
     def _transfer(self, kind: OpKind, request: kvd_pb2.TransferRequest) -> kvd_pb2.TransferAccepted:
         stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
-        service = self._svc()
+        service, ref = self._svc(), _ref(request)
+        service.heartbeat(ref)  # the session and its key before any per-block work
         blocks, ready_event = _blocks(request), _event(request.ready_event)
         if kind is OpKind.SAVE:
             if request.HasField("in_step"):
                 raise InvalidArgument("in_step is for loads")
-            op = service.save(request.session_id, blocks, ready_event, request.client_tag, stamps)
+            op = service.save(ref, blocks, ready_event, request.client_tag, stamps)
         else:
             in_step = InStep(request.in_step.slot, request.in_step.base) if request.HasField("in_step") else None
-            op = service.load(request.session_id, blocks, ready_event, request.client_tag, stamps, in_step)
+            op = service.load(ref, blocks, ready_event, request.client_tag, stamps, in_step)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(
         self, request: kvd_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kvd_pb2.CompletionNotice]:
         try:
-            notices = self._svc().watch(request.session_id)
+            notices = self._svc().watch(_ref(request))
         except KvdError as exc:
             await context.abort(*status_of(exc))
             return
@@ -213,7 +227,8 @@ def _notice(notice: Notice) -> kvd_pb2.CompletionNotice:
 
 def _session_stats(s: SessionSnapshot) -> kvd_pb2.SessionStats:
     return kvd_pb2.SessionStats(
-        session_id=s.session_id,
+        session_id=s.label,
+        tenant=s.tenant,
         worker_name=s.worker_name,
         namespace=kvd_pb2.Namespace(
             model_id=s.namespace.model_id,
@@ -247,9 +262,24 @@ def _tier_stats(t: TierSnapshot) -> kvd_pb2.TierStats:
 # -- protobuf -> value types (every field checked here or in the dataclasses' own __post_init__) ----------------
 
 
+def _ref(
+    request: kvd_pb2.HeartbeatRequest
+    | kvd_pb2.UnregisterRequest
+    | kvd_pb2.LookupRequest
+    | kvd_pb2.TransferRequest
+    | kvd_pb2.WatchRequest,
+) -> SessionRef:
+    return SessionRef(request.session_id, request.session_key)
+
+
 def _namespace(ns: kvd_pb2.Namespace) -> Namespace:
     if not ns.layout_fingerprint:
         raise InvalidArgument("namespace.layout_fingerprint is empty")
+    if len(ns.model_id.encode()) > MAX_MODEL_ID_BYTES or len(ns.layout_fingerprint.encode()) > MAX_FINGERPRINT_BYTES:
+        raise InvalidArgument(
+            f"namespace.model_id is at most {MAX_MODEL_ID_BYTES} bytes and its layout_fingerprint"
+            f" {MAX_FINGERPRINT_BYTES}"
+        )
     return Namespace(
         model_id=ns.model_id,
         layout_fingerprint=ns.layout_fingerprint,
@@ -259,8 +289,12 @@ def _namespace(ns: kvd_pb2.Namespace) -> Namespace:
 
 
 def _layout(layout: kvd_pb2.KvLayout) -> KvLayout:
+    if len(layout.layers) > MAX_LAYERS:
+        raise InvalidArgument(f"a KV layout has at most {MAX_LAYERS} layers, got {len(layout.layers)}")
     layers = []
     for layer in layout.layers:
+        if len(layer.name.encode()) > MAX_NAME_BYTES or len(layer.shape) > MAX_DIMS:
+            raise InvalidArgument(f"a layer's name is at most {MAX_NAME_BYTES} bytes and its shape {MAX_DIMS} dims")
         try:
             dtype = DType(layer.dtype)
         except ValueError:

@@ -19,17 +19,16 @@ from collections.abc import Callable
 from kvd_client import shared
 
 from kvd.errors import KvdError, status_of
-from kvd.types import PeerIdentity, SharedGrant
+from kvd.process import PeerProcess
+from kvd.types import SessionRef, SharedGrant
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 5.0  # how long a client may take to send what follows its token
-GrantShared = Callable[[str, PeerIdentity], SharedGrant]
+GrantShared = Callable[[SessionRef, PeerProcess], SharedGrant]
 
 
-async def after_token(
-    writer: asyncio.StreamWriter, identity: PeerIdentity, grant_shared: GrantShared | None
-) -> bytes:
+async def after_token(writer: asyncio.StreamWriter, peer: PeerProcess, grant_shared: GrantShared | None) -> bytes:
     """Serve a shared-memory request if that is what follows the token; else the 4 bytes that do (b"" for nothing),
     unread, for the caller (the descriptor exchange)."""
     loop = asyncio.get_running_loop()
@@ -42,9 +41,9 @@ async def after_token(
             return b""
         if magic != shared.MAGIC or grant_shared is None:
             return magic
-        session_id = await loop.run_in_executor(None, _read_request, sock)
+        session_id, key = await loop.run_in_executor(None, _read_request, sock)
         try:
-            grant = grant_shared(session_id, identity)
+            grant = grant_shared(SessionRef(session_id, key), peer)
         except KvdError as exc:
             code, message = status_of(exc)
             shared.send_reply(sock, 0, [], status=int(code.value[0]), message=message)
@@ -61,14 +60,14 @@ async def after_token(
         sock.close()
 
 
-def _read_request(sock: socket.socket) -> str:
+def _read_request(sock: socket.socket) -> tuple[str, bytes]:
     data = b""
     while (parsed := shared.read_request(data)) is None:
-        chunk = sock.recv(shared.REQUEST.size + shared.MAX_SESSION_ID - len(data))
+        chunk = sock.recv(shared.request_bytes(data) - len(data))
         if not chunk:
             raise ConnectionError("the client hung up in the middle of its request")
         data += chunk
-    return parsed[1]
+    return parsed
 
 
 async def _hold(sock: socket.socket, ended: asyncio.Event) -> None:

@@ -8,30 +8,35 @@ from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE
 from kvd.errors import FailedPrecondition, PermissionDenied
 from kvd.memory.index_registry import IndexRegistry
 from kvd.memory.progress import LayerProgress, ProgressWriter
+from kvd.process import PeerProcess
 from kvd.service.sessions import Session
 from kvd.tiers.store import BlockStore
-from kvd.types import InStep, PeerIdentity, Registration, SharedGrant
+from kvd.types import InStep, Registration, SharedGrant
 
 
-def publish_namespace(indexes: IndexRegistry | None, store: BlockStore, registration: Registration) -> None:
-    """Give a memory session's namespace group its published index, with what the tiers already hold of the
-    namespace (a disk tier kept from before a restart, blocks saved by an earlier session)."""
+def publish_namespace(
+    indexes: IndexRegistry | None, store: BlockStore, registration: Registration, ns_key: str
+) -> None:
+    """Give a memory session's namespace group (in its tenant) its published index, with what the tiers already
+    hold of the namespace `ns_key` (a disk tier kept from before a restart, blocks saved by an earlier session)."""
     if indexes is None or registration.layout is None:
         return
-    ns = registration.namespace
-    index, first = indexes.attach(ns, registration.layout.block_bytes)
+    tenant = registration.peer.tenant
+    index, first = indexes.attach(tenant, registration.namespace, registration.layout.block_bytes)
     if index is not None and first:
-        for block_hash, source in store.resident(ns.key):
-            indexes.stored((ns.key, block_hash), source)
+        for block_hash, source in store.resident(ns_key):
+            indexes.stored((ns_key, block_hash), source)
 
 
-def shared_grant(indexes: IndexRegistry | None, session: Session, peer: PeerIdentity) -> SharedGrant:
-    """For the session's own process only: a read-only descriptor of its group's index, if published, and for a
-    session with KV memory its progress page and wake eventfd (in-step loads)."""
+def shared_grant(indexes: IndexRegistry | None, session: Session, peer: PeerProcess) -> SharedGrant:
+    """For the session's own process only (its key checked by the caller): a read-only descriptor of its tenant's
+    group index, if published, and for a session with KV memory its progress page and wake eventfd (in-step
+    loads)."""
     owner = session.registration.peer
-    if not owner.verified or (owner.pid, owner.uid) != (peer.pid, peer.uid):
+    if owner.pid <= 0 or (owner.pid, owner.uid) != (peer.pid, peer.uid):
         raise PermissionDenied("shared memory goes only to the process that registered the session")
-    index = indexes.index_of(session.registration.namespace) if indexes is not None else None
+    reg = session.registration
+    index = indexes.index_of(reg.peer.tenant, reg.namespace) if indexes is not None else None
     what, fds = 0, []
     if index is not None:
         what, fds = GRANT_INDEX, [index.open_reader_fd()]

@@ -1,9 +1,10 @@
 """The service layer: sessions, leases, namespaces and admission. It decides what happens; the transports (through a
 session's attachment) move the bytes and the block store keeps track of what is stored.
 
-Every public method validates its input completely (session, batch size, every block index and hash) before any
-copy starts, raises only KvdError subclasses, and returns at once: Save and Load hand back an operation id and run
-in the background; their outcome is a Notice on the session's Watch stream.
+Every public method validates its input completely (session and its key first, then batch size, every block index
+and hash) before any copy starts, raises only KvdError subclasses, and returns at once: Save and Load hand back an
+operation id and run in the background; their outcome is a Notice on the session's Watch stream. Every session
+belongs to a verified peer and sees only its tenant's blocks (docs/security.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -23,38 +23,42 @@ from kvd_client.layout import KvLayout
 
 import kvd
 from kvd.config import KvdConfig
-from kvd.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-    Unavailable,
+from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.service.checks import (
+    LayoutClaims,
+    admit_event,
+    block_keys,
+    check_block_fits,
+    check_block_indices,
+    check_hashes,
+    check_peer,
+    namespace_key,
+    rank_namespace_key,
 )
-from kvd.memory.index_registry import IndexRegistry
-from kvd.memory.progress import LayerProgress
-from kvd.service.checks import block_keys, check_block_indices, check_hashes, check_layout, rank_namespace_key
 from kvd.service.operations import Operation, Outcome, run_load, run_save
 from kvd.service.published import in_step_progress, publish_namespace
-from kvd.service.sessions import Session, SessionTable, open_pidfd
+from kvd.service.sessions import Session, SessionTable
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
 from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockBatch,
     DaemonStages,
-    InStep,
     LookupResult,
     Notice,
     OpKind,
     Registration,
     ServiceCounters,
+    SessionRef,
+    SessionSnapshot,
     Stamps,
     StatsSnapshot,
     Tier,
 )
 
 if TYPE_CHECKING:
+    from kvd.memory.index_registry import IndexRegistry
+    from kvd.memory.progress import LayerProgress
     from kvd.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ class KvdService:
         self.boot_id = secrets.token_hex(8)
         self.started = time.monotonic()
         self.sessions = SessionTable()
-        self._layouts: dict[str, tuple[str, ...]] = {}  # namespace key -> canonical layout every session must share
+        self._layouts = LayoutClaims()
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -102,64 +106,56 @@ class KvdService:
     # -- sessions ------------------------------------------------------------------------------------------------
 
     async def register(self, registration: Registration) -> Session:
-        self._check_open()
+        """A session for a verified peer (its process is the session's from now on, closed with it; on a refusal
+        the caller closes it)."""
+        self.check_open()
         peer = registration.peer
-        if peer.verified and peer.uid not in (0, os.getuid(), *self.config.allowed_uids):
-            raise PermissionDenied(f"uid {peer.uid} may not register (allowed: root, the daemon's user, allowed_uids)")
-        ns_key = registration.namespace.key
+        config = self.config
+        check_peer(peer, config.may_register(peer.uid), self.sessions.of_uid(peer.uid), config.max_sessions_per_uid)
+        ns_key = namespace_key(peer.tenant, registration.namespace)
         # One memory session and one lookup-only session per process and namespace: vLLM's scheduler (lookups) and
         # worker (memory) share a process with a single-process executor.
         if self.sessions.find(peer, ns_key, with_memory=registration.memory is not None) is not None:
             kind = "memory" if registration.memory is not None else "lookup-only"
             raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
-        canonical = self._canonical_layout(registration)
-        attachment = await self._attach(registration, canonical) if canonical is not None else None
-        publish_namespace(self.indexes, self.store, registration)
-        session = Session(
-            id=self.sessions.new_id(),
-            registration=registration,
-            attachment=attachment,
-            lease_s=self.config.lease_ms / 1000,
-        )
-        self.sessions.add(session)
+        canonical = self._canonical_layout(registration, ns_key)
+        attachment = await self._attach(registration, ns_key, canonical) if canonical is not None else None
+        publish_namespace(self.indexes, self.store, registration, ns_key)
+        session = self.sessions.new(registration, attachment, config.lease_ms / 1000)
         self._watch_process(session)
         log.info(
-            "session %s registered: worker %r pid %d uid %d (%s) namespace %r transport %s",
-            session.id[:12],
+            "session %s registered: worker %r pid %d uid %d tenant %r namespace %r transport %s",
+            session.label,
             registration.worker_name,
             peer.pid,
             peer.uid,
-            "verified" if peer.verified else "unverified",
-            ns_key,
+            peer.tenant,
+            registration.namespace.key,
             session.transport,
         )
         self._update_session_gauges()
         return session
 
-    def _canonical_layout(self, registration: Registration) -> tuple[str, ...] | None:
-        """The layout's canonical form once it is checked against the pool and its namespace; None: lookup-only."""
-        layout, ns_key = registration.layout, registration.namespace.key
+    def _canonical_layout(self, registration: Registration, ns_key: str) -> tuple[str, ...] | None:
+        """The layout's canonical form once it is checked against the buffers a block passes through and against its
+        namespace; None: lookup-only."""
+        layout, memory = registration.layout, registration.memory
         canonical = None
-        if layout is not None:
-            if layout.block_bytes > self.store.max_block_bytes:
-                raise InvalidArgument(
-                    f"a block of {layout.block_bytes} bytes exceeds the host pool's slab of"
-                    f" {self.store.max_block_bytes} bytes: raise host_pool.slab_bytes"
-                )
+        if layout is not None and memory is not None:
+            limits = [(self.store.max_block_bytes, "the host pool's slab", "host_pool.slab_bytes")]
+            transport_limit = self.transports.block_limit(memory)
+            if transport_limit is not None:
+                limits.append((transport_limit[0], "the GPU staging chunk", transport_limit[1]))
+            check_block_fits(layout.block_bytes, limits)
             canonical = tuple(layer.canonical() for layer in layout.layers)
-            check_layout(ns_key, self._layouts.get(ns_key, canonical), canonical)
+            self._layouts.check(ns_key, canonical)
         if (registration.memory is None) != (layout is None):
             raise InvalidArgument("a session carries both a KV layout and its memory, or neither (lookup-only)")
         return canonical
 
-    async def _attach(self, registration: Registration, canonical: tuple[str, ...]) -> Attachment:
-        """Map the worker's memory through its transport, then claim the namespace's layout."""
-        peer, ns_key, layout, memory = (
-            registration.peer,
-            registration.namespace.key,
-            registration.layout,
-            registration.memory,
-        )
+    async def _attach(self, registration: Registration, ns_key: str, canonical: tuple[str, ...]) -> Attachment:
+        """Map the worker's memory through its transport, then claim the namespace's layout (in its tenant)."""
+        peer, layout, memory = registration.peer, registration.layout, registration.memory
         if layout is None or memory is None:
             raise InvalidArgument("a session with memory needs its KV layout")
         attachment = await self.transports.attach(memory, layout, peer)
@@ -168,33 +164,34 @@ class KvdService:
             raise AlreadyExists(f"pid {peer.pid} already has a live memory session for namespace {ns_key!r}")
         # Claim the namespace's layout only now: a registration refused above (bad memory, no ptrace grant)
         # must not lock the namespace to its layout. Re-checked, as another one may have claimed it meanwhile.
-        known = self._layouts.setdefault(ns_key, canonical)
-        if known != canonical:
+        try:
+            self._layouts.claim(ns_key, canonical)
+        except InvalidArgument:
             await attachment.close()
-            check_layout(ns_key, known, canonical)
+            raise
         return attachment
 
-    def heartbeat(self, session_id: str) -> None:
-        self.sessions.get(session_id)
+    def heartbeat(self, ref: SessionRef) -> None:
+        self.sessions.get(ref)
 
-    async def unregister(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
+    async def unregister(self, ref: SessionRef) -> None:
+        session = self.sessions.get(ref)
         await self._close_session(session, "unregistered")
 
-    def watch(self, session_id: str) -> AsyncIterator[Notice]:
-        return self.sessions.get(session_id).notices()
+    def watch(self, ref: SessionRef) -> AsyncIterator[Notice]:
+        return self.sessions.get(ref).notices()
 
     # -- lookup --------------------------------------------------------------------------------------------------
 
-    async def lookup(self, session_id: str, hashes: Sequence[bytes]) -> LookupResult:
-        session = self.sessions.get(session_id)
+    async def lookup(self, ref: SessionRef, hashes: Sequence[bytes]) -> LookupResult:
+        session = self.sessions.get(ref)  # before any per-hash work
         check_hashes(hashes, self.config.max_lookup_blocks)
-        ns = session.registration.namespace
+        ns, tenant = session.registration.namespace, session.registration.peer.tenant
         # Tensor-parallel ranks store separate shards; a prefix is a hit only if every rank has it.
         hit_blocks = len(hashes)
         tiers: tuple[Tier, ...] = ()
         for rank in range(ns.tp_world_size):
-            key = ns.key if rank == ns.tp_rank else rank_namespace_key(ns, rank)
+            key = session.namespace_key if rank == ns.tp_rank else rank_namespace_key(tenant, ns, rank)
             keys = block_keys(key, hashes[:hit_blocks])
             hit, rank_tiers = await self.store.lookup(keys)
             hit_blocks = min(hit_blocks, hit)
@@ -214,30 +211,24 @@ class KvdService:
 
     # `stamps`: the operation's stage times, begun by the rpc layer ("received"); the layers below stamp theirs.
     def save(
-        self, session_id: str, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
+        self, ref: SessionRef, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
     ) -> int:
-        session, layout = self._begin_transfer(session_id, blocks)
+        session, layout = self._begin_transfer(ref, blocks, ready_event)
         op_id = session.begin_operation()
         session.saves += 1
         self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
-    def load(
-        self,
-        session_id: str,
-        blocks: BlockBatch,
-        ready_event: bytes,
-        client_tag: int,
-        stamps: Stamps = None,
-        in_step: InStep | None = None,
+    def load(  # `in_step`: an in-step load's progress entry (kvd_client.progress)
+        self, ref: SessionRef, blocks: BlockBatch, event: bytes, tag: int, stamps: Stamps = None, in_step: Any = None
     ) -> int:
-        session, layout = self._begin_transfer(session_id, blocks)
+        session, layout = self._begin_transfer(ref, blocks, event)
         if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
         progress = in_step_progress(session, layout, in_step)
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress))
+        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, event, tag, stamps, progress))
         return op_id
 
     async def _run(
@@ -255,9 +246,8 @@ class KvdService:
         start = time.monotonic()
         stamps = stamps or DaemonStages(received_ns=time.monotonic_ns())
         keys = block_keys(session.namespace_key, blocks.hashes)
-        what = f"{kind} {op_id} of session {session.id[:12]}"
-        run = run_save if kind is OpKind.SAVE else run_load
-        memory = session.attachment
+        what = f"{kind} {op_id} of session {session.label}"
+        run, memory = (run_save if kind is OpKind.SAVE else run_load), session.attachment
         outcome = await run(Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress))
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
@@ -285,7 +275,7 @@ class KvdService:
                 "%s %d of session %s: %d failed: %s",
                 notice.kind,
                 notice.operation_id,
-                session.id[:12],
+                session.label,
                 len(outcome.failed),
                 error,
             )
@@ -309,13 +299,23 @@ class KvdService:
             boot_id=self.boot_id,
             version=kvd.__version__,
             uptime_s=int(time.monotonic() - self.started),
-            sessions=tuple(s.snapshot() for s in self.sessions),
+            sessions=tuple(
+                SessionSnapshot(
+                    label=s.label,
+                    tenant=s.registration.peer.tenant,
+                    worker_name=s.registration.worker_name,
+                    namespace=s.registration.namespace,
+                    pid=s.registration.peer.pid,
+                    transport=s.transport,
+                    saves=s.saves,
+                    loads=s.loads,
+                    in_flight=s.in_flight,
+                )
+                for s in self.sessions
+            ),
             tiers=self.store.snapshots(),
             counters=dataclasses.replace(self.counters),
-            tier_counters={
-                k: float(v)
-                for k, v in (*self.store.counters().items(), *(self.indexes.counters() if self.indexes else {}).items())
-            },
+            tier_counters={k: float(v) for k, v in self.store.counters().items()},
         )
 
     def tier_health(self) -> tuple[tuple[str, bool], ...]:
@@ -324,13 +324,13 @@ class KvdService:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self._draining:
             raise Unavailable("kvd is shutting down")
 
-    def _begin_transfer(self, session_id: str, blocks: BlockBatch) -> tuple[Session, KvLayout]:
-        self._check_open()
-        session = self.sessions.get(session_id)
+    def _begin_transfer(self, ref: SessionRef, blocks: BlockBatch, ready_event: bytes) -> tuple[Session, KvLayout]:
+        self.check_open()
+        session = self.sessions.get(ref)
         layout = session.registration.layout
         if layout is None or session.attachment is None:
             raise FailedPrecondition("a lookup-only session cannot save or load: register its KV memory")
@@ -338,6 +338,8 @@ class KvdService:
         check_block_indices(blocks.indices, layout.num_blocks)
         if session.in_flight >= self.config.max_inflight_ops:
             raise ResourceExhausted(f"{session.in_flight} operations already in flight for this session")
+        session.attachment.check()
+        admit_event(session.events, ready_event, self.config.max_worker_events)
         return session, layout
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -347,12 +349,10 @@ class KvdService:
 
     def _watch_process(self, session: Session) -> None:
         """Close the session the moment its worker exits (pidfd turns readable), not only when the lease ends."""
-        if not session.registration.peer.verified:
-            return
-        fd = open_pidfd(session.registration.peer.pid)
+        fd = session.registration.peer.process.pidfd
         if fd is None:
             return
-        session.pidfd = fd
+        session.watching_exit = True
         loop = asyncio.get_running_loop()
 
         def exited() -> None:
@@ -366,20 +366,20 @@ class KvdService:
             return
         session.closing = True
         await session.wait_idle()  # never unmap memory under a copy in flight
-        if session.pidfd is not None:
+        process = session.registration.peer.process
+        if session.watching_exit and process.pidfd is not None:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(session.pidfd)
-            os.close(session.pidfd)
-            session.pidfd = None
+                asyncio.get_running_loop().remove_reader(process.pidfd)
         if session.attachment is not None:
             try:
                 await session.attachment.close()
             except Exception:
-                log.exception("closing the attachment of session %s", session.id[:12])
+                log.exception("closing the attachment of session %s", session.label)
+        process.close()
         session.end_notices()
         self.sessions.remove(session)
         self._update_session_gauges()
-        log.info("session %s closed: %s", session.id[:12], why)
+        log.info("session %s closed: %s", session.label, why)
 
     async def _sweep_leases(self) -> None:
         period = max(0.05, min(1.0, self.config.lease_ms / 4000))

@@ -1,31 +1,43 @@
 """Sessions: one per registered worker, with a lease. A session that stops heart-beating, or whose process exits,
 is closed: its in-flight operations finish first, then its attachment (every mapping of the worker's memory) goes.
+
+A session is a capability of its owner only: every call names it by id and key, the key compared in constant time
+(a wrong or missing key is PERMISSION_DENIED and changes nothing, not even the lease). The id is not secret; the
+key never leaves the RegisterSession answer. Stats and the log name a session by its label (a digest of the id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hmac
 import itertools
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from kvd.errors import SessionNotFound
+from kvd_client.types import session_label
+
+from kvd.errors import PermissionDenied, SessionNotFound
 from kvd.memory.progress import ProgressWriter
+from kvd.service.checks import namespace_key
 from kvd.transports.base import Attachment
-from kvd.types import Notice, PeerIdentity, Registration, SessionSnapshot
+from kvd.types import Notice, PeerIdentity, Registration, SessionRef
 
 log = logging.getLogger(__name__)
 
 _CLOSED = object()  # ends a Watch stream
 
 
+KEY_BYTES = 32
+
+
 @dataclass(eq=False)
 class Session:
     id: str
+    key: bytes = field(repr=False)
     registration: Registration
     attachment: Attachment | None
     lease_s: float
@@ -34,7 +46,8 @@ class Session:
     saves: int = 0
     loads: int = 0
     closing: bool = False
-    pidfd: int | None = None
+    watching_exit: bool = False
+    events: set[bytes] = field(default_factory=set)  # CUDA IPC event handles the daemon opened for this session
     _ops: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -47,20 +60,13 @@ class Session:
         self.renew()
 
     @property
-    def namespace_key(self) -> str:
-        return self.registration.namespace.key
+    def label(self) -> str:
+        return session_label(self.id)
 
-    def snapshot(self) -> SessionSnapshot:
-        return SessionSnapshot(
-            session_id=self.id,
-            worker_name=self.registration.worker_name,
-            namespace=self.registration.namespace,
-            pid=self.registration.peer.pid,
-            transport=self.transport,
-            saves=self.saves,
-            loads=self.loads,
-            in_flight=self.in_flight,
-        )
+    @property
+    def namespace_key(self) -> str:
+        """The namespace in the session's tenant: the only blocks it ever sees."""
+        return namespace_key(self.registration.peer.tenant, self.registration.namespace)
 
     @property
     def transport(self) -> str:
@@ -110,6 +116,7 @@ class Session:
 class SessionTable:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        self._by_uid: collections.Counter[int] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -117,48 +124,53 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    @staticmethod
-    def new_id() -> str:
-        return secrets.token_hex(16)
-
-    def add(self, session: Session) -> None:
+    def new(self, registration: Registration, attachment: Attachment | None, lease_s: float) -> Session:
+        """A session with a fresh id and key, added to the table."""
+        session = Session(secrets.token_hex(16), secrets.token_bytes(KEY_BYTES), registration, attachment, lease_s)
         self._sessions[session.id] = session
+        self._by_uid[registration.peer.uid] += 1
+        return session
 
-    def get(self, session_id: str) -> Session:
-        """The live session, its lease renewed; SessionNotFound if unknown, expired or closing."""
-        session = self._sessions.get(session_id)
+    def get(self, ref: SessionRef) -> Session:
+        """The live session, its lease renewed; SessionNotFound if unknown, expired or closing, PermissionDenied
+        (and nothing renewed) if the key is not the session's."""
+        session = self._sessions.get(ref.id)
         if session is None or session.closing:
-            raise SessionNotFound(f"no session {session_id[:12]!r} (expired, unregistered, or the daemon restarted)")
+            raise SessionNotFound(f"no session {ref.id[:12]!r} (expired, unregistered, or the daemon restarted)")
+        if not hmac.compare_digest(ref.key, session.key):
+            raise PermissionDenied(
+                f"wrong or missing session key for session {session.label}: only its owner, with the key"
+                " RegisterSession returned, may use it"
+            )
         session.renew()
         return session
 
+    def of_uid(self, uid: int) -> int:
+        """How many live sessions peers of `uid` hold."""
+        return self._by_uid[uid]
+
     def remove(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None:
+            uid = session.registration.peer.uid
+            self._by_uid[uid] -= 1
+            if self._by_uid[uid] <= 0:
+                del self._by_uid[uid]
 
     def expired(self, now: float) -> list[Session]:
         return [s for s in self._sessions.values() if not s.closing and s.deadline < now]
 
     def find(self, peer: PeerIdentity, namespace_key: str, with_memory: bool) -> Session | None:
-        """A live session of the same process, namespace and kind. An unverified pid is only a claim: it never
-        matches a kernel-verified one, so a claim cannot lock a real worker out."""
+        """A live session of the same process (both verified, both alive: the same pid is the same process),
+        namespace (in its tenant) and kind. A process the daemon cannot see (pid 0) matches nothing."""
+        if peer.pid <= 0:
+            return None
         for session in self._sessions.values():
             reg = session.registration
             if (
                 not session.closing
                 and reg.peer.pid == peer.pid
-                and reg.peer.verified == peer.verified
-                and reg.namespace.key == namespace_key
+                and session.namespace_key == namespace_key
                 and (reg.memory is not None) == with_memory
             ):
                 return session
-        return None
-
-
-def open_pidfd(pid: int) -> int | None:
-    """A pidfd for the worker, readable once it exits; None where the kernel or the pid namespace has none."""
-    if pid <= 0 or not hasattr(os, "pidfd_open"):
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
         return None

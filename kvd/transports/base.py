@@ -60,6 +60,10 @@ class Attachment(abc.ABC):
             on_layer(layer)
         return event
 
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """PermissionDenied if this session may not copy any more (its process changed); checked as every save or
+        load is accepted, and again by the copy itself."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Drop every mapping of the worker's memory. Called once, with no copy in flight."""

@@ -77,6 +77,14 @@ class TransportRouter:
             await transport.start()
         log.info("transports ready: %s", ", ".join(self._transports))
 
+    def block_limit(self, memory: WorkerMemory) -> tuple[int, str] | None:
+        """The largest block the medium of `memory` moves, and the setting behind it (None: no limit of its own).
+        From the configuration alone, so a layout is refused at registration even where the transport cannot run:
+        a GPU copy stages each block whole in one chunk-sized device buffer."""
+        if isinstance(memory, CudaMemory):
+            return self._config.cuda_chunk_bytes, "transports.cuda_chunk_bytes"
+        return None
+
     async def attach(self, memory: WorkerMemory, layout: KvLayout, peer: PeerIdentity) -> Attachment:
         medium = MEDIA.get(type(memory))
         if medium is None:

@@ -24,10 +24,10 @@ from kvd_client.errors import (
 )
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
-from tests.helpers.clients import Completions
+from tests.helpers.clients import Completions, end_session
 from tests.helpers.daemon import Daemon, wait_for
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, make_caches
-from tests.helpers.rpc import RawSession, cpu_register_request, fingerprint, lookup_only_request, transfer
+from tests.helpers.rpc import RawSession, cpu_register_request, fingerprint, lookup_only_request, scoped, transfer
 
 SPEC = CacheSpec()
 MAX_BATCH = 16
@@ -75,19 +75,19 @@ def test_not_found_is_session_not_found(daemon: Daemon) -> None:
 
 def test_invalid_argument(daemon: Daemon) -> None:
     stub = daemon.stub()
-    request = lookup_only_request("m-map-invalid", fingerprint(SPEC), pid=4_200_000)
+    request = lookup_only_request(daemon.socket, "m-map-invalid", fingerprint(SPEC))
     request.namespace.layout_fingerprint = ""
     assert type(raised(lambda: stub.RegisterSession(request, timeout=5))) is InvalidArgument
 
 
 def test_already_exists(daemon: Daemon) -> None:
     stub = daemon.stub()
-    request = lookup_only_request("m-map-exists", fingerprint(SPEC), pid=4_200_001)
-    first = stub.RegisterSession(request, timeout=5)
+    first = stub.RegisterSession(lookup_only_request(daemon.socket, "m-map-exists", fingerprint(SPEC)), timeout=5)
     try:
-        assert type(raised(lambda: stub.RegisterSession(request, timeout=5))) is AlreadyExists
+        again = lookup_only_request(daemon.socket, "m-map-exists", fingerprint(SPEC))  # the same process, again
+        assert type(raised(lambda: stub.RegisterSession(again, timeout=5))) is AlreadyExists
     finally:
-        stub.Unregister(kvd_pb2.UnregisterRequest(session_id=first.session_id), timeout=5)
+        stub.Unregister(scoped(kvd_pb2.UnregisterRequest, first), timeout=5)
 
 
 def test_permission_denied(daemon: Daemon, caches: dict[str, torch.Tensor]) -> None:
@@ -100,17 +100,17 @@ def test_resource_exhausted(daemon: Daemon, caches: dict[str, torch.Tensor]) -> 
     stub = daemon.stub()
     with RawSession(stub, stub.RegisterSession(cpu_register_request(daemon.socket, SPEC, caches, "m-map-re"))) as s:
         pairs = [(i, block_hash(i, "re")) for i in range(MAX_BATCH + 1)]
-        assert type(raised(lambda: stub.Save(transfer(s.id, pairs), timeout=5))) is ResourceExhausted
+        assert type(raised(lambda: stub.Save(transfer(s.response, pairs), timeout=5))) is ResourceExhausted
 
 
 def test_failed_precondition(daemon: Daemon) -> None:
     stub = daemon.stub()
-    response = stub.RegisterSession(lookup_only_request("m-map-fp", fingerprint(SPEC), pid=4_200_002), timeout=5)
+    response = stub.RegisterSession(lookup_only_request(daemon.socket, "m-map-fp", fingerprint(SPEC)), timeout=5)
     try:
-        error = raised(lambda: stub.Save(transfer(response.session_id, [(0, b"h")]), timeout=5))
+        error = raised(lambda: stub.Save(transfer(response, [(0, b"h")]), timeout=5))
         assert type(error) is FailedPrecondition
     finally:
-        stub.Unregister(kvd_pb2.UnregisterRequest(session_id=response.session_id), timeout=5)
+        stub.Unregister(scoped(kvd_pb2.UnregisterRequest, response), timeout=5)
 
 
 def test_unavailable_when_nothing_listens(tmp_path: object) -> None:
@@ -155,10 +155,9 @@ def test_client_oversized_lookup_is_resource_exhausted(client: KvdClient) -> Non
 
 
 def test_client_lookup_after_session_loss_is_session_not_found(daemon: Daemon, client: KvdClient) -> None:
-    session_id = client.session_id
     # The client's own channel has to see the NOT_FOUND, so stop its re-registration from racing us: ask for the
     # lookup on the old session id by closing the session and looking up before the client notices.
-    daemon.stub().Unregister(kvd_pb2.UnregisterRequest(session_id=session_id), timeout=5)
+    session_id = end_session(daemon, client)
     errors: list[BaseException] = []
     for _ in range(50):
         if client.session_id != session_id:
@@ -177,12 +176,11 @@ def test_client_lookup_after_session_loss_is_session_not_found(daemon: Daemon, c
 def test_lookups_racing_session_loss_fail_only_with_kvd_errors(daemon: Daemon, client: KvdClient) -> None:
     """Lookups in flight when the session ends (its channel closes under them) fail as KvdError (Unavailable or
     SessionNotFound), never with a bare CancelledError the caller does not expect."""
-    stub = daemon.stub()
     futures = []
     for _ in range(5):
         old = client.session_id
         futures += [client.lookup([b"h"]) for _ in range(50)]
-        stub.Unregister(kvd_pb2.UnregisterRequest(session_id=old), timeout=5)
+        end_session(daemon, client)
         futures += [client.lookup([b"h"]) for _ in range(50)]
         wait_for(lambda old=old: client.ready and client.session_id not in ("", old), timeout=20, what="re-register")
     for future in futures:

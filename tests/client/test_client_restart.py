@@ -10,10 +10,11 @@ import grpc
 import pytest
 import torch
 from kvd_client import KvdClient, Unavailable
+from kvd_client.types import session_label
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.conftest import DaemonFactory
-from tests.helpers.clients import Completions
+from tests.helpers.clients import Completions, end_session
 from tests.helpers.daemon import Daemon, wait_for
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, fill, make_caches, mismatches
 
@@ -81,7 +82,7 @@ def test_daemon_killed_mid_operation_then_restarted(daemon: Daemon, spec: CacheS
         wait_for(lambda: client.ready and client.registrations == 2, timeout=20, what="re-registration")
         assert client.boot_id == daemon.stats().boot_id != first_boot
         assert client.session_id != first_session
-        assert client.session_id in daemon.session_ids()
+        assert session_label(client.session_id) in daemon.session_labels()
         # The pool died with the daemon: what was stored is gone, and saving works again.
         assert client.lookup([stored[0][1]]).result(5).hit_blocks == 0
         assert_saves_work(client, spec, caches, "after-restart")
@@ -134,12 +135,11 @@ def test_session_lost_while_daemon_lives(daemon: Daemon, spec: CacheSpec) -> Non
     client = make_client(daemon, spec, caches, "m-lost")
     with client:
         assert client.wait_ready(20)
-        old = client.session_id
-        daemon.stub().Unregister(kvd_pb2.UnregisterRequest(session_id=old), timeout=5)
+        old = end_session(daemon, client)
         wait_for(lambda: client.ready and client.session_id not in ("", old), timeout=20, what="re-registration")
         assert client.registrations == 2
         assert client.boot_id == daemon.stats().boot_id  # same daemon
-        assert daemon.session_ids() == {client.session_id}
+        assert daemon.session_labels() == {session_label(client.session_id)}
         assert_saves_work(client, spec, caches, "lost")
 
 
@@ -148,9 +148,9 @@ def test_close_unregisters(daemon: Daemon, spec: CacheSpec) -> None:
     client = make_client(daemon, spec, caches, "m-close")
     client.start()
     assert client.wait_ready(20)
-    assert client.session_id in daemon.session_ids()
+    assert session_label(client.session_id) in daemon.session_labels()
     client.close()
-    assert daemon.session_ids() == set()
+    assert daemon.session_labels() == set()
     # After close, operations fail at once instead of hanging.
     done = Completions(client)
     completion = done.wait(client.save([(0, b"h")]), timeout=FAST)

@@ -1,8 +1,12 @@
-"""In-process KvdClient helpers: wait for one operation's completion among everything poll_finished returns."""
+"""In-process KvdClient helpers: wait for one operation's completion among everything poll_finished returns; end a
+client's session behind its back."""
 
 from __future__ import annotations
 
 from kvd_client import Completion, KvdClient
+from kvd_client.wire.kvd.v1 import kvd_pb2
+
+from tests.helpers.daemon import Daemon
 
 
 class Completions:
@@ -30,3 +34,11 @@ class Completions:
         """The completion if it already arrived (no waiting)."""
         self.poll()
         return self._done.pop(op_id, None)
+
+
+def end_session(daemon: Daemon, client: KvdClient) -> str:
+    """End the client's session behind its back, as a lease expiry would, and return its id. Only the session's
+    owner holds its key, so the test borrows the client's (white-box: nothing else may end another's session)."""
+    session = client._session
+    daemon.stub().Unregister(kvd_pb2.UnregisterRequest(session_id=session.id, session_key=session.key), timeout=5)
+    return session.id

@@ -313,7 +313,8 @@ class Daemon:
     def stats(self, timeout: float = 5.0) -> kvd_pb2.StatsResponse:
         return self.stub().Stats(kvd_pb2.StatsRequest(), timeout=timeout)
 
-    def session_ids(self) -> set[str]:
+    def session_labels(self) -> set[str]:
+        """The sessions Stats lists, by label (Stats never shows ids): compare with `session_label(id)`."""
         return {s.session_id for s in self.stats().sessions}
 
     def host_tier(self) -> kvd_pb2.TierStats:

@@ -1,7 +1,8 @@
 """Raw-stub helpers: build RegisterSession requests by hand and collect a session's Watch notices.
 
 The client library does all of this for a worker; tests of the wire contract need to do it themselves so they can
-send what a correct client never would (a wrong layout, a reused token, an address of 0...).
+send what a correct client never would (a wrong layout, a reused token, an address of 0...). A session-scoped request
+names its session by the RegisterSessionResponse (id and key) or, to name one that does not exist, by an id alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -22,6 +24,15 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec
 
 DTYPE_BF16 = kvd_pb2.DTYPE_BFLOAT16
+Session = kvd_pb2.RegisterSessionResponse | str  # a registered session, or just an id (no key)
+M = TypeVar("M", kvd_pb2.HeartbeatRequest, kvd_pb2.UnregisterRequest, kvd_pb2.WatchRequest, kvd_pb2.LookupRequest)
+
+
+def scoped(message: type[M], session: Session, **fields: Any) -> M:
+    """A session-scoped request for `session`: its id and, for a registered one, its key."""
+    if isinstance(session, str):
+        return message(session_id=session, **fields)
+    return message(session_id=session.session_id, session_key=session.session_key, **fields)
 
 
 def kv_layout(spec: CacheSpec) -> KvLayout:
@@ -86,49 +97,44 @@ def cpu_register_request(
 
 
 def lookup_only_request(
-    model_id: str, layout_fingerprint: str, pid: int | None = None
+    socket: Path | None, model_id: str, layout_fingerprint: str
 ) -> kvd_pb2.RegisterSessionRequest:
-    """A lookup-only session without credential verification (the daemon takes the pid on our word)."""
+    """A lookup-only session of this process (a credential token from `socket`; None: no token, refused)."""
     return kvd_pb2.RegisterSessionRequest(
         namespace=namespace_pb(model_id, layout_fingerprint),
-        pid=os.getpid() if pid is None else pid,
+        pid=os.getpid(),
+        credential_token=token(socket) if socket is not None else b"",
         worker_name="raw-lookup",
     )
 
 
-def transfer(session_id: str, pairs: Iterable[tuple[int, bytes]], tag: int = 0) -> kvd_pb2.TransferRequest:
-    return kvd_pb2.TransferRequest(
-        session_id=session_id,
-        blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in pairs],
-        client_tag=tag,
+def transfer(session: Session, pairs: Iterable[tuple[int, bytes]], tag: int = 0) -> kvd_pb2.TransferRequest:
+    request = kvd_pb2.TransferRequest(
+        blocks=[kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in pairs], client_tag=tag
     )
+    if isinstance(session, str):
+        request.session_id = session
+    else:
+        request.session_id, request.session_key = session.session_id, session.session_key
+    return request
 
 
-def lookup_hits(stub: kvd_pb2_grpc.KvdStub, model_id: str, layout_fingerprint: str, hashes: Sequence[bytes]) -> int:
+def lookup_hits(
+    stub: kvd_pb2_grpc.KvdStub, socket: Path, model_id: str, layout_fingerprint: str, hashes: Sequence[bytes]
+) -> int:
     """Register a throwaway lookup-only session, look `hashes` up, unregister: the stored prefix length."""
-    reg = stub.RegisterSession(lookup_only_request(model_id, layout_fingerprint, pid=_throwaway_pid()), timeout=5)
+    reg = stub.RegisterSession(lookup_only_request(socket, model_id, layout_fingerprint), timeout=5)
     try:
-        return int(
-            stub.Lookup(kvd_pb2.LookupRequest(session_id=reg.session_id, block_hashes=hashes), timeout=5).hit_blocks
-        )
+        return int(stub.Lookup(scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes), timeout=5).hit_blocks)
     finally:
-        stub.Unregister(kvd_pb2.UnregisterRequest(session_id=reg.session_id), timeout=5)
-
-
-_pids = iter(range(1 << 22, 1 << 30))
-
-
-def _throwaway_pid() -> int:
-    # An unverified session's pid is only the caller's claim; a fresh one per call can never collide with a live
-    # session of the same namespace (which would be ALREADY_EXISTS).
-    return next(_pids)
+        stub.Unregister(scoped(kvd_pb2.UnregisterRequest, reg), timeout=5)
 
 
 class Watcher:
     """A session's Watch stream, read on a thread; `wait(operation_id)` returns that operation's notice."""
 
-    def __init__(self, stub: kvd_pb2_grpc.KvdStub, session_id: str) -> None:
-        self._call = stub.Watch(kvd_pb2.WatchRequest(session_id=session_id))
+    def __init__(self, stub: kvd_pb2_grpc.KvdStub, session: Session) -> None:
+        self._call = stub.Watch(scoped(kvd_pb2.WatchRequest, session))
         self._call.initial_metadata()  # the daemon sends headers once the stream is live: no notice is missed
         self._notices: dict[int, kvd_pb2.CompletionNotice] = {}
         self._cond = threading.Condition()
@@ -169,24 +175,23 @@ class RawSession:
         self.stub = stub
         self.response = response
         self.id = response.session_id
-        self.watcher = Watcher(stub, self.id)
+        self.watcher = Watcher(stub, response)
 
     def save(self, pairs: Iterable[tuple[int, bytes]], timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
-        accepted = self.stub.Save(transfer(self.id, pairs), timeout=5)
+        accepted = self.stub.Save(transfer(self.response, pairs), timeout=5)
         return self.watcher.wait(accepted.operation_id, timeout)
 
     def load(self, pairs: Iterable[tuple[int, bytes]], timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
-        accepted = self.stub.Load(transfer(self.id, pairs), timeout=5)
+        accepted = self.stub.Load(transfer(self.response, pairs), timeout=5)
         return self.watcher.wait(accepted.operation_id, timeout)
 
     def lookup(self, hashes: Sequence[bytes]) -> int:
-        return int(
-            self.stub.Lookup(kvd_pb2.LookupRequest(session_id=self.id, block_hashes=hashes), timeout=5).hit_blocks
-        )
+        request = scoped(kvd_pb2.LookupRequest, self.response, block_hashes=hashes)
+        return int(self.stub.Lookup(request, timeout=5).hit_blocks)
 
     def close(self) -> None:
         try:
-            self.stub.Unregister(kvd_pb2.UnregisterRequest(session_id=self.id), timeout=5)
+            self.stub.Unregister(scoped(kvd_pb2.UnregisterRequest, self.response), timeout=5)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # already gone (lease, reaper): nothing to undo
                 raise

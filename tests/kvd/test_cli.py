@@ -87,11 +87,11 @@ def test_config_errors_exit_with_the_usage_code(tmp_path: Path, capsys: pytest.C
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["config", "--capacity", "12"]) == cli.EXIT_USAGE  # below the 1 MiB minimum
     assert "capacity_bytes" in capsys.readouterr().err
-    assert cli.main(["config", "--tcp", "nohost"]) == cli.EXIT_USAGE
-    assert "tcp: expected HOST:PORT" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         cli.main(["config", "--capacity", "lots"])
     assert exited.value.code == cli.EXIT_USAGE
+    with pytest.raises(SystemExit):
+        cli.main(["config", "--tcp", "127.0.0.1:7070"])  # gone: no TCP listener (docs/security.md)
     with pytest.raises(SystemExit) as exited:
         cli.main(["config", "--log-level", "chatty"])
     assert exited.value.code == cli.EXIT_USAGE
@@ -117,12 +117,11 @@ def test_serve_passes_the_effective_config_to_run_daemon(monkeypatch: pytest.Mon
     monkeypatch.setattr(kvd.logs, "setup_logging", logged.append)
     monkeypatch.setenv("KVD_LEASE_MS", "3000")
 
-    argv = ["serve", "--socket", str(tmp_path / "s.sock"), "--tcp", "127.0.0.1:7070", "--capacity", "64MiB"]
+    argv = ["serve", "--socket", str(tmp_path / "s.sock"), "--capacity", "64MiB"]
     argv += ["--metrics-port", "0", "--log-level", "debug"]
     assert cli.main(argv) == 7
     (config,) = seen
     assert config.socket == tmp_path / "s.sock"
-    assert config.tcp == "127.0.0.1:7070"
     assert config.lease_ms == 3000
     assert config.host_pool.capacity_bytes == 64 << 20
     assert config.metrics.port == 0

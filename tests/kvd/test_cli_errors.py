@@ -45,7 +45,7 @@ INVALID = [
     pytest.param([], {"KVD_METRICS__PORT": "70000"}, ["metrics.port", "65535", "70000"], id="metrics-port-range"),
     pytest.param(["--capacity", "1MiB"], {}, ["capacity_bytes 1MiB", "slab", "at least 64MiB"], id="below-a-slab"),
     pytest.param(["--socket", "/tmp/" + "s" * 100], {}, ["socket", "too long for a Unix socket"], id="socket-length"),
-    pytest.param([], {"KVD_TCP": "nohost"}, ["tcp", "HOST:PORT"], id="tcp"),
+    pytest.param([], {"KVD_TCP": "127.0.0.1:7070"}, ["KVD_TCP", "tcp is gone"], id="tcp"),
     pytest.param([], {"KVD_SOCKET_MODE": "01777"}, ["socket_mode"], id="socket-mode"),
     pytest.param([], {"KVD_LEASE_MS": "soon"}, ["lease_ms", "'soon'"], id="not-a-number"),
 ]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from kvd_client.types import session_label
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.helpers.daemon import Daemon, child_env, reap, track
@@ -31,6 +32,7 @@ from tests.helpers.rpc import (
     lookup_hits,
     lookup_only_request,
     namespace_pb,
+    scoped,
     token,
     transfer,
 )
@@ -66,7 +68,7 @@ def still_serving(daemon: Daemon) -> Iterator[None]:
     yield
     assert daemon.running, daemon.log_text()
     stub = daemon.stub()
-    assert lookup_hits(stub, CANARY_MODEL, fingerprint(SPEC), [h for _, h in CANARIES]) == len(CANARIES)
+    assert lookup_hits(stub, daemon.socket, CANARY_MODEL, fingerprint(SPEC), [h for _, h in CANARIES]) == len(CANARIES)
     assert daemon.health() == 1  # SERVING
 
 
@@ -120,15 +122,16 @@ def test_unknown_session_watch_is_not_found(stub: kvd_pb2_grpc.KvdStub) -> None:
 def test_expired_session_is_not_found(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:
     from tests.helpers.daemon import wait_for
 
-    response = stub.RegisterSession(lookup_only_request("m-expire", fingerprint(SPEC), pid=4_100_000), timeout=5)
-    wait_for(lambda: response.session_id not in daemon.session_ids(), timeout=10, what="the lease to expire")
-    code, _ = code_of(stub.Lookup, kvd_pb2.LookupRequest(session_id=response.session_id, block_hashes=[b"h"]))
+    response = stub.RegisterSession(lookup_only_request(daemon.socket, "m-expire", fingerprint(SPEC)), timeout=5)
+    label = session_label(response.session_id)
+    wait_for(lambda: label not in daemon.session_labels(), timeout=10, what="the lease to expire")
+    code, _ = code_of(stub.Lookup, scoped(kvd_pb2.LookupRequest, response, block_hashes=[b"h"]))
     assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_unregistered_session_is_not_found(stub: kvd_pb2_grpc.KvdStub, session: RawSession) -> None:
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=session.id), timeout=5)
-    code, _ = code_of(stub.Save, transfer(session.id, [(0, b"h")]))
+    stub.Unregister(scoped(kvd_pb2.UnregisterRequest, session.response), timeout=5)
+    code, _ = code_of(stub.Save, transfer(session.response, [(0, b"h")]))
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -147,11 +150,11 @@ def test_duplicate_registration_is_already_exists(
     RawSession(stub, other).close()
 
 
-def test_lookup_only_session_cannot_transfer(stub: kvd_pb2_grpc.KvdStub) -> None:
-    response = stub.RegisterSession(lookup_only_request("m-lookup-only", fingerprint(SPEC), pid=4_100_001), timeout=5)
-    code, _ = code_of(stub.Save, transfer(response.session_id, [(0, b"h")]))
+def test_lookup_only_session_cannot_transfer(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:
+    response = stub.RegisterSession(lookup_only_request(daemon.socket, "m-lookup-only", fingerprint(SPEC)), timeout=5)
+    code, _ = code_of(stub.Save, transfer(response, [(0, b"h")]))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=response.session_id), timeout=5)
+    stub.Unregister(scoped(kvd_pb2.UnregisterRequest, response), timeout=5)
 
 
 # -- batches and hashes -----------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def test_lookup_only_session_cannot_transfer(stub: kvd_pb2_grpc.KvdStub) -> None
 
 def test_block_index_out_of_range(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> None:
     for rpc in (stub.Save, stub.Load):
-        code, details = code_of(rpc, transfer(session.id, [(0, b"a"), (SPEC.num_blocks, b"b")]))
+        code, details = code_of(rpc, transfer(session.response, [(0, b"a"), (SPEC.num_blocks, b"b")]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "out of range" in details
     # Nothing of the batch was accepted: not even its valid first block.
@@ -175,10 +178,12 @@ def test_blocks_as_columns_are_checked_like_blocks(session: RawSession, stub: kv
     }
     for rpc in (stub.Save, stub.Load):
         for expected, (indices, hashes) in cases.items():
-            request = kvd_pb2.TransferRequest(session_id=session.id, block_indices=indices, block_hashes=hashes)
+            request = transfer(session.response, [])
+            request.block_indices.extend(indices)
+            request.block_hashes.extend(hashes)
             code, details = code_of(rpc, request)
             assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, details
-        both = transfer(session.id, [(0, b"a")])
+        both = transfer(session.response, [(0, b"a")])
         both.block_indices.append(1)
         both.block_hashes.append(b"b")
         code, details = code_of(rpc, both)
@@ -188,9 +193,10 @@ def test_blocks_as_columns_are_checked_like_blocks(session: RawSession, stub: kv
 
 @pytest.mark.parametrize("rpc", ["Save", "Load", "Lookup"])
 def test_empty_batch(session: RawSession, stub: kvd_pb2_grpc.KvdStub, rpc: str) -> None:
-    request = (
-        kvd_pb2.LookupRequest(session_id=session.id, block_hashes=[]) if rpc == "Lookup" else transfer(session.id, [])
-    )
+    if rpc == "Lookup":
+        request = scoped(kvd_pb2.LookupRequest, session.response, block_hashes=[])
+    else:
+        request = transfer(session.response, [])
     code, details = code_of(getattr(stub, rpc), request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty" in details
@@ -200,7 +206,7 @@ def test_oversized_transfer_batch(session: RawSession, stub: kvd_pb2_grpc.KvdStu
     assert session.response.max_batch_blocks == MAX_BATCH
     pairs = [(i, block_hash(i, "big")) for i in range(MAX_BATCH + 1)]
     for rpc in (stub.Save, stub.Load):
-        code, details = code_of(rpc, transfer(session.id, pairs))
+        code, details = code_of(rpc, transfer(session.response, pairs))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert str(MAX_BATCH) in details
     assert session.save(pairs[:MAX_BATCH]).ok  # exactly at the limit is fine
@@ -208,7 +214,7 @@ def test_oversized_transfer_batch(session: RawSession, stub: kvd_pb2_grpc.KvdStu
 
 def test_oversized_lookup(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> None:
     hashes = [block_hash(i, "biglookup") for i in range(MAX_LOOKUP + 1)]
-    code, _ = code_of(stub.Lookup, kvd_pb2.LookupRequest(session_id=session.id, block_hashes=hashes))
+    code, _ = code_of(stub.Lookup, scoped(kvd_pb2.LookupRequest, session.response, block_hashes=hashes))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert session.lookup(hashes[:MAX_LOOKUP]) == 0
 
@@ -216,10 +222,10 @@ def test_oversized_lookup(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> No
 @pytest.mark.parametrize("length", [0, 65, 1000])
 def test_bad_hash_length(session: RawSession, stub: kvd_pb2_grpc.KvdStub, length: int) -> None:
     bad = b"x" * length
-    code, details = code_of(stub.Lookup, kvd_pb2.LookupRequest(session_id=session.id, block_hashes=[b"ok", bad]))
+    code, details = code_of(stub.Lookup, scoped(kvd_pb2.LookupRequest, session.response, block_hashes=[b"ok", bad]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "64" in details
-    code, _ = code_of(stub.Save, transfer(session.id, [(0, b"ok"), (1, bad)]))
+    code, _ = code_of(stub.Save, transfer(session.response, [(0, b"ok"), (1, bad)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -231,12 +237,12 @@ def test_hash_of_exactly_64_bytes_is_fine(session: RawSession, caches: dict[str,
 
 
 def test_load_twice_into_one_block_index(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> None:
-    code, _ = code_of(stub.Load, transfer(session.id, [(3, CANARIES[0][1]), (3, CANARIES[1][1])]))
+    code, _ = code_of(stub.Load, transfer(session.response, [(3, CANARIES[0][1]), (3, CANARIES[1][1])]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_malformed_ready_event(session: RawSession, stub: kvd_pb2_grpc.KvdStub) -> None:
-    request = transfer(session.id, [(0, b"h")])
+    request = transfer(session.response, [(0, b"h")])
     request.ready_event = b"\x00" * 7
     code, _ = code_of(stub.Save, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -355,11 +361,12 @@ def test_cpu_region_that_overflows_the_address_space(
 
 
 @pytest.mark.parametrize("length", [0, 63, 65])
-def test_cuda_ipc_handle_of_wrong_length(stub: kvd_pb2_grpc.KvdStub, length: int) -> None:
+def test_cuda_ipc_handle_of_wrong_length(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub, length: int) -> None:
     request = kvd_pb2.RegisterSessionRequest(
         namespace=namespace_pb("m-cuda", fingerprint(SPEC)),
         layout=layout_pb(SPEC),
         pid=os.getpid(),
+        credential_token=token(daemon.socket),
         cuda=kvd_pb2.CudaMemory(
             device_uuid="GPU-00000000-0000-0000-0000-000000000000",
             allocations=[kvd_pb2.CudaAllocation(ipc_handle=b"\x01" * length, nbytes=1 << 30)],
@@ -371,11 +378,12 @@ def test_cuda_ipc_handle_of_wrong_length(stub: kvd_pb2_grpc.KvdStub, length: int
     assert "64 bytes" in details
 
 
-def test_cuda_layer_outside_its_allocation(stub: kvd_pb2_grpc.KvdStub) -> None:
+def test_cuda_layer_outside_its_allocation(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:
     request = kvd_pb2.RegisterSessionRequest(
         namespace=namespace_pb("m-cuda2", fingerprint(SPEC)),
         layout=layout_pb(SPEC),
         pid=os.getpid(),
+        credential_token=token(daemon.socket),
         cuda=kvd_pb2.CudaMemory(
             device_uuid="GPU-00000000-0000-0000-0000-000000000000",
             allocations=[kvd_pb2.CudaAllocation(ipc_handle=b"\x01" * 64, nbytes=1 << 20)],
@@ -401,7 +409,7 @@ def test_cpu_session_without_a_credential_token(
 def test_reused_credential_token(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub, caches: dict[str, torch.Tensor]) -> None:
     request = cpu_register_request(daemon.socket, SPEC, caches, "m-reuse")
     first = stub.RegisterSession(request, timeout=5)
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=first.session_id), timeout=5)
+    stub.Unregister(scoped(kvd_pb2.UnregisterRequest, first), timeout=5)
     code, details = code_of(stub.RegisterSession, request)  # the same token a second time
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "token" in details
@@ -417,30 +425,36 @@ def test_made_up_credential_token(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub, ca
 def test_token_is_bound_to_the_process_that_fetched_it(
     daemon: Daemon, stub: kvd_pb2_grpc.KvdStub, caches: dict[str, torch.Tensor]
 ) -> None:
-    """A token fetched by another process registers that process's pid, whatever the request claims."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from kvd_client.credentials import fetch_token;"
-            "print(fetch_token(Path(sys.argv[1]), 5)[0].hex())",
-            str(daemon.socket),
-        ],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+    """A token fetched by another (live) process registers that process's pid, whatever the request claims."""
+    child = track(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from kvd_client.credentials import fetch_token;"
+                "print(fetch_token(Path(sys.argv[1]), 5)[0].hex(), flush=True); sys.stdin.read()",
+                str(daemon.socket),
+            ],
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     )
-    request = kvd_pb2.RegisterSessionRequest(
-        namespace=namespace_pb("m-bound", fingerprint(SPEC)),
-        pid=os.getpid(),  # a lie: the token says otherwise
-        credential_token=bytes.fromhex(out.stdout.strip()),
-    )
-    response = stub.RegisterSession(request, timeout=5)
-    stats = {s.session_id: s for s in daemon.stats().sessions}
-    assert stats[response.session_id].pid != os.getpid()
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=response.session_id), timeout=5)
+    try:
+        assert child.stdout is not None
+        request = kvd_pb2.RegisterSessionRequest(
+            namespace=namespace_pb("m-bound", fingerprint(SPEC)),
+            pid=os.getpid(),  # a lie: the token says otherwise
+            credential_token=bytes.fromhex(child.stdout.readline().strip()),
+        )
+        response = stub.RegisterSession(request, timeout=5)
+        stats = {s.session_id: s for s in daemon.stats().sessions}  # by label: Stats never shows ids
+        assert stats[session_label(response.session_id)].pid == child.pid
+        stub.Unregister(scoped(kvd_pb2.UnregisterRequest, response), timeout=5)
+    finally:
+        child.kill()
+        reap(child)
 
 
 # -- memory that goes away --------------------------------------------------------------------------------------
@@ -501,15 +515,15 @@ _CHILD = textwrap.dedent(
     fill(caches, spec, [(i, block_hash(i, "child")) for i in range(4)])
     stub = kvd_pb2_grpc.KvdStub(grpc.insecure_channel(f"unix:{socket}"))
     response = stub.RegisterSession(cpu_register_request(socket, spec, caches, "m-child"), timeout=5)
-    print(json.dumps({"session_id": response.session_id}), flush=True)
+    print(json.dumps({"session_id": response.session_id, "key": response.session_key.hex()}), flush=True)
     time.sleep(600)
     """
 )
 
 
 def test_save_from_a_worker_that_was_stopped_then_killed(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:
-    """A child registers its cache and hands us its session id; we SIGSTOP, then SIGKILL it, and only then issue
-    the save. Either outcome is clear: the save is accepted and its notice reports every block failed, or the
+    """A child registers its cache and hands us its session (id and key); we SIGSTOP, then SIGKILL it, and only
+    then issue the save. Either outcome is clear: the save is accepted and its notice reports every block failed, or the
     session was already reaped (NOT_FOUND). Never a crash, never a stored block lost."""
     child = track(
         subprocess.Popen(
@@ -521,7 +535,10 @@ def test_save_from_a_worker_that_was_stopped_then_killed(daemon: Daemon, stub: k
     )
     try:
         assert child.stdout is not None
-        session_id = __import__("json").loads(child.stdout.readline())["session_id"]
+        handed = __import__("json").loads(child.stdout.readline())
+        session_id = kvd_pb2.RegisterSessionResponse(
+            session_id=handed["session_id"], session_key=bytes.fromhex(handed["key"])
+        )
         from tests.helpers.rpc import Watcher
 
         watcher = Watcher(stub, session_id)
@@ -541,8 +558,8 @@ def test_save_from_a_worker_that_was_stopped_then_killed(daemon: Daemon, stub: k
                 notice = watcher.wait(accepted.operation_id)
                 assert not notice.ok
                 assert set(notice.failed_block_hashes) == {h for _, h in pairs}
-            assert lookup_hits(stub, "m-child", fingerprint(SPEC), [block_hash(0, "child")]) == 1
-            assert lookup_hits(stub, "m-child", fingerprint(SPEC), [h for _, h in pairs]) == 0
+            assert lookup_hits(stub, daemon.socket, "m-child", fingerprint(SPEC), [block_hash(0, "child")]) == 1
+            assert lookup_hits(stub, daemon.socket, "m-child", fingerprint(SPEC), [h for _, h in pairs]) == 0
         finally:
             watcher.close()
     finally:
@@ -551,13 +568,13 @@ def test_save_from_a_worker_that_was_stopped_then_killed(daemon: Daemon, stub: k
         reap(child)
 
 
-def test_unknown_fields_of_a_newer_client_are_ignored(stub: kvd_pb2_grpc.KvdStub) -> None:
+def test_unknown_fields_of_a_newer_client_are_ignored(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:
     """Compatibility: fields are only ever added, so a v1 daemon must accept a request with fields it lacks."""
-    request = lookup_only_request("m-compat", fingerprint(SPEC), pid=4_100_002)
+    request = lookup_only_request(daemon.socket, "m-compat", fingerprint(SPEC))
     raw = request.SerializeToString() + b"\xa0\x06\x01"  # field 100, varint 1: unknown to this daemon
     parsed = kvd_pb2.RegisterSessionRequest.FromString(raw)
     response = stub.RegisterSession(parsed, timeout=5)
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=response.session_id), timeout=5)
+    stub.Unregister(scoped(kvd_pb2.UnregisterRequest, response), timeout=5)
 
 
 def test_cpu_memory_with_region_count_zero(daemon: Daemon, stub: kvd_pb2_grpc.KvdStub) -> None:

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvd_client.errors import Unavailable, from_rpc_error
+from kvd_client.types import session_label
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from tests.conftest import DaemonFactory, WorkerFactory
@@ -25,6 +26,7 @@ from tests.helpers.rpc import (
     fingerprint,
     lookup_hits,
     lookup_only_request,
+    scoped,
     transfer,
 )
 
@@ -85,7 +87,7 @@ def test_sigterm_drains_an_operation_in_flight(daemon_factory: DaemonFactory) ->
     watch = HealthWatch(daemon)
     try:
         assert watch.next() == SERVING
-        accepted = stub.Save(transfer(session.id, pairs), timeout=5)
+        accepted = stub.Save(transfer(session.response, pairs), timeout=5)
         daemon.signal(signal.SIGTERM)
         assert watch.next() == NOT_SERVING
         watch.close()
@@ -113,7 +115,8 @@ def test_draining_daemon_refuses_new_work(daemon: Daemon, spec: CacheSpec) -> No
 
     wait_for(not_serving, timeout=10, what="NOT_SERVING")
     with pytest.raises(grpc.RpcError) as err:
-        kvd_pb2_grpc.KvdStub(probe).RegisterSession(lookup_only_request("m-drain2", fingerprint(spec)), timeout=5)
+        request = lookup_only_request(None, "m-drain2", fingerprint(spec))  # the credential socket may be gone
+        kvd_pb2_grpc.KvdStub(probe).RegisterSession(request, timeout=5)
     probe.close()
     # Refused while draining (UNAVAILABLE), cancelled by the stopping server, or nobody listening any more: the
     # client maps each of them to Unavailable, i.e. recompute now and retry later.
@@ -170,73 +173,74 @@ def test_sockets_are_mode_0600(daemon: Daemon) -> None:
 def test_kill_9_of_a_worker_frees_its_session(daemon: Daemon, worker_factory: WorkerFactory, spec: CacheSpec) -> None:
     keep = worker_factory(daemon.socket, spec, "m-reap", name="keep")
     doomed = worker_factory(daemon.socket, spec, "m-reap", name="doomed")
-    keep_id = keep.wait_ready()["session_id"]
-    doomed_id = doomed.wait_ready()["session_id"]
+    keep_id = session_label(keep.wait_ready()["session_id"])
+    doomed_id = session_label(doomed.wait_ready()["session_id"])
     pairs = [(i, block_hash(i, "reap")) for i in range(8)]
     doomed.fill(pairs)
     assert doomed.save(pairs)["ok"]
-    assert daemon.session_ids() == {keep_id, doomed_id}
+    assert daemon.session_labels() == {keep_id, doomed_id}
 
     killed_at = time.monotonic()
     doomed.kill()
-    wait_for(lambda: daemon.session_ids() == {keep_id}, timeout=10, what="the killed worker's session to close")
+    wait_for(lambda: daemon.session_labels() == {keep_id}, timeout=10, what="the killed worker's session to close")
     # The pidfd reaper closes it at once; the lease (600 ms) would be the upper bound without one.
     assert time.monotonic() - killed_at < 5
     # What it stored outlives it, and the other worker is unaffected.
     assert keep.lookup([h for _, h in pairs]) == {"hit_blocks": len(pairs)}
-    assert keep.request("info")["session_id"] == keep_id
+    assert session_label(keep.request("info")["session_id"]) == keep_id
 
 
 def test_worker_exiting_without_unregistering_frees_its_session(
     daemon: Daemon, worker_factory: WorkerFactory, spec: CacheSpec
 ) -> None:
     w = worker_factory(daemon.socket, spec, "m-vanish")
-    session_id = w.wait_ready()["session_id"]
-    assert session_id in daemon.session_ids()
+    session_id = session_label(w.wait_ready()["session_id"])
+    assert session_id in daemon.session_labels()
     w.proc.stdin.write('{"cmd": "vanish"}\n')  # type: ignore[union-attr]
     w.proc.stdin.flush()  # type: ignore[union-attr]
     assert w.proc.wait(timeout=10) == 0
-    wait_for(lambda: session_id not in daemon.session_ids(), timeout=10, what="the session to close")
+    wait_for(lambda: session_id not in daemon.session_labels(), timeout=10, what="the session to close")
 
 
-def test_unverified_session_expires_after_its_lease(daemon: Daemon, spec: CacheSpec) -> None:
-    """No credential token means no pidfd to watch: only the lease ends a silent session."""
+def test_a_silent_session_expires_after_its_lease(daemon: Daemon, spec: CacheSpec) -> None:
+    """Its process lives on (this one) but stops heart-beating: only the lease ends the session."""
     stub = daemon.stub()
-    # A pid the kernel cannot vouch for (the request's word only); it names no live process of ours.
-    response = stub.RegisterSession(lookup_only_request("m-lease", fingerprint(spec), pid=4_000_001), timeout=5)
+    response = stub.RegisterSession(lookup_only_request(daemon.socket, "m-lease", fingerprint(spec)), timeout=5)
     assert response.lease_ms == daemon.lease_ms
     registered_at = time.monotonic()
-    session = next(s for s in daemon.stats().sessions if s.session_id == response.session_id)
+    label = session_label(response.session_id)
+    session = next(s for s in daemon.stats().sessions if s.session_id == label)
     assert session.transport == "none"
-    assert session.pid == 4_000_001
+    assert session.pid == os.getpid()
 
     # Heart-beating keeps it alive well past one lease...
     while time.monotonic() - registered_at < 2.5 * daemon.lease_ms / 1000:
-        assert stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=response.session_id), timeout=5).boot_id
+        assert stub.Heartbeat(scoped(kvd_pb2.HeartbeatRequest, response), timeout=5).boot_id
         time.sleep(daemon.lease_ms / 1000 / 4)
-    assert response.session_id in daemon.session_ids()
+    assert label in daemon.session_labels()
 
     # ...and once it stops, the session is gone within about a lease.
     last_beat = time.monotonic()
-    wait_for(lambda: response.session_id not in daemon.session_ids(), timeout=10, what="the lease to expire")
+    wait_for(lambda: label not in daemon.session_labels(), timeout=10, what="the lease to expire")
     elapsed = time.monotonic() - last_beat
     assert elapsed >= 0.8 * daemon.lease_ms / 1000, elapsed  # not before the lease...
     assert elapsed < 5 * daemon.lease_ms / 1000, elapsed  # ...and not long after it (sweeps: lease / 4)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Heartbeat(kvd_pb2.HeartbeatRequest(session_id=response.session_id), timeout=5)
+        stub.Heartbeat(scoped(kvd_pb2.HeartbeatRequest, response), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_lookups_renew_the_lease_too(daemon: Daemon, spec: CacheSpec) -> None:
     stub = daemon.stub()
-    response = stub.RegisterSession(lookup_only_request("m-lease2", fingerprint(spec), pid=4_000_002), timeout=5)
+    response = stub.RegisterSession(lookup_only_request(daemon.socket, "m-lease2", fingerprint(spec)), timeout=5)
+    label = session_label(response.session_id)
     start = time.monotonic()
     while time.monotonic() - start < 2 * daemon.lease_ms / 1000:
-        stub.Lookup(kvd_pb2.LookupRequest(session_id=response.session_id, block_hashes=[b"x"]), timeout=5)
+        stub.Lookup(scoped(kvd_pb2.LookupRequest, response, block_hashes=[b"x"]), timeout=5)
         time.sleep(daemon.lease_ms / 1000 / 4)
-    assert response.session_id in daemon.session_ids()
-    stub.Unregister(kvd_pb2.UnregisterRequest(session_id=response.session_id), timeout=5)
-    assert response.session_id not in daemon.session_ids()
+    assert label in daemon.session_labels()
+    stub.Unregister(scoped(kvd_pb2.UnregisterRequest, response), timeout=5)
+    assert label not in daemon.session_labels()
 
 
 def test_blocks_outlive_the_session_that_saved_them(daemon: Daemon, spec: CacheSpec) -> None:
@@ -246,4 +250,4 @@ def test_blocks_outlive_the_session_that_saved_them(daemon: Daemon, spec: CacheS
     stub = daemon.stub()
     with RawSession(stub, stub.RegisterSession(cpu_register_request(daemon.socket, spec, caches, "m-out"))) as s:
         assert s.save(pairs).ok
-    assert lookup_hits(stub, "m-out", fingerprint(spec), [h for _, h in pairs]) == 4
+    assert lookup_hits(stub, daemon.socket, "m-out", fingerprint(spec), [h for _, h in pairs]) == 4

@@ -142,7 +142,7 @@ def test_read_your_writes(daemon: Daemon, spec: CacheSpec) -> None:
             assert result.hit_blocks == n, (r, result)
     # Also from another session (another worker's view).
     last = [block_hash(k, f"ryw{rounds - 1}") for k in range(1 + (rounds - 1) % 3)]
-    assert lookup_hits(daemon.stub(), "model-ryw", fingerprint(spec), last) == len(last)
+    assert lookup_hits(daemon.stub(), daemon.socket, "model-ryw", fingerprint(spec), last) == len(last)
 
 
 def test_concurrent_saves_of_the_same_blocks_then_lookup(daemon: Daemon, spec: CacheSpec) -> None:

@@ -6,7 +6,8 @@ circle, and no function or file grows past the size a reader can hold in mind.
     service     kvd.service                         sessions, admission, operations
     transports  kvd.transports  |  tiers  kvd.tiers (side by side: neither imports the other)
     memory      kvd.memory                          the host pool
-    bottom      kvd (package), types, errors, config, logs, metrics
+    bottom      kvd (package), types, errors, config, logs, metrics, process (the verified peer process: its
+                identity is a value every layer above carries, from the credential socket to each copy)
     kvd_client  the client's value types, errors and wire: below everything in kvd, and imports nothing of it
 """
 
@@ -36,7 +37,7 @@ LAYERS = [
     (3, "transports", ("kvd.transports",)),
     (3, "tiers", ("kvd.tiers",)),
     (2, "memory", ("kvd.memory",)),
-    (1, "bottom", ("kvd.types", "kvd.errors", "kvd.config", "kvd.logs", "kvd.metrics", "kvd")),
+    (1, "bottom", ("kvd.types", "kvd.errors", "kvd.config", "kvd.logs", "kvd.metrics", "kvd.process", "kvd")),
     (0, "kvd_client", ("kvd_client",)),
 ]
 

@@ -15,7 +15,7 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 from kvd.daemon import KvdDaemon
 from tests.helpers.inprocess import serving, stub_for
 from tests.helpers.kvdata import CacheSpec, block_hash, fill, make_caches, mismatches
-from tests.helpers.rpc import cpu_register_request, fingerprint, lookup_only_request, transfer
+from tests.helpers.rpc import cpu_register_request, fingerprint, lookup_only_request, scoped, transfer
 
 SPEC = CacheSpec()
 
@@ -26,11 +26,17 @@ async def daemon() -> AsyncIterator[KvdDaemon]:
         yield running
 
 
-async def register_cpu(daemon: KvdDaemon, stub: kvd_pb2_grpc.KvdStub, caches: dict) -> str:
+async def register_cpu(daemon: KvdDaemon, stub: kvd_pb2_grpc.KvdStub, caches: dict) -> kvd_pb2.RegisterSessionResponse:
     loop = asyncio.get_running_loop()
     # The credential socket is served by this same loop: fetch the token from another thread.
     request = await loop.run_in_executor(None, cpu_register_request, daemon.config.socket, SPEC, caches, "inproc")
-    return (await stub.RegisterSession(request, timeout=5)).session_id
+    return await stub.RegisterSession(request, timeout=5)
+
+
+async def lookup_only(daemon: KvdDaemon, model: str, layout_fingerprint: str) -> kvd_pb2.RegisterSessionRequest:
+    """A lookup-only registration with a token (fetched from another thread: this loop serves the socket)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, lookup_only_request, daemon.config.socket, model, layout_fingerprint)
 
 
 def forged(request: kvd_pb2.RegisterSessionRequest) -> kvd_pb2.RegisterSessionRequest:
@@ -60,12 +66,12 @@ async def test_save_lookup_load_through_the_cpu_transport(daemon: KvdDaemon) -> 
     fill(caches, SPEC, pairs)
     async with stub_for(daemon) as stub:
         session = await register_cpu(daemon, stub, caches)
-        watch = stub.Watch(kvd_pb2.WatchRequest(session_id=session))
+        watch = stub.Watch(scoped(kvd_pb2.WatchRequest, session))
         await watch.initial_metadata()
         saved = await stub.Save(transfer(session, pairs, tag=1), timeout=5)
         assert (await notice_of(watch, saved.operation_id)).ok
         hashes = [h for _, h in pairs] + [block_hash(99, "never")]
-        lookup = await stub.Lookup(kvd_pb2.LookupRequest(session_id=session, block_hashes=hashes), timeout=5)
+        lookup = await stub.Lookup(scoped(kvd_pb2.LookupRequest, session, block_hashes=hashes), timeout=5)
         assert lookup.hit_blocks == 4 and list(lookup.tiers) == [kvd_pb2.TIER_HOST_MEMORY] * 4
         moved = [(10 + i, h) for i, h in pairs]
         loaded = await stub.Load(transfer(session, moved), timeout=5)
@@ -90,16 +96,25 @@ async def test_save_lookup_load_through_the_cpu_transport(daemon: KvdDaemon) -> 
 
 
 @pytest.mark.parametrize(
-    ("request_of", "code"),
+    ("fingerprint_of", "token", "code"),
     [
-        (lambda: lookup_only_request("m", ""), grpc.StatusCode.INVALID_ARGUMENT),  # no layout fingerprint
-        (lambda: forged(lookup_only_request("m", "fp")), grpc.StatusCode.PERMISSION_DENIED),  # a token never issued
+        ("", "issued", grpc.StatusCode.INVALID_ARGUMENT),  # no layout fingerprint
+        ("fp", "forged", grpc.StatusCode.PERMISSION_DENIED),  # a token never issued
+        ("fp", "none", grpc.StatusCode.PERMISSION_DENIED),  # every session registers through the credential socket
     ],
 )
-async def test_bad_registrations_get_their_status(daemon: KvdDaemon, request_of, code: grpc.StatusCode) -> None:
+async def test_bad_registrations_get_their_status(
+    daemon: KvdDaemon, fingerprint_of: str, token: str, code: grpc.StatusCode
+) -> None:
+    if token == "issued":
+        request = await lookup_only(daemon, "m", fingerprint_of)
+    else:
+        request = lookup_only_request(None, "m", fingerprint_of)
+        if token == "forged":
+            request = forged(request)
     async with stub_for(daemon) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.RegisterSession(request_of(), timeout=5)
+            await stub.RegisterSession(request, timeout=5)
     assert raised.value.code() is code
 
 
@@ -108,9 +123,9 @@ async def test_calls_on_a_bad_session_or_batch_get_their_status(daemon: KvdDaemo
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Lookup(kvd_pb2.LookupRequest(session_id="nope", block_hashes=[b"x"]), timeout=5)
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-        session = (await stub.RegisterSession(lookup_only_request("m", fingerprint(SPEC)), timeout=5)).session_id
+        session = await stub.RegisterSession(await lookup_only(daemon, "m", fingerprint(SPEC)), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.Lookup(kvd_pb2.LookupRequest(session_id=session), timeout=5)  # empty batch
+            await stub.Lookup(scoped(kvd_pb2.LookupRequest, session), timeout=5)  # empty batch
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Save(transfer(session, [(0, b"h")]), timeout=5)  # a lookup-only session has no memory

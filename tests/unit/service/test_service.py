@@ -17,13 +17,16 @@ from kvd.errors import (
     FailedPrecondition,
     FailureReason,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     TransferError,
     Unavailable,
 )
 from kvd.memory.host_pool import HostPool
 from kvd.metrics import Metrics
+from kvd.process import PeerProcess
 from kvd.service.service import KvdService
+from kvd.service.sessions import Session
 from kvd.tiers.store import HostStore
 from kvd.transports.base import Attachment, SlotRef
 from kvd.types import (
@@ -33,6 +36,7 @@ from kvd.types import (
     Notice,
     PeerIdentity,
     Registration,
+    SessionRef,
     Stamps,
     Tier,
     TransportKind,
@@ -90,6 +94,9 @@ class OneAttachment:
     async def attach(self, memory: WorkerMemory, layout: KvLayout, peer: PeerIdentity) -> Attachment:
         return self.attachment
 
+    def block_limit(self, memory: WorkerMemory) -> None:
+        return None
+
 
 @pytest.fixture
 async def parts() -> AsyncIterator[tuple[KvdService, MemoryAttachment, HostPool]]:
@@ -111,12 +118,12 @@ def batch(pairs: Iterable[tuple[int, bytes]]) -> BlockBatch:
     return BlockBatch(list(indices), list(hashes))
 
 
-def registration(pid: int = 7, memory: bool = True) -> Registration:
+def registration(pid: int = 7, memory: bool = True, uid: int = 0) -> Registration:
     return Registration(
         namespace=Namespace("model", LAYOUT.fingerprint(), 0, 1),
         layout=LAYOUT if memory else None,
         memory=CpuMemory((CpuRegion(0x1000, LAYOUT.layers[0].nbytes),)) if memory else None,
-        peer=PeerIdentity(pid, 0, 0, verified=False),
+        peer=PeerIdentity(PeerProcess(pid, uid, uid, None, None), f"uid:{uid}"),
         worker_name="test",
     )
 
@@ -125,8 +132,12 @@ def h(i: int) -> bytes:
     return b"hash" + i.to_bytes(4, "big")
 
 
-async def next_notice(service: KvdService, session_id: str) -> Notice:
-    return await asyncio.wait_for(anext(service.watch(session_id)), 5)
+def ref(session: Session) -> SessionRef:
+    return SessionRef(session.id, session.key)
+
+
+async def next_notice(service: KvdService, session: SessionRef) -> Notice:
+    return await asyncio.wait_for(anext(service.watch(session)), 5)
 
 
 async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> None:
@@ -134,14 +145,14 @@ async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> N
     session = await service.register(registration())
     for b in range(4):
         attachment.cache[b * BLOCK : (b + 1) * BLOCK] = bytes([b + 1]) * BLOCK
-    op = service.save(session.id, batch((b, h(b)) for b in range(4)), b"", client_tag=9)
-    notice = await next_notice(service, session.id)
+    op = service.save(ref(session), batch((b, h(b)) for b in range(4)), b"", client_tag=9)
+    notice = await next_notice(service, ref(session))
     assert (notice.operation_id, notice.ok, notice.client_tag, notice.bytes_moved) == (op, True, 9, 4 * BLOCK)
-    result = await service.lookup(session.id, [h(0), h(1), h(2), h(3), h(99)])
+    result = await service.lookup(ref(session), [h(0), h(1), h(2), h(3), h(99)])
     assert result.hit_blocks == 4 and result.tiers == (Tier.HOST_MEMORY,) * 4
     attachment.cache[:] = bytes(len(attachment.cache))
-    service.load(session.id, batch((10 + b, h(b)) for b in range(4)), b"", client_tag=0)
-    loaded = await next_notice(service, session.id)
+    service.load(ref(session), batch((10 + b, h(b)) for b in range(4)), b"", client_tag=0)
+    loaded = await next_notice(service, ref(session))
     assert loaded.ok and loaded.done_event == b"done"
     for done in (notice, loaded):  # each layer stamped its stages, in order (the transport's are its own business)
         assert done.stages is not None
@@ -160,10 +171,10 @@ async def test_save_then_lookup_hits_then_load_writes_the_same_bytes(parts) -> N
 async def test_a_load_fails_exactly_the_blocks_not_stored(parts) -> None:
     service, _, _ = parts
     session = await service.register(registration())
-    service.save(session.id, batch([(0, h(0))]), b"", 0)
-    assert (await next_notice(service, session.id)).ok
-    service.load(session.id, batch([(1, h(0)), (2, h(5))]), b"", 0)
-    notice = await next_notice(service, session.id)
+    service.save(ref(session), batch([(0, h(0))]), b"", 0)
+    assert (await next_notice(service, ref(session))).ok
+    service.load(ref(session), batch([(1, h(0)), (2, h(5))]), b"", 0)
+    notice = await next_notice(service, ref(session))
     assert not notice.ok and notice.failed_hashes == (h(5),) and notice.error == "not stored"
     assert service.stats().counters.load_miss_blocks == 1
 
@@ -172,10 +183,10 @@ async def test_a_failed_copy_fails_its_blocks_and_stores_nothing(parts) -> None:
     service, attachment, pool = parts
     session = await service.register(registration())
     attachment.fail_with = TransferError("worker memory gone", FailureReason.PROCESS_VM)
-    service.save(session.id, batch([(0, h(0)), (1, h(1))]), b"", 0)
-    notice = await next_notice(service, session.id)
+    service.save(ref(session), batch([(0, h(0)), (1, h(1))]), b"", 0)
+    notice = await next_notice(service, ref(session))
     assert not notice.ok and set(notice.failed_hashes) == {h(0), h(1)} and "worker memory gone" in notice.error
-    assert (await service.lookup(session.id, [h(0)])).hit_blocks == 0 and pool.used_bytes == 0
+    assert (await service.lookup(ref(session), [h(0)])).hit_blocks == 0 and pool.used_bytes == 0
     failures = service.metrics.registry.get_sample_value(  # type: ignore[union-attr]
         "kvd_failures_total", {"kind": "save", "reason": "process_vm"}
     )
@@ -192,8 +203,8 @@ async def test_a_save_without_room_fails_those_blocks(parts) -> None:
         pool.commit(entry)
         pool.pin(entry)
         pins.append(entry)
-    service.save(session.id, batch([(0, h(0))]), b"", 0)
-    notice = await next_notice(service, session.id)
+    service.save(ref(session), batch([(0, h(0))]), b"", 0)
+    notice = await next_notice(service, ref(session))
     assert not notice.ok and notice.failed_hashes == (h(0),) and notice.error == "host pool full"
     for entry in pins:
         pool.unpin(entry)
@@ -204,22 +215,55 @@ async def test_admission_limits(parts) -> None:
     session = await service.register(registration())
     lookup_only = await service.register(registration(memory=False))
     with pytest.raises(InvalidArgument):
-        service.save(session.id, batch([(NUM_BLOCKS, h(0))]), b"", 0)  # index out of range
+        service.save(ref(session), batch([(NUM_BLOCKS, h(0))]), b"", 0)  # index out of range
     with pytest.raises(InvalidArgument):
-        service.save(session.id, batch([(0, b"")]), b"", 0)  # empty hash
+        service.save(ref(session), batch([(0, b"")]), b"", 0)  # empty hash
     with pytest.raises(InvalidArgument):
-        service.load(session.id, batch([(0, h(0)), (0, h(1))]), b"", 0)  # one index twice
+        service.load(ref(session), batch([(0, h(0)), (0, h(1))]), b"", 0)  # one index twice
     with pytest.raises(FailedPrecondition):
-        service.save(lookup_only.id, batch([(0, h(0))]), b"", 0)
+        service.save(ref(lookup_only), batch([(0, h(0))]), b"", 0)
     with pytest.raises(AlreadyExists):
         await service.register(registration())
     attachment.gate = asyncio.Event()
-    service.save(session.id, batch([(0, h(0))]), b"", 0)
-    service.save(session.id, batch([(1, h(1))]), b"", 0)
+    service.save(ref(session), batch([(0, h(0))]), b"", 0)
+    service.save(ref(session), batch([(1, h(1))]), b"", 0)
     with pytest.raises(ResourceExhausted):  # max_inflight_ops = 2
-        service.save(session.id, batch([(2, h(2))]), b"", 0)
+        service.save(ref(session), batch([(2, h(2))]), b"", 0)
     attachment.gate.set()
-    await next_notice(service, session.id)
+    await next_notice(service, ref(session))
+
+
+async def test_sessions_per_uid_and_events_per_session_are_capped() -> None:
+    config = KvdConfig(
+        host_pool=HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=64 << 10),
+        max_sessions_per_uid=2,
+        max_worker_events=2,
+        allowed_uids=(1000,),
+    )
+    pool = HostPool(config.host_pool)
+    store = HostStore(pool)
+    service = KvdService(config, OneAttachment(MemoryAttachment()), store)  # type: ignore[arg-type]
+    await store.start()
+    await service.start()
+    try:
+        first = await service.register(registration(pid=1, uid=1000))
+        await service.register(registration(pid=2, uid=1000))
+        with pytest.raises(ResourceExhausted, match="max_sessions_per_uid"):
+            await service.register(registration(pid=3, uid=1000))
+        await service.register(registration(pid=3, uid=0))  # another uid is not held back
+        with pytest.raises(PermissionDenied):
+            await service.register(registration(pid=4, uid=1001))  # not in allowed_uids
+        for event in (b"e" * 64, b"f" * 64, b"e" * 64):  # a handle already open costs nothing more
+            service.save(ref(first), batch([(0, h(0))]), event, 0)
+            await next_notice(service, ref(first))
+        with pytest.raises(ResourceExhausted, match="max_worker_events"):
+            service.save(ref(first), batch([(0, h(0))]), b"g" * 64, 0)
+        await service.unregister(ref(first))
+        await service.register(registration(pid=5, uid=1000))
+    finally:
+        await service.drain(1.0)
+        await store.close()
+        pool.close()
 
 
 async def test_draining_refuses_new_work_and_closes_sessions(parts) -> None:

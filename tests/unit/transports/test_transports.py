@@ -8,6 +8,7 @@ from kvd_client.layout import DType, KvLayout, LayerLayout
 
 from kvd.config import TransportsConfig
 from kvd.errors import Unimplemented
+from kvd.process import PeerProcess
 from kvd.transports.base import block_segments
 from kvd.transports.cuda.kernels import slot_runs
 from kvd.transports.router import MEDIA, TransportRouter
@@ -49,6 +50,13 @@ async def test_a_medium_this_daemon_cannot_reach_is_unimplemented() -> None:
         memory = CudaMemory("GPU-0", (CudaAllocation(b"\0" * 64, 64),), (CudaLayer(0, 0, 64),))
         layout = KvLayout(layers=(LayerLayout("a", (2, 1, 4, 8), DType.FLOAT16, 1),), block_size_tokens=4)
         with pytest.raises(Unimplemented, match="no cuda_ipc transport"):
-            await router.attach(memory, layout, PeerIdentity(1, 0, 0, True))
+            await router.attach(memory, layout, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     finally:
         await router.stop()
+
+
+def test_a_gpu_block_must_fit_the_staging_chunk_and_the_limit_is_known_without_a_gpu() -> None:
+    router = TransportRouter(TransportsConfig(cpu_copy_threads=1, cuda_chunk_bytes=2 << 20), None)  # not started
+    cuda = CudaMemory("GPU-0", (CudaAllocation(b"\0" * 64, 64),), (CudaLayer(0, 0, 64),))
+    assert router.block_limit(cuda) == (2 << 20, "transports.cuda_chunk_bytes")
+    assert router.block_limit(CpuMemory(())) is None

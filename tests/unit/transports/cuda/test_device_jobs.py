@@ -19,6 +19,7 @@ from kvd_client.layout import DType, KvLayout, LayerLayout
 
 from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
+from kvd.process import PeerProcess
 from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
 from kvd.transports.cuda.transport import CudaTransport
@@ -128,7 +129,7 @@ async def attached(recorder: Recorder) -> tuple[Any, Any]:
         TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
     )
     await transport.start()
-    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(1, 0, 0, True))
+    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     return transport, attachment
 
 
@@ -211,7 +212,7 @@ async def test_each_stage_is_stamped_and_the_trace_has_a_line_per_operation(reco
     config = TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB, cuda_trace_path=path)
     transport = CudaTransport(config, PinnedRegion(0x7000_0000, 64 * MiB))
     await transport.start()
-    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(1, 0, 0, True))
+    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     saved, loaded = DaemonStages(received_ns=1), DaemonStages(received_ns=2)
     await attachment.save(list(range(12)), slots([0, 1, 2, 3, 4, 9, 11, 12, 20, 30, 31, 32]), WORKER_EVENT, saved)
     await attachment.load([7, 3, 5, 1, 0, 2, 4], slots(list(range(7))), WORKER_EVENT, loaded)
@@ -266,7 +267,7 @@ async def test_driver_mapped_memory_is_imported_mapped_and_unmapped_chunk_by_chu
         TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
     )
     await transport.start()
-    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(1, 0, 0, True))
+    attachment = await transport.attach(memory, LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     base, fds = 0x9_0000_0000, [r for r, _ in pipes]
     assert [c for c in recorder.calls if c[0].startswith("vmm.")] == [
         ("vmm.reserve", (3 * size,)),

@@ -8,6 +8,22 @@ KV-cache memory with it once at registration and then ask it to save blocks out 
 memory. Every call returns at once; completion arrives on the session's Watch stream.
 
 Compatibility: fields are only ever added. A breaking change is a new package (kvd.v2).
+
+Trust (docs/security.md): every session registers through the credential socket (a single-use token bound by the
+kernel to the connecting process and its uid), and every session-scoped call carries the session key that
+RegisterSession returned, known only to the session's owner. Blocks live in the owner's tenant (its uid, unless the
+operator maps several uids to one tenant): Lookup, Save and Load never see another tenant's blocks.
+
+Status codes each call may answer, besides OK (anything else is a bug, and the protocol fuzzer treats it as one):
+  every call         INVALID_ARGUMENT (a field out of range, or a request that does not decode),
+                     RESOURCE_EXHAUSTED (a request larger than the largest valid one, or a limit reached),
+                     UNAVAILABLE (starting up or shutting down)
+  RegisterSession    PERMISSION_DENIED (no or a bad token, a uid that may not register, a process that changed),
+                     ALREADY_EXISTS, UNIMPLEMENTED (a transport this daemon has no device or library for)
+  session-scoped     NOT_FOUND (no such session: register again), PERMISSION_DENIED (a wrong or missing
+                     session key, or a session whose process changed), FAILED_PRECONDITION (Save/Load on a
+                     lookup-only session)
+  Stats              the three of every call only
 """
 
 from collections import abc as _abc
@@ -156,6 +172,9 @@ class Namespace(_message.Message):
     """The identity under which blocks are stored. Two workers see each other's blocks iff their namespaces are equal,
     so it must capture everything that changes the bytes of a block: the model (and its dtype, LoRA, salt: folded
     into model_id by the connector), the KV layout, and the tensor-parallel shard.
+
+    The daemon prefixes every namespace with the registering peer's tenant (from its verified uid); a client cannot
+    name another tenant's namespace.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -167,7 +186,11 @@ class Namespace(_message.Message):
     model_id: _builtins.str
     """e.g. "meta-llama/Llama-3.1-8B@bf16" plus any salt"""
     layout_fingerprint: _builtins.str
-    """hex digest of KvLayout as the client computed it; checked by the daemon"""
+    """A digest of everything that shapes a block's bytes, as the client computed it: KvLayout.fingerprint() for a
+    plain kvd_client, the connector's fingerprint of model and cache configuration for vLLM (a lookup-only session
+    has no layout to digest). The daemon does not recompute it; it checks that every memory session of a namespace
+    registers the same KV layout (INVALID_ARGUMENT otherwise), so one fingerprint never names two layouts.
+    """
     tp_rank: _builtins.int
     tp_world_size: _builtins.int
     """>= 1"""
@@ -193,9 +216,10 @@ class CpuRegion(_message.Message):
     Transports: how the daemon reaches the worker's memory. One per session.
     ---------------------------------------------------------------------------------------------------------------
 
-    CPU transport: the daemon copies with process_vm_readv / process_vm_writev straight out of / into the worker's
-    address space. The worker allows it with prctl(PR_SET_PTRACER, daemon_pid); the daemon knows the worker's pid
-    from the peer credentials of the credential socket (see `credential_token`), never from the worker's word.
+    CPU transport: the daemon copies straight out of / into the worker's address space. The worker allows it with
+    prctl(PR_SET_PTRACER, daemon_pid); the daemon knows the worker's process from the credential socket (see
+    `credential_token`), never from the worker's word, and copies only while that process could still do so itself
+    (same credentials, dumpable, the address space it registered).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -385,9 +409,12 @@ class RegisterSessionRequest(_message.Message):
     CUDA_FIELD_NUMBER: _builtins.int
     WORKER_NAME_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
-    """the worker's pid as it sees it (logged; the daemon trusts the kernel's one)"""
+    """informational: the worker's pid as it sees it (logged); the daemon uses the"""
     credential_token: _builtins.bytes
-    """from the credential socket: binds this session to a kernel-verified pid/uid"""
+    """process that took credential_token, never this number
+    Required. From the credential socket: binds this session to the process that connected there and to the uid
+    and gid the kernel recorded (and so to their tenant). Single-use; expires after 60 s.
+    """
     worker_name: _builtins.str
     """free text for logs and stats, e.g. "vllm-tp0" """
     @_builtins.property
@@ -429,8 +456,10 @@ class RegisterSessionResponse(_message.Message):
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BLOCKS_FIELD_NUMBER: _builtins.int
     COLUMNAR_BLOCKS_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """opaque; pass it with every call"""
+    """opaque, not secret; pass it with every call (with session_key)"""
     lease_ms: _builtins.int
     """heartbeat at least every lease_ms / 3"""
     boot_id: _builtins.str
@@ -441,6 +470,12 @@ class RegisterSessionResponse(_message.Message):
     """the largest Save/Load/Lookup batch this daemon accepts"""
     columnar_blocks: _builtins.bool
     """Save/Load accept TransferRequest.block_indices/block_hashes (send those)"""
+    session_key: _builtins.bytes
+    """Secret (32 random bytes): the capability to act on this session. Every session-scoped call carries it; a
+    wrong or missing key is PERMISSION_DENIED and changes nothing. Never log or show it.
+    """
+    tenant: _builtins.str
+    """whose blocks this session sees and stores ("uid:1000", or an operator's name)"""
     def __init__(
         self,
         *,
@@ -450,10 +485,12 @@ class RegisterSessionResponse(_message.Message):
         block_bytes: _builtins.int = ...,
         max_batch_blocks: _builtins.int = ...,
         columnar_blocks: _builtins.bool = ...,
+        session_key: _builtins.bytes = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id", "session_key", b"session_key", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,15 +501,18 @@ class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    session_key: _builtins.bytes
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        session_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,15 +542,18 @@ class UnregisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    session_key: _builtins.bytes
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        session_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,7 +582,9 @@ class LookupRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    session_key: _builtins.bytes
     @_builtins.property
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """in prompt order; each 1..64 bytes"""
@@ -549,10 +594,11 @@ class LookupRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         block_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        session_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -618,6 +664,7 @@ class TransferRequest(_message.Message):
     CLIENT_TAG_FIELD_NUMBER: _builtins.int
     BLOCK_INDICES_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     IN_STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     ready_event: _builtins.bytes
@@ -626,6 +673,7 @@ class TransferRequest(_message.Message):
     """
     client_tag: _builtins.int
     """echoed in the completion notice; free for the client's bookkeeping"""
+    session_key: _builtins.bytes
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockTransfer]: ...
     @_builtins.property
@@ -656,11 +704,12 @@ class TransferRequest(_message.Message):
         client_tag: _builtins.int = ...,
         block_indices: _abc.Iterable[_builtins.int] | None = ...,
         block_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        session_key: _builtins.bytes = ...,
         in_step: Global___InStepLoad | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["in_step", b"in_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "in_step", b"in_step", "ready_event", b"ready_event", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "in_step", b"in_step", "ready_event", b"ready_event", "session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,15 +764,18 @@ class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    session_key: _builtins.bytes
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        session_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,6 +963,8 @@ Global___TierStats: _TypeAlias = TierStats  # noqa: Y015
 
 @_typing.final
 class SessionStats(_message.Message):
+    """Stats is node-wide diagnostics, open to any peer that can connect: it never shows a session id or key."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -921,13 +975,16 @@ class SessionStats(_message.Message):
     SAVES_FIELD_NUMBER: _builtins.int
     LOADS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """a short label ("s-1a2b3c4d", kvd_client.session_label of the id), as in the daemon's log"""
     worker_name: _builtins.str
     pid: _builtins.int
     transport: _builtins.str
     saves: _builtins.int
     loads: _builtins.int
     in_flight: _builtins.int
+    tenant: _builtins.str
     @_builtins.property
     def namespace(self) -> Global___Namespace: ...
     def __init__(
@@ -941,10 +998,11 @@ class SessionStats(_message.Message):
         saves: _builtins.int = ...,
         loads: _builtins.int = ...,
         in_flight: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "loads", b"loads", "namespace", b"namespace", "pid", b"pid", "saves", b"saves", "session_id", b"session_id", "transport", b"transport", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "loads", b"loads", "namespace", b"namespace", "pid", b"pid", "saves", b"saves", "session_id", b"session_id", "tenant", b"tenant", "transport", b"transport", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

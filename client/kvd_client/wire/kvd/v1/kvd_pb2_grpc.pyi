@@ -8,6 +8,22 @@ KV-cache memory with it once at registration and then ask it to save blocks out 
 memory. Every call returns at once; completion arrives on the session's Watch stream.
 
 Compatibility: fields are only ever added. A breaking change is a new package (kvd.v2).
+
+Trust (docs/security.md): every session registers through the credential socket (a single-use token bound by the
+kernel to the connecting process and its uid), and every session-scoped call carries the session key that
+RegisterSession returned, known only to the session's owner. Blocks live in the owner's tenant (its uid, unless the
+operator maps several uids to one tenant): Lookup, Save and Load never see another tenant's blocks.
+
+Status codes each call may answer, besides OK (anything else is a bug, and the protocol fuzzer treats it as one):
+  every call         INVALID_ARGUMENT (a field out of range, or a request that does not decode),
+                     RESOURCE_EXHAUSTED (a request larger than the largest valid one, or a limit reached),
+                     UNAVAILABLE (starting up or shutting down)
+  RegisterSession    PERMISSION_DENIED (no or a bad token, a uid that may not register, a process that changed),
+                     ALREADY_EXISTS, UNIMPLEMENTED (a transport this daemon has no device or library for)
+  session-scoped     NOT_FOUND (no such session: register again), PERMISSION_DENIED (a wrong or missing
+                     session key, or a session whose process changed), FAILED_PRECONDITION (Save/Load on a
+                     lookup-only session)
+  Stats              the three of every call only
 """
 
 from collections import abc as _abc
