@@ -44,13 +44,13 @@ from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockBatch,
     DaemonStages,
+    InStep,
     LookupResult,
     Notice,
     OpKind,
     Registration,
     ServiceCounters,
     SessionRef,
-    SessionSnapshot,
     Stamps,
     StatsSnapshot,
     Tier,
@@ -219,16 +219,22 @@ class KvdService:
         self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps))
         return op_id
 
-    def load(  # `in_step`: an in-step load's progress entry (kvd_client.progress)
-        self, ref: SessionRef, blocks: BlockBatch, event: bytes, tag: int, stamps: Stamps = None, in_step: Any = None
+    def load(
+        self,
+        ref: SessionRef,
+        blocks: BlockBatch,
+        ready_event: bytes,
+        client_tag: int,
+        stamps: Stamps = None,
+        in_step: InStep | None = None,  # an in-step load's progress entry (kvd_client.progress)
     ) -> int:
-        session, layout = self._begin_transfer(ref, blocks, event)
+        session, layout = self._begin_transfer(ref, blocks, ready_event)
         if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
         progress = in_step_progress(session, layout, in_step)
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, event, tag, stamps, progress))
+        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress))
         return op_id
 
     async def _run(
@@ -299,20 +305,7 @@ class KvdService:
             boot_id=self.boot_id,
             version=kvd.__version__,
             uptime_s=int(time.monotonic() - self.started),
-            sessions=tuple(
-                SessionSnapshot(
-                    label=s.label,
-                    tenant=s.registration.peer.tenant,
-                    worker_name=s.registration.worker_name,
-                    namespace=s.registration.namespace,
-                    pid=s.registration.peer.pid,
-                    transport=s.transport,
-                    saves=s.saves,
-                    loads=s.loads,
-                    in_flight=s.in_flight,
-                )
-                for s in self.sessions
-            ),
+            sessions=tuple(s.snapshot() for s in self.sessions),
             tiers=self.store.snapshots(),
             counters=dataclasses.replace(self.counters),
             tier_counters={k: float(v) for k, v in self.store.counters().items()},

@@ -24,7 +24,7 @@ from kvd.errors import PermissionDenied, SessionNotFound
 from kvd.memory.progress import ProgressWriter
 from kvd.service.checks import namespace_key
 from kvd.transports.base import Attachment
-from kvd.types import Notice, PeerIdentity, Registration, SessionRef
+from kvd.types import Notice, PeerIdentity, Registration, SessionRef, SessionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,20 @@ class Session:
                 return
             if isinstance(item, Notice):
                 yield item
+
+    def snapshot(self) -> SessionSnapshot:
+        reg = self.registration
+        return SessionSnapshot(
+            label=self.label,
+            tenant=reg.peer.tenant,
+            worker_name=reg.worker_name,
+            namespace=reg.namespace,
+            pid=reg.peer.pid,
+            transport=self.transport,
+            saves=self.saves,
+            loads=self.loads,
+            in_flight=self.in_flight,
+        )
 
     def end_notices(self) -> None:
         """The session is closed: its Watch stream ends, and so do leases held on it (kvd.rpc.shared)."""

@@ -117,6 +117,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "registrations": client.registrations,
             "pid": os.getpid(),
             "block_bytes": client.block_bytes,
+            "session_key": client._session.key.hex(),  # tests of who may use the session
             "index_mapped": client.index.mapped,
             "index_answered": client.index.answered,
         }

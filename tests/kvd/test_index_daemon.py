@@ -16,7 +16,7 @@ from kvd_client.types import Tier
 from tests.conftest import DaemonFactory, WorkerFactory
 from tests.helpers.daemon import Daemon, MiB, wait_for
 from tests.helpers.kvdata import CacheSpec, block_hash
-from tests.helpers.rpc import fingerprint, lookup_hits
+from tests.helpers.rpc import fingerprint
 
 SPEC = CacheSpec(num_layers=2, num_blocks=128, block_size=16, kv_heads=8, head_dim=64)  # 64 KiB blocks
 
@@ -79,7 +79,9 @@ def test_the_index_agrees_with_the_store_through_evictions(
         worker.fill(blocks)
         assert worker.save(blocks)["ok"]
         for i in range(start + 32):
-            rpc = lookup_hits(daemon.stub(), "evict", fingerprint(SPEC), [hashes[i]])
+            sched.index.enabled = False  # this lookup over RPC: the store's answer
+            rpc = sched.lookup([hashes[i]]).result(timeout=10).hit_blocks
+            sched.index.enabled = True
             assert local(sched, [hashes[i]]) == rpc, f"block {i}: index and store disagree"
     assert daemon.host_tier().evictions >= 96
 
@@ -125,12 +127,16 @@ def test_a_scheduler_that_registered_first_maps_the_index_later(
 
 def test_only_the_sessions_process_gets_its_index(daemon: Daemon, worker_factory: WorkerFactory) -> None:
     worker = worker_factory(daemon.socket, SPEC, "owner")
-    session = worker.wait_ready()["session_id"]
-    # This process registered nothing: the worker's session is not ours to map.
-    with pytest.raises(SharedRefused, match="only to the process that registered"):
-        fetch_shared(Path(daemon.socket), session, timeout_s=5)
+    info = worker.wait_ready()
+    session, key = info["session_id"], bytes.fromhex(info["session_key"])
+    # Without the session's key: refused.
+    with pytest.raises(SharedRefused, match="wrong or missing session key"):
+        fetch_shared(Path(daemon.socket), session, b"", timeout_s=5)
     with pytest.raises(SharedRefused):
-        fetch_shared(Path(daemon.socket), "no-such-session", timeout_s=5)
+        fetch_shared(Path(daemon.socket), "no-such-session", key, timeout_s=5)
+    # With the key, but from another process than the one that registered (a leaked key): refused.
+    with pytest.raises(SharedRefused, match="only to the process that registered"):
+        fetch_shared(Path(daemon.socket), session, key, timeout_s=5)
     # A client that only wanted its token (every client before this feature) still gets it and nothing else.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)

@@ -86,7 +86,7 @@ def test_metrics_match_real_traffic(worker_factory, spec: CacheSpec) -> None:  #
         assert not result["ok"]
         looked_up = [h for _, h in stored] + [h for _, h in missing]
         assert worker.lookup(looked_up)["hit_blocks"] == 4  # answered from the shared index: no RPC, no metric
-        assert lookup_hits(daemon.stub(), "metrics-model", fingerprint(spec), looked_up) == 4  # the RPC
+        assert lookup_hits(daemon.stub(), daemon.socket, "metrics-model", fingerprint(spec), looked_up) == 4  # the RPC
 
         m = _scrape(port)
         assert m[("kvd_operations_total", (("kind", "save"), ("result", "ok")))] == 1
