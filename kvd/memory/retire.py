@@ -72,7 +72,7 @@ class Retiring:
         while reserves and now - reserves[0] > self.grace_s:
             reserves.popleft()
         full = not self._free_slabs and not size_class.open
-        limit = min(len(reserves), max(1, len(size_class.lru) // 16))
+        limit = min(len(reserves), max(1, len(size_class.lru) // RETIRED_AHEAD_DIVISOR))
         while full and len(size_class.retired) < limit and self._retire_one(size_class):
             pass
 

@@ -375,6 +375,7 @@ class TieredBlockStore(BlockStore):
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
+        out.update(self.l1.counters())
         out.update(self.writeback.counters)
         out["tier_write_queue_bytes"] = self.writeback.queue_bytes
         for backend in self.backends:

