@@ -45,14 +45,9 @@ class Attachment(abc.ABC):
         Stamps `stamps` as save does."""
 
     async def load_layers(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        on_layer: Callable[[int], None],
-        layers: int,
-        stamps: Stamps = None,
-    ) -> bytes:
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes,
+        on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
+    ) -> bytes:  # fmt: skip
         """A load in layer order (an in-step load): `on_layer(i)` once layer i of every block is in place, from any
         thread. This default copies everything, then reports every layer: correct, without the overlap."""
         event = await self.load(block_indices, slots, ready_event, stamps)

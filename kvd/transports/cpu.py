@@ -241,14 +241,9 @@ class CpuAttachment(Attachment):
         return b""
 
     async def load_layers(
-        self,
-        block_indices: Sequence[int],
-        slots: Sequence[SlotRef],
-        ready_event: bytes,
-        on_layer: Callable[[int], None],
-        layers: int,
-        stamps: Stamps = None,
-    ) -> bytes:
+        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes,
+        on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
+    ) -> bytes:  # fmt: skip
         """Layer by layer, in one copy thread (no event-loop hop between layers), each layer's blocks in as few calls
         as IOV_MAX allows, written as `load` writes; `on_layer` right after each layer's last call."""
         per_layer = [self._layer_calls(block_indices, slots, segments) for segments in self._layer_segments]
