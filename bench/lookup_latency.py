@@ -186,7 +186,7 @@ def main() -> int:
                 stub.Lookup(small, timeout=5)
                 samples.append(time.perf_counter_ns() - t0)
             out["sync_stub_1_hash_us"] = summary(samples)
-            small = kvd_pb2.LookupRequest(session_id=reg.session_id, block_hashes=hashes[:16])
+            small = scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes[:16])
             samples = timed(lambda: stub.Lookup(small, timeout=5), args.calls, args.warmup)
             out["sync_stub_16_hashes_us"] = summary(samples)
 

@@ -58,6 +58,7 @@ W_STASHED = 21  # blocks in the stash now
 W_DAEMON_FLAGS = 22  # what the daemon has beyond this index (DAEMON_REMOTE_TIER)
 DAEMON_REMOTE_TIER = 1  # a remote tier may hold blocks this index does not show (a lookup RPC can find more)
 W_MAX_LOOKUP = 23  # the daemon's max_lookup_blocks: a longer batch is the RPC's to refuse
+W_COLD = 24  # published blocks some rank holds outside host memory only (0: every hit is a host-memory hit)
 STATE_LIVE = 1
 STATE_RETIRED = 2  # the daemon dropped this index: map the new one (or ask over RPC)
 
@@ -240,6 +241,9 @@ class IndexReader:
         n = len(block_hashes)
         if n == 0:
             return 0, 0
+        if want_host and self._hdr is not None and not self._hdr[W_COLD]:
+            hit = self._probe_once(block_hashes, want_host=False)[0]  # every published block is in host memory
+            return hit, hit
         if self._np_words is None or n < NUMPY_MIN_BATCH or not self._has_first(block_hashes[0]):
             hit, host = self._probe_python(block_hashes, want_host)
         else:

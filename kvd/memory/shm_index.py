@@ -30,6 +30,7 @@ from kvd_client.index import (
     STASH_USED,
     STATE_LIVE,
     STATE_RETIRED,
+    W_COLD,
     W_DAEMON_FLAGS,
     W_ENTRIES,
     W_GENERATION,
@@ -195,10 +196,16 @@ class ShmIndex:
                         continue
                     block = self._blocks[digest] = _Block()
                 masks = block.masks
+                was_cold = self._cold(block)
                 masks[source] = masks[source] | bit if present else masks[source] & ~bit
                 self._publish(digest, block)
+                self._hdr[W_COLD] += self._cold(block) - was_cold
                 if not any(masks):
                     del self._blocks[digest]
+
+    def _cold(self, block: _Block) -> int:
+        """1 if the block is published with some rank's copy outside host memory."""
+        return int(block.published and block.masks[Source.HOST] != self._full)
 
     # -- lifecycle and stats ---------------------------------------------------------------------------------------
 
