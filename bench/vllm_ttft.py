@@ -166,7 +166,11 @@ def main() -> None:
         )
         engines = [Engine("no_connector", work / "model", work, None, {})]
         try:
-            engines += [Engine(name, work / "model", work, daemon.socket, extra) for name, extra in variants.items()]
+            # Each kvd engine in a namespace of its own (model_id): engines never hit what another one saved.
+            engines += [
+                Engine(name, work / "model", work, daemon.socket, {"model_id": name, **extra})
+                for name, extra in variants.items()
+            ]
             warm = [[rng.randrange(3, VOCAB) for _ in range(args.prompt_tokens)] for _ in range(4)]
             side_by_side(engines, warm)
             fresh = [[rng.randrange(3, VOCAB) for _ in range(args.prompt_tokens)] for _ in range(args.pairs)]
