@@ -92,16 +92,28 @@ class DiskTierConfig(_Section):
     capacity_bytes: int = Field(default=64 * GiB, ge=1 * MiB)
     io_threads: int = Field(default=4, ge=1)
     fsync: bool = False  # durability across power loss; writes are atomic (rename) either way
+    # Free space the tier leaves on its filesystem: it evicts to stay within min(capacity_bytes, what it stores +
+    # free space - reserve_bytes), so a filesystem smaller than capacity_bytes (or shared) is not written full.
+    reserve_bytes: int = Field(default=64 * MiB, ge=0)
+    # While the filesystem refuses writes (ENOSPC with nothing left to evict, read-only, I/O errors), the tier is
+    # degraded: writes are dropped at once and one is tried again after this long (doubling up to 16x).
+    retry_ms: int = Field(default=1000, ge=1)
 
 
 class RedisTierConfig(_Section):
     """L3: a global kvstore (Redis or Valkey). Off unless `url` is set."""
 
-    url: str | None = None  # e.g. redis://127.0.0.1:6379/0
+    url: str | None = None  # e.g. redis://127.0.0.1:6379/0; with `cluster`, any one node of the cluster
+    # Redis Cluster / Valkey cluster: `url` (and `cluster_nodes`) are seeds the client learns the topology from.
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()  # more seeds, "host:port", tried when `url`'s node is down at start
     key_prefix: str = "kvd:"
     capacity_bytes: int = Field(default=0, ge=0)  # 0: the store's own maxmemory policy decides
     timeout_ms: int = Field(default=500, ge=1)
     reconnect_backoff_ms: int = Field(default=1000, ge=1)
+    # How often the blocks this daemon wrote are checked against the store (EXISTS, in batches), so the tier's
+    # used bytes and blocks drop what the store evicted or another node deleted.
+    accounting_interval_s: float = Field(default=60.0, gt=0)
 
 
 class TierWritePolicy(enum.StrEnum):

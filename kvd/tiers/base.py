@@ -151,6 +151,10 @@ class StorageBackend(abc.ABC):
     def used(self) -> tuple[int, int]:
         """(bytes, blocks) stored now, as far as this daemon knows."""
 
+    def extra_counters(self) -> dict[str, int]:
+        """Backend-specific figures for stats (exported as `tier_<name>_<key>`)."""
+        return {}
+
     def snapshot(self, hits: int, misses: int) -> TierSnapshot:
         used_bytes, blocks = self.used()
         return TierSnapshot(

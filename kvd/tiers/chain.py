@@ -364,6 +364,8 @@ class TieredBlockStore(BlockStore):
             c = backend.counters
             for field in ("dropped_writes", "errors", "bytes_read", "bytes_written"):
                 out[f"tier_{backend.name}_{field}"] = getattr(c, field)
+            for field, figure in backend.extra_counters().items():
+                out[f"tier_{backend.name}_{field}"] = figure
         for name, value in self.cost.describe().items():
             out[name] = int(value)
         return out
