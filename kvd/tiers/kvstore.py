@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from kvd.config import RedisTierConfig
 from kvd.logs import Throttled
 from kvd.tiers.base import BlobError, Buffer, StorageBackend, decode_blob, encode_blob, namespace_digest
@@ -127,25 +129,35 @@ class RedisBackend(StorageBackend):
                 groups.setdefault(shard, []).append(i)
 
         async def run(shard: str, positions: list[int]) -> None:
-            try:
-                async with self.topology.pipeline() as pipe:
-                    for i in positions:
-                        command(pipe, keys[i], i)
-                    replies = await pipe.execute(raise_on_error=False)
-            except FAULTS as exc:
-                self.counters.errors += 1
-                self.health.mark_down(shard, exc)
-                return
-            lost = next((r for r in replies if isinstance(r, LOST_SHARD)), None)
-            if lost is not None:  # the connection broke or timed out mid-pipeline: the shard, not the command
-                self.counters.errors += 1
-                self.health.mark_down(shard, lost)
-                return
-            for i, reply in zip(positions, replies, strict=True):
-                out[i] = reply
+            # A broken connection is tried once more at once: after a shard restarts, every pooled connection to
+            # it is dead and the retry reconnects. A timeout is not retried: a hung shard costs one timeout.
+            for attempt in (1, 2):
+                replies, failure = await self._execute(positions, lambda pipe, i: command(pipe, keys[i], i))
+                if failure is None:
+                    for i, reply in zip(positions, replies, strict=True):
+                        out[i] = reply
+                    return
+                if attempt == 2 or not isinstance(failure, RedisConnectionError):
+                    self.counters.errors += 1
+                    self.health.mark_down(shard, failure)
+                    return
 
         await asyncio.gather(*(run(shard, positions) for shard, positions in groups.items()))
         return out
+
+    async def _execute(
+        self, positions: list[int], queue: Callable[[Any, int], object]
+    ) -> tuple[list[object], BaseException | None]:
+        """One pipeline: the replies, or the failure that says the shard (not a command) failed."""
+        try:
+            async with self.topology.pipeline() as pipe:
+                for i in positions:
+                    queue(pipe, i)
+                replies = await pipe.execute(raise_on_error=False)
+        except FAULTS as exc:
+            return [], exc
+        # A connection that broke or timed out mid-pipeline shows up as some commands' replies.
+        return replies, next((r for r in replies if isinstance(r, LOST_SHARD)), None)
 
     def _refused(self, what: str, replies: Sequence[object]) -> None:
         errors = [r for r in replies if isinstance(r, BaseException)]

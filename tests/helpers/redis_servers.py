@@ -179,6 +179,20 @@ class RedisClusterServers:
         self.nodes[i].start()
         self.wait_ok(timeout)
 
+    def revive(self, timeout: float = 30.0) -> None:
+        """Every shard running (restarted if killed, continued if stopped), the cluster ok, and no keys."""
+        for node in self.nodes:
+            node.cont()
+            if node.proc is None or node.proc.poll() is not None:
+                node.start()
+        self.wait_ok(timeout)
+        for node in self.nodes:
+            client = node.client()
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()

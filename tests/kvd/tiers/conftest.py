@@ -36,17 +36,24 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
-    """A real Redis Cluster: 3 cluster-enabled redis-servers joined by redis-cli, stopped after the test."""
+@pytest.fixture(scope="session")
+def _cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     if REDIS_SERVER is None or REDIS_CLI is None:
         pytest.skip("redis-server / redis-cli is not installed")
-    cluster = RedisClusterServers(tmp_path / "cluster", shards=3)
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"), shards=3)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(_cluster_servers: RedisClusterServers) -> RedisClusterServers:
+    """A real Redis Cluster: 3 cluster-enabled redis-servers joined by redis-cli (started once per session, ~2 s),
+    handed to each test with every shard running and empty."""
+    _cluster_servers.revive()
+    return _cluster_servers
 
 
 @pytest.fixture
