@@ -62,6 +62,7 @@ class RedisBackend(StorageBackend):
         self._live_bytes = 0
         self.store_keys = 0  # the whole store, every prefix: DBSIZE summed over the shards
         self.store_used_bytes = 0  # INFO used_memory summed over the shards
+        self._totals: dict[str, tuple[int, int]] = {}  # per shard, as last read
         self._connected = False
         self._started = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -269,7 +270,10 @@ class RedisBackend(StorageBackend):
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.accounting_interval_s)
+            # Every interval, and as soon as a shard comes back: a restarted shard may have lost every key.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.health.recovered.wait(), self.accounting_interval_s)
+            self.health.recovered.clear()
             try:
                 await self.sweep()
             except Exception:
@@ -284,15 +288,14 @@ class RedisBackend(StorageBackend):
             for store_key, reply in zip(batch, replies, strict=True):
                 if reply == 0:
                     self._forget(store_key)
-        keys = used = 0
-        for shard in self.topology.shards():
-            if self.health.is_down(shard):
-                continue
-            with contextlib.suppress(*FAULTS):
-                shard_keys, shard_used = await asyncio.wait_for(self.topology.totals(shard), self.timeout_s * 2)
-                keys += shard_keys
-                used += shard_used
-        self.store_keys, self.store_used_bytes = keys, used
+        shards = self.topology.shards()
+        for shard in shards:
+            if not self.health.is_down(shard):  # a shard that does not answer keeps its last figures
+                with contextlib.suppress(*FAULTS):
+                    self._totals[shard] = await asyncio.wait_for(self.topology.totals(shard), self.timeout_s * 4)
+        self._totals = {shard: self._totals[shard] for shard in shards if shard in self._totals}
+        self.store_keys = sum(keys for keys, _ in self._totals.values())
+        self.store_used_bytes = sum(used for _, used in self._totals.values())
 
 
 def _verify_all(keys: list[BlockKey], blobs: list[bytes | None]) -> list[Buffer | None]:

@@ -187,6 +187,7 @@ class ShardHealth:
     def __init__(self, tier: str, probe: Callable[[str], Awaitable[object]], backoff_s: float, timeout_s: float):
         self.tier = tier
         self.probe = probe
+        self.recovered = asyncio.Event()  # set each time a shard comes back (it may have come back empty)
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self._down: dict[str, asyncio.Task[None]] = {}
@@ -227,6 +228,7 @@ class ShardHealth:
                 continue
             break
         self._down.pop(shard, None)
+        self.recovered.set()
         down_for = time.monotonic() - self._since.pop(shard, time.monotonic())
         what = "the store" if shard == STORE else f"shard {shard}"
         log.info("%s tier: %s reachable (after %.1f s)", self.tier, what, down_for)

@@ -4,10 +4,6 @@ when redis-server / redis-cli is not installed), a real host pool, and real back
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,8 +12,9 @@ import pytest
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig
 from kvd.memory.host_pool import HostPool
 from tests.helpers.redis_servers import REDIS_CLI, REDIS_SERVER, RedisClusterServers, RedisServer
+from tests.helpers.small_fs import fill_up, mount_tmpfs, unmount
 
-__all__ = ["RedisClusterServers", "RedisServer"]
+__all__ = ["RedisClusterServers", "RedisServer", "fill_up"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -85,39 +82,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 8 MiB filesystem (tmpfs) mounted on a fresh directory; unmounted after the test. Skipped, saying why,
     where mounting is not permitted (not root, no CAP_SYS_ADMIN, a container without it)."""
     mountpoint = tmp_path / "small-fs"
-    mountpoint.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8) on this machine: cannot make a small filesystem for the ENOSPC tests")
-    result = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES},mode=0700", "kvd-test", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    why_not = mount_tmpfs(mountpoint, SMALL_FS_BYTES)
+    if why_not is not None:
+        pytest.skip(f"no small filesystem for the ENOSPC tests: {why_not}")
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], capture_output=True)
-        if os.path.ismount(mountpoint):
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-
-
-def fill_up(path: Path) -> int:
-    """Write `path` until the filesystem refuses another byte (ENOSPC); the bytes written."""
-    written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for chunk in (1 << 20, 64 << 10, 4 << 10, 512, 1):
-            block = b"x" * chunk
-            while True:
-                try:
-                    written += os.write(fd, block)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-    finally:
-        os.close(fd)
-    return written
+        unmount(mountpoint)

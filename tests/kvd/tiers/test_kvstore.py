@@ -76,6 +76,12 @@ async def test_server_killed_then_restarted(redis_server: RedisServer) -> None:
 
         redis_server.start()  # empty: nothing was persisted
         assert await backend.wait_healthy(5)
+        # The store came back empty: the blocks this daemon had written are checked at once, not a minute later.
+        for _ in range(100):
+            if backend.used() == (0, 0):
+                break
+            await asyncio.sleep(0.02)
+        assert backend.used() == (0, 0)
         assert await backend.put([(key(3), payload(3))]) == [True]
         (got,) = await backend.get([key(3)])
         assert got is not None and bytes(got) == payload(3)
