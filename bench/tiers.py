@@ -7,7 +7,8 @@ backend: L1 (copy into / out of host-pool slots, what the transports do), disk (
 system temp dir), Redis (a redis-server started here on loopback) and a Redis Cluster (3 redis-servers in cluster
 mode, joined by redis-cli; skipped if either is absent), each kvstore next to its limit in the same run: the same
 values through a bare redis-py pipeline (`raw_client`). Then a lookup whose prefix crosses L1 -> disk -> Redis,
-through TieredBlockStore. Reported: MiB/s and GB/s over the run and p50/p99 per request.
+through TieredBlockStore, and disk churn with and without admission by reuse (bench/disk_churn.py). Reported: MiB/s
+and GB/s over the run and p50/p99 per request; disk bytes written per hour before/after admission by reuse.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: kvd, bench, tests.helpers
+
+from bench.disk_churn import bench_disk_churn
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig, TiersConfig
 from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
@@ -253,6 +257,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if remote is not None:
                 await remote.close()
         await disk.close()
+        result["disk_churn"] = await bench_disk_churn(workdir / "churn", args.churn_requests)
     finally:
         with contextlib.suppress(BufferError):
             pool.close()
@@ -265,6 +270,7 @@ if __name__ == "__main__":
     parser.add_argument("--request-mib", type=int, default=32)
     parser.add_argument("--blocks-per-request", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--churn-requests", type=int, default=20000, help="requests per policy in disk_churn")
     parser.add_argument("--dir", default=None, help="where the disk tier's directory goes (default: temp dir)")
     json.dump(asyncio.run(main(parser.parse_args())), sys.stdout, indent=2)
     print()

@@ -121,8 +121,19 @@ class TierWritePolicy(enum.StrEnum):
     WRITE_ON_EVICT = "write_on_evict"  # a block goes down only when L1 evicts it
 
 
+class DiskAdmission(enum.StrEnum):
+    ALWAYS = "always"  # every block leaving L1 goes to disk
+    REUSED = "reused"  # only a block hit while in L1, or one leaving L1 for the second time (see kvd.tiers.reuse)
+
+
 class TiersConfig(_Section):
     write_policy: TierWritePolicy = TierWritePolicy.WRITE_ON_EVICT
+    # Which blocks leaving L1 (write_on_evict) the disk tier takes; the global kvstore takes every one. "reused"
+    # keeps a working set bigger than the disk from being rewritten at the rate blocks leave L1.
+    disk_admission: DiskAdmission = DiskAdmission.REUSED
+    # A save that must evict blocks whose only copy is in L1 while the write-down queue is full waits this long at
+    # most for the queue to drain (when a lower tier is healthy), rather than the evicted blocks being dropped.
+    write_down_wait_ms: int = Field(default=2000, ge=0)
     promote_on_hit: bool = True  # a lookup hit below L1 starts copying the block up (prefetch for the load)
     # Cost-aware admission: report a lower-tier hit only if loading it beats recomputing it.
     recompute_us_per_token: float = Field(default=20.0, ge=0.0)

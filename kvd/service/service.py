@@ -35,6 +35,7 @@ from kvd.service.checks import (
     namespace_key,
     rank_namespace_key,
 )
+from kvd.logs import Throttled
 from kvd.service.operations import Operation, Outcome, run_load, run_save
 from kvd.service.sessions import Session, SessionTable
 from kvd.tiers.store import BlockStore
@@ -77,6 +78,7 @@ class KvdService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
+        self._warn = Throttled(log)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class KvdService:
             try:
                 await session.attachment.close()
             except Exception:
-                log.exception("closing the attachment of session %s", session.label)
+                self._warn.exception("attachment-close", "closing the attachment of session %s", session.label)
         process.close()
         session.end_notices()
         self.sessions.remove(session)
