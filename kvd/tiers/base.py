@@ -22,10 +22,11 @@ it in `corrupt` and deletes it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import xxhash
 
@@ -105,6 +106,19 @@ class BackendCounters:
     corrupt: int = 0  # blobs that failed verification (each one deleted)
     evictions: int = 0
     errors: int = 0  # I/O or connection errors, whatever they cost
+
+
+async def stop_task(task: asyncio.Task[Any] | None, poll_s: float = 0.05) -> None:
+    """Cancel a backend's background task and wait until it has ended. The cancel is repeated until it takes: a
+    library awaited inside the task (a store client cleaning up a connection) may swallow one, and the task would
+    then carry on into its next sleep and hold up the daemon's shutdown."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=poll_s)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error of a task being stopped is of no interest any more
 
 
 class StorageBackend(abc.ABC):

@@ -21,7 +21,6 @@ it (or the write is dropped for lack of room, counted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from kvd.errors import InvalidArgument, ResourceExhausted
 from kvd.logs import Throttled
 from kvd.memory.host_pool import Entry
 from kvd.tiers.admission import CostModel
-from kvd.tiers.base import Buffer, StorageBackend
+from kvd.tiers.base import Buffer, StorageBackend, stop_task
 from kvd.tiers.store import BlockStore, HostStore, SavePlan
 from kvd.tiers.writeback import WriteBack
 from kvd.types import BlockKey, Tier, TierSnapshot
@@ -121,12 +120,7 @@ class TieredBlockStore(BlockStore):
         if not await self.flush(CLOSE_FLUSH_TIMEOUT_S):
             log.warning("tiers: %d write-downs still queued at shutdown; dropped", self.writeback.abandon())
         for task in (self.writeback.task, *self._tasks):
-            if task is not None:
-                task.cancel()
-        for task in (self.writeback.task, *self._tasks):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await stop_task(task)
         for backend in self.backends:
             try:
                 await backend.close()

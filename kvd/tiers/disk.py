@@ -15,7 +15,6 @@ a read that fails is a miss. Repeating warnings are rate-limited.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from typing import ClassVar, TypeVar
 from kvd.config import DiskTierConfig, human_bytes
 from kvd.logs import Throttled
 from kvd.tiers import disk_files
-from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, namespace_digest
+from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, namespace_digest, stop_task
 from kvd.tiers.disk_files import IndexKey
 from kvd.tiers.disk_space import DEVICE, NO_SPACE, Room, Writability
 from kvd.types import BlockKey, Tier
@@ -70,10 +69,7 @@ class DiskBackend(StorageBackend):
         await self.indexed.wait()
 
     async def close(self) -> None:
-        if self._scan is not None and not self._scan.done():
-            self._scan.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scan
+        await stop_task(self._scan)
         await self.writability.close()
         self._executor.shutdown(wait=True)
 

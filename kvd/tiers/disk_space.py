@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kvd.tiers.base import stop_task
+
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 1.0
@@ -113,10 +115,7 @@ class Writability:
             self.recovered()
 
     async def close(self) -> None:
-        if self._probe is not None and not self._probe.done():
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await stop_task(self._probe)
 
 
 def _probe_write(root: Path, nbytes: int) -> None:

@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from kvd.config import RedisTierConfig
 from kvd.logs import Throttled
-from kvd.tiers.base import BlobError, Buffer, StorageBackend, decode_blob, encode_blob, namespace_digest
+from kvd.tiers.base import BlobError, Buffer, StorageBackend, decode_blob, encode_blob, namespace_digest, stop_task
 from kvd.tiers.redis_topology import FAULTS, LOST_SHARD, STORE, ShardHealth, Topology, build_topology
 from kvd.types import BlockKey, Tier
 
@@ -78,10 +78,7 @@ class RedisBackend(StorageBackend):
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(), name=f"kvd-{self.name}-sweep")
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await stop_task(self._sweeper)
         await self.health.close()
         with contextlib.suppress(*FAULTS):
             await self.topology.close()
@@ -271,8 +268,11 @@ class RedisBackend(StorageBackend):
     async def _sweep_loop(self) -> None:
         while True:
             # Every interval, and as soon as a shard comes back: a restarted shard may have lost every key.
+            # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands as the
+            # event is set, and close() would then wait a whole interval.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.health.recovered.wait(), self.accounting_interval_s)
+                async with asyncio.timeout(self.accounting_interval_s):
+                    await self.health.recovered.wait()
             self.health.recovered.clear()
             try:
                 await self.sweep()
@@ -292,7 +292,8 @@ class RedisBackend(StorageBackend):
         for shard in shards:
             if not self.health.is_down(shard):  # a shard that does not answer keeps its last figures
                 with contextlib.suppress(*FAULTS):
-                    self._totals[shard] = await asyncio.wait_for(self.topology.totals(shard), self.timeout_s * 4)
+                    async with asyncio.timeout(self.timeout_s * 4):
+                        self._totals[shard] = await self.topology.totals(shard)
         self._totals = {shard: self._totals[shard] for shard in shards if shard in self._totals}
         self.store_keys = sum(keys for keys, _ in self._totals.values())
         self.store_used_bytes = sum(used for _, used in self._totals.values())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvd.config import RedisTierConfig
+from kvd.tiers.base import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ class ShardHealth:
             await asyncio.sleep(delay)
         while True:
             try:
-                await asyncio.wait_for(self.probe(shard), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+                    await self.probe(shard)
             except FAULTS as exc:
                 log.debug("%s tier: %s still unreachable: %s", self.tier, shard, exc)
                 delay = min(delay * 2, self.backoff_s * _MAX_BACKOFF_FACTOR)
@@ -234,10 +235,6 @@ class ShardHealth:
         log.info("%s tier: %s reachable (after %.1f s)", self.tier, what, down_for)
 
     async def close(self) -> None:
-        tasks = list(self._down.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in list(self._down.values()):
+            await stop_task(task)
         self._down.clear()

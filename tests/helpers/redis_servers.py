@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from tests.helpers.daemon import reap, track
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
@@ -53,7 +55,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = track(subprocess.Popen(
             [
                 str(REDIS_SERVER),
                 "--port", str(self.port),
@@ -67,7 +69,7 @@ class RedisServer:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        ))  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -88,7 +90,8 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot be reaped until it runs
             self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            reap(self.proc)  # also off the list of processes killed at exit
         self.proc = None
 
     def stop(self) -> None:
