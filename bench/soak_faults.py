@@ -142,7 +142,9 @@ def tier_figures(daemon: Daemon, stores: Stores) -> dict[str, Any]:
     out: dict[str, Any] = {
         t.name: {"used_bytes": t.used_bytes, "blocks": t.blocks, "healthy": t.healthy} for t in stats.tiers
     }
-    out["counters"] = {k: v for k, v in stats.tier_counters.items() if k.startswith(("tier_redis", "tier_disk"))}
+    out["counters"] = {
+        k: v for k, v in stats.tier_counters.items() if k.startswith(("tier_redis", "tier_disk", "tier_write"))
+    }
     keys = nbytes = 0
     for node in stores.nodes:
         client = node.client()

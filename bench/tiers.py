@@ -256,8 +256,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             result["lookup_across_tiers"] = await bench_lookup(pool, disk, remote, 200)
             if remote is not None:
                 await remote.close()
+            url = server.url if server is not None else None
+            result["disk_churn"] = await bench_disk_churn(workdir / "churn", args.churn_requests, url)
         await disk.close()
-        result["disk_churn"] = await bench_disk_churn(workdir / "churn", args.churn_requests)
     finally:
         with contextlib.suppress(BufferError):
             pool.close()

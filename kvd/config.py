@@ -123,7 +123,12 @@ class TierWritePolicy(enum.StrEnum):
 
 class DiskAdmission(enum.StrEnum):
     ALWAYS = "always"  # every block leaving L1 goes to disk
-    REUSED = "reused"  # only a block hit while in L1, or one leaving L1 for the second time (see kvd.tiers.reuse)
+    # A block that was reused (hit while in L1, or leaving L1 for the second time: kvd.tiers.reuse), and any block
+    # no other healthy tier takes (no kvstore, or it is down): nothing saved is lost to the policy.
+    REUSED = "reused"
+    # Reused blocks only: a block leaving L1 before its first hit, with no other tier to take it, is dropped
+    # (counted). The least disk churn on a node with no kvstore, at the price of recomputing such blocks.
+    REUSED_ONLY = "reused_only"
 
 
 class TiersConfig(_Section):

@@ -173,7 +173,7 @@ class TieredBlockStore(BlockStore):
             elif fetch is not None:
                 found[i] = (fetch.tier, 0)
             elif key in pending:
-                found[i] = (self.backends[0].tier, pending[key].nbytes)
+                found[i] = (pending[key].targets[0].tier, pending[key].nbytes)
         for backend in self.backends:
             ask = [i for i, where in enumerate(found) if where is None]
             if not ask:

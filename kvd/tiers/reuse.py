@@ -1,10 +1,11 @@
 """Admission by reuse for the disk tier: which blocks leaving L1 are worth writing to disk.
 
 Writing every evicted block down makes a disk smaller than the working set rewrite itself at the rate blocks leave
-L1 (one request's private blocks, never read again, included). With `tiers.disk_admission = "reused"` a block goes
-to disk only when it has shown reuse: it was hit (a lookup found it in L1, or a load read it) while in L1, or it is
-leaving L1 for the second time, recently (a bounded set remembers the keys turned away; a block saved again after
-that was reused after all, just later than L1 could keep it). The global kvstore takes every block regardless.
+L1 (one request's private blocks, never read again, included). Under `tiers.disk_admission = "reused"` (or
+"reused_only") a block shows reuse when it was hit (a lookup found it in L1, or a load read it) while in L1, or when
+it is leaving L1 for the second time, recently (a bounded set remembers the keys turned away; a block saved again
+after that was reused after all, just later than L1 could keep it). Which blocks then go where is the write-back's
+decision (kvd.tiers.writeback).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ No silent loss: when a save is about to evict blocks whose only copy is in L1 an
 the evicted blocks being dropped. What is still dropped is counted per reason (`tier_write_down_dropped_<reason>_
 blocks`, their sum `tier_write_down_dropped_blocks`):
 
-    not_admitted     no backend takes it (the disk turned it away as not reused, and there is no kvstore)
+    not_admitted     no backend takes it (disk_admission = "reused_only" turned it away, and there is no kvstore)
     no_healthy_tier  every backend that would take it is down or degraded
     queue_full       the queue is at twice its limit (the save's wait ran out)
     write_failed     every backend it was written to refused it
@@ -164,16 +164,19 @@ class WriteBack:
 
     def _targets(self, key: BlockKey) -> tuple[StorageBackend, ...]:
         """The backends that take `key` as it leaves L1 (the disk by reuse; the kvstore always)."""
-        if self.disk_admission is DiskAdmission.ALWAYS:
+        others = tuple(b for b in self.backends if b.tier is not Tier.DISK)
+        take_all = (
+            self.disk_admission is DiskAdmission.ALWAYS
+            or len(others) == len(self.backends)  # no disk tier: nothing to decide
+            or self.reuse.reused(key)
+            # The only copy, and no other healthy tier would take it: the disk does rather than lose it.
+            or (self.disk_admission is DiskAdmission.REUSED and not any(b.healthy for b in others))
+        )
+        self.reuse.left(key, written=take_all)
+        if take_all:
             return self.backends
-        reused = self.reuse.reused(key)
-        disks = any(b.tier is Tier.DISK for b in self.backends)
-        self.reuse.left(key, written=reused or not disks)
-        if reused:
-            return self.backends
-        if disks:
-            self.counters["tier_disk_not_admitted_blocks"] += 1
-        return tuple(b for b in self.backends if b.tier is not Tier.DISK)
+        self.counters["tier_disk_not_admitted_blocks"] += 1
+        return others
 
     def _drop(self, reason: str, blocks: int = 1) -> None:
         self.dropped[reason] += blocks

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvd.config import TiersConfig
+from kvd.config import DiskAdmission, TiersConfig
 from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
@@ -22,8 +22,10 @@ L1_BLOCKS = 256  # the 4 MiB pool of 16 KiB blocks
 CONFIG = TiersConfig(recompute_us_per_token=1e6)  # the defaults otherwise: write_on_evict, disk admission by reuse
 
 
-async def make(pool: HostPool, backends: list[StorageBackend], queue_blocks: int = 32) -> TieredBlockStore:
-    store = TieredBlockStore(HostStore(pool), backends, CONFIG, write_queue_bytes=queue_blocks * BLOCK)
+async def make(
+    pool: HostPool, backends: list[StorageBackend], config: TiersConfig = CONFIG, queue_blocks: int = 32
+) -> TieredBlockStore:
+    store = TieredBlockStore(HostStore(pool), backends, config, write_queue_bytes=queue_blocks * BLOCK)
     await store.start()
     for b in backends:
         if isinstance(b, DiskBackend):
@@ -89,7 +91,7 @@ async def test_what_is_still_dropped_is_counted_per_reason(pool: HostPool, redis
 
 async def test_disk_takes_only_reused_blocks(pool: HostPool, tmp_path: Path) -> None:
     disk = DiskBackend(disk_config(tmp_path / "l2"))
-    store = await make(pool, [disk])
+    store = await make(pool, [disk], CONFIG.model_copy(update={"disk_admission": DiskAdmission.REUSED_ONLY}))
     try:
         await save(store, range(L1_BLOCKS))
         hot = list(range(0, 16))
@@ -115,6 +117,21 @@ async def test_disk_takes_only_reused_blocks(pool: HostPool, tmp_path: Path) -> 
         await store.close()
 
 
+async def test_reused_never_drops_a_block_that_has_no_other_home(pool: HostPool, tmp_path: Path) -> None:
+    disk = DiskBackend(disk_config(tmp_path / "l2"))
+    store = await make(pool, [disk])  # the default, "reused", and no kvstore: the disk is every block's only home
+    try:
+        for start in range(0, 2 * L1_BLOCKS, 16):
+            await save(store, range(start, start + 16))
+        assert await store.flush(10)
+        assert disk.used()[1] == L1_BLOCKS
+        assert store.counters()["tier_write_down_dropped_blocks"] == 0
+        hit, _ = await store.lookup([key(i) for i in range(2 * L1_BLOCKS)])
+        assert hit == 2 * L1_BLOCKS  # read-your-writes, whatever left L1
+    finally:
+        await store.close()
+
+
 async def test_global_store_takes_what_the_disk_turns_away(
     pool: HostPool, tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -129,5 +146,15 @@ async def test_global_store_takes_what_the_disk_turns_away(
         assert store.counters()["tier_write_down_dropped_blocks"] == 0
         hit, _ = await store.lookup([key(i) for i in range(2 * L1_BLOCKS)])
         assert hit == 2 * L1_BLOCKS
+
+        # The kvstore goes down: the disk takes what it turned away, rather than those blocks being lost.
+        redis_server.kill()
+        await remote.get([key(0)])
+        assert not remote.healthy
+        for start in range(2 * L1_BLOCKS, 3 * L1_BLOCKS, 16):
+            await save(store, range(start, start + 16))
+        assert await store.flush(10)
+        assert disk.used()[1] == L1_BLOCKS
+        assert store.counters()["tier_write_down_dropped_blocks"] == 0
     finally:
         await store.close()
