@@ -24,6 +24,7 @@ from kvd_client.layout import KvLayout
 import kvd
 from kvd.config import KvdConfig
 from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.logs import Throttled
 from kvd.service.checks import (
     LayoutClaims,
     admit_event,
@@ -35,7 +36,6 @@ from kvd.service.checks import (
     namespace_key,
     rank_namespace_key,
 )
-from kvd.logs import Throttled
 from kvd.service.operations import Operation, Outcome, run_load, run_save
 from kvd.service.sessions import Session, SessionTable
 from kvd.tiers.store import BlockStore
