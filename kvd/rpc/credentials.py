@@ -67,6 +67,7 @@ class CredentialIssuer:
         self._tokens: dict[bytes, _Issued] = {}
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._server: asyncio.Server | None = None
+        self._warn = Throttled(log)
 
     async def start(self) -> None:
         """Listen on `path`, which the caller has cleared (kvd.rpc.socket_path)."""
@@ -103,7 +104,7 @@ class CredentialIssuer:
             finally:
                 self._exchanged(token)
         except OSError as exc:  # FdPassError included: nothing of the exchange is kept
-            log.warning("credential socket: %s", exc)
+            self._warn.warning("peer", "credential socket: %s", exc)
         finally:
             writer.close()
 

@@ -24,6 +24,7 @@ from kvd_client.layout import KvLayout
 import kvd
 from kvd.config import KvdConfig
 from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.logs import Throttled
 from kvd.service.checks import (
     LayoutClaims,
     admit_event,
@@ -77,6 +78,7 @@ class KvdService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
+        self._warn = Throttled(log)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class KvdService:
             try:
                 await session.attachment.close()
             except Exception:
-                log.exception("closing the attachment of session %s", session.label)
+                self._warn.exception("attachment-close", "closing the attachment of session %s", session.label)
         process.close()
         session.end_notices()
         self.sessions.remove(session)
