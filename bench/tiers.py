@@ -4,8 +4,11 @@
 
 Per tier, put and get of `request-mib` MiB requests (`blocks-per-request` blocks each) through the tier's real
 backend: L1 (copy into / out of host-pool slots, what the transports do), disk (a directory under --dir, default the
-system temp dir), and Redis (a redis-server started here on loopback, skipped if absent). Then a lookup whose
-prefix crosses L1 -> disk -> Redis, through TieredBlockStore. Reported: MiB/s over the run and p50/p99 per request.
+system temp dir), Redis (a redis-server started here on loopback) and a Redis Cluster (3 redis-servers in cluster
+mode, joined by redis-cli; skipped if either is absent), each kvstore next to its limit in the same run: the same
+values through a bare redis-py pipeline (`raw_client`). Then a lookup whose prefix crosses L1 -> disk -> Redis,
+through TieredBlockStore, and disk churn with and without admission by reuse (bench/disk_churn.py). Reported: MiB/s
+and GB/s over the run and p50/p99 per request; disk bytes written per hour before/after admission by reuse.
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: kvd, bench, tests.helpers
+
+from bench.disk_churn import bench_disk_churn
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig, TiersConfig
 from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
@@ -34,6 +38,7 @@ from kvd.tiers.disk import DiskBackend
 from kvd.tiers.kvstore import RedisBackend
 from kvd.tiers.store import HostStore
 from kvd.types import BlockKey
+from tests.helpers.redis_servers import REDIS_CLI, REDIS_SERVER, RedisClusterServers, RedisServer
 
 MiB = 1 << 20
 NS = "bench|fp|tp0/1"
@@ -48,6 +53,7 @@ def summary(latencies: list[float], nbytes: int) -> dict[str, float]:
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {
         "mib_per_s": round(nbytes * len(latencies) / MiB / sum(latencies), 1),
+        "gb_per_s": round(nbytes * len(latencies) / 1e9 / sum(latencies), 3),
         "p50_ms": round(statistics.median(latencies) * 1e3, 2),
         "p99_ms": round(p99 * 1e3, 2),
     }
@@ -151,34 +157,74 @@ async def bench_lookup(pool: HostPool, disk: DiskBackend, remote: RedisBackend |
     }
 
 
+async def bench_raw_store(client: Any, payloads: list[bytes], per_request: int, n: int) -> dict[str, Any]:
+    """The limit for a kvstore backend in this run: the same values through a bare redis-py pipeline (no blob
+    header, no checksum, no verification, no accounting), SET then GET per request."""
+    request_bytes = per_request * len(payloads[0])
+
+    async def put(r: int) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for j in range(per_request):
+                pipe.set(b"raw:%d" % (r * per_request + j), payloads[j])
+            await pipe.execute()
+
+    async def get(r: int) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for j in range(per_request):
+                pipe.get(b"raw:%d" % (r * per_request + j))
+            await pipe.execute()
+
+    puts = await timed(n, put)
+    gets = await timed(n, get)
+    await client.flushall()
+    return {"put": summary(puts, request_bytes), "get": summary(gets, request_bytes)}
+
+
+async def bench_kvstore(
+    name: str, config: RedisTierConfig, payloads: list[bytes], per_request: int, n: int
+) -> tuple[dict[str, Any], RedisBackend]:
+    """One kvstore (single node or cluster): kvd's backend and the bare-client limit, on the same store."""
+    remote = RedisBackend(config)
+    await remote.start()
+    if not await remote.wait_healthy(10):
+        raise RuntimeError(f"{name}: the store did not come up")
+    out = await bench_backend(remote, payloads, per_request, n)
+    out["raw_client"] = await bench_raw_store(remote.topology.client, payloads, per_request, n)
+    out["shards"] = len(remote.topology.shards())
+    return out, remote
+
+
 @contextlib.contextmanager
-def redis_server(workdir: Path):  # type: ignore[no-untyped-def]
-    exe = shutil.which("redis-server")
-    if exe is None:
+def single_node(workdir: Path) -> Iterator[RedisServer | None]:
+    if REDIS_SERVER is None:
         yield None
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = RedisServer(workdir / "redis")
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.kill()
+
+
+async def bench_cluster(workdir: Path, payloads: list[bytes], per_request: int, n: int) -> dict[str, Any] | str:
+    """A 3-shard Redis Cluster on this machine (redis-servers in cluster mode, joined by redis-cli)."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        return "skipped: redis-server / redis-cli not installed"
+    cluster = RedisClusterServers(workdir / "cluster", shards=3)
+    cluster.start()
+    try:
+        config = RedisTierConfig(url=cluster.url, cluster=True, timeout_ms=5000, key_prefix="bench:")
+        out, remote = await bench_kvstore("redis_cluster", config, payloads, per_request, n)
+        await remote.close()
+        return out
+    finally:
+        cluster.stop()
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     block = args.request_mib * MiB // args.blocks_per_request
+    per_request, n = args.blocks_per_request, args.iterations
     payloads = [os.urandom(block) for _ in range(args.blocks_per_request)]
     result: dict[str, Any] = {
         "request_mib": args.request_mib,
@@ -198,18 +244,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await disk.wait_indexed()
         result["disk"] = await bench_backend(disk, payloads, args.blocks_per_request, args.iterations)
         result["disk"]["note"] = "reads likely served from the page cache (files just written)"
-        with redis_server(workdir) as url:
+        with single_node(workdir) as server:
             remote = None
-            if url is not None:
-                remote = RedisBackend(RedisTierConfig(url=url, timeout_ms=5000))
-                await remote.start()
-                await remote.wait_healthy(5)
-                result["redis"] = await bench_backend(remote, payloads, args.blocks_per_request, args.iterations)
+            if server is not None:
+                config = RedisTierConfig(url=server.url, timeout_ms=5000, key_prefix="bench:")
+                result["redis"], remote = await bench_kvstore("redis", config, payloads, per_request, n)
+                await remote.topology.client.flushall()
             else:
                 result["redis"] = "skipped: redis-server not installed"
+            result["redis_cluster"] = await bench_cluster(workdir, payloads, per_request, n)
             result["lookup_across_tiers"] = await bench_lookup(pool, disk, remote, 200)
             if remote is not None:
                 await remote.close()
+            url = server.url if server is not None else None
+            result["disk_churn"] = await bench_disk_churn(workdir / "churn", args.churn_requests, url)
         await disk.close()
     finally:
         with contextlib.suppress(BufferError):
@@ -223,6 +271,7 @@ if __name__ == "__main__":
     parser.add_argument("--request-mib", type=int, default=32)
     parser.add_argument("--blocks-per-request", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--churn-requests", type=int, default=20000, help="requests per policy in disk_churn")
     parser.add_argument("--dir", default=None, help="where the disk tier's directory goes (default: temp dir)")
     json.dump(asyncio.run(main(parser.parse_args())), sys.stdout, indent=2)
     print()

@@ -102,16 +102,28 @@ class DiskTierConfig(_Section):
     capacity_bytes: int = Field(default=64 * GiB, ge=1 * MiB)
     io_threads: int = Field(default=4, ge=1)
     fsync: bool = False  # durability across power loss; writes are atomic (rename) either way
+    # Free space the tier leaves on its filesystem: it evicts to stay within min(capacity_bytes, what it stores +
+    # free space - reserve_bytes), so a filesystem smaller than capacity_bytes (or shared) is not written full.
+    reserve_bytes: int = Field(default=64 * MiB, ge=0)
+    # While the filesystem refuses writes (ENOSPC with nothing left to evict, read-only, I/O errors), the tier is
+    # degraded: writes are dropped at once and one is tried again after this long (doubling up to 16x).
+    retry_ms: int = Field(default=1000, ge=1)
 
 
 class RedisTierConfig(_Section):
     """L3: a global kvstore (Redis or Valkey). Off unless `url` is set."""
 
-    url: str | None = None  # e.g. redis://127.0.0.1:6379/0
+    url: str | None = None  # e.g. redis://127.0.0.1:6379/0; with `cluster`, any one node of the cluster
+    # Redis Cluster / Valkey cluster: `url` (and `cluster_nodes`) are seeds the client learns the topology from.
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()  # more seeds, "host:port", tried when `url`'s node is down at start
     key_prefix: str = "kvd:"
     capacity_bytes: int = Field(default=0, ge=0)  # 0: the store's own maxmemory policy decides
     timeout_ms: int = Field(default=500, ge=1)
     reconnect_backoff_ms: int = Field(default=1000, ge=1)
+    # How often the blocks this daemon wrote are checked against the store (EXISTS, in batches), so the tier's
+    # used bytes and blocks drop what the store evicted or another node deleted.
+    accounting_interval_s: float = Field(default=60.0, gt=0)
 
 
 class TierWritePolicy(enum.StrEnum):
@@ -119,8 +131,24 @@ class TierWritePolicy(enum.StrEnum):
     WRITE_ON_EVICT = "write_on_evict"  # a block goes down only when L1 evicts it
 
 
+class DiskAdmission(enum.StrEnum):
+    ALWAYS = "always"  # every block leaving L1 goes to disk
+    # A block that was reused (hit while in L1, or leaving L1 for the second time: kvd.tiers.reuse), and any block
+    # no other healthy tier takes (no kvstore, or it is down): nothing saved is lost to the policy.
+    REUSED = "reused"
+    # Reused blocks only: a block leaving L1 before its first hit, with no other tier to take it, is dropped
+    # (counted). The least disk churn on a node with no kvstore, at the price of recomputing such blocks.
+    REUSED_ONLY = "reused_only"
+
+
 class TiersConfig(_Section):
     write_policy: TierWritePolicy = TierWritePolicy.WRITE_ON_EVICT
+    # Which blocks leaving L1 (write_on_evict) the disk tier takes; the global kvstore takes every one. "reused"
+    # keeps a working set bigger than the disk from being rewritten at the rate blocks leave L1.
+    disk_admission: DiskAdmission = DiskAdmission.REUSED
+    # A save that must evict blocks whose only copy is in L1 while the write-down queue is full waits this long at
+    # most for the queue to drain (when a lower tier is healthy), rather than the evicted blocks being dropped.
+    write_down_wait_ms: int = Field(default=2000, ge=0)
     promote_on_hit: bool = True  # a lookup hit below L1 starts copying the block up (prefetch for the load)
     # Cost-aware admission: report a lower-tier hit only if loading it beats recomputing it.
     recompute_us_per_token: float = Field(default=20.0, ge=0.0)

@@ -92,6 +92,8 @@ class KvdDaemon:
                     self.metrics.set_tier_health(name, healthy)
             if self.metrics is not None and self.pool is not None:
                 self.metrics.set_pinned_bytes(self.pool.used_bytes, self.pool.capacity_bytes)
+                if self.store is not None:
+                    self.metrics.set_tier_counters(self.store.counters())
             await asyncio.sleep(TIER_HEALTH_PERIOD_S)
 
     # -- serve ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ service layer: they are cheap, take plain numbers, and never raise (a metrics bu
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # A CPU-transport save of a few blocks takes ~100 µs; a load of thousands of blocks from a remote tier can take
 # seconds. Roughly 1-2.5-5 steps per decade over that range.
+_DROPPED = re.compile(r"tier_write_down_dropped_(\w+?)_blocks")  # the store counter of each reason
 OPERATION_SECONDS_BUCKETS: tuple[float, ...] = (
     0.0001,
     0.00025,
@@ -111,6 +114,12 @@ class Metrics:
         self._pinned_used = Gauge("kvd_pinned_bytes_used", "Bytes of the pinned host pool in use", registry=r)
         self._pinned_capacity = Gauge("kvd_pinned_bytes_capacity", "Size of the pinned host pool", registry=r)
         self._tier_healthy = Gauge("kvd_tier_healthy", "1 when the tier is usable, else 0", ["tier"], registry=r)
+        self._dropped = Gauge(
+            "kvd_tier_write_down_dropped_blocks",
+            "Blocks that left L1 for no lower tier, since start, by reason (see docs/tiers.md)",
+            ["reason"],
+            registry=r,
+        )
 
     # ---- HTTP endpoint ---------------------------------------------------------------------------------------
 
@@ -214,6 +223,16 @@ class Metrics:
             self._pinned_capacity.set(capacity)
         except Exception:
             log.debug("metrics: set_pinned_bytes failed", exc_info=True)
+
+    def set_tier_counters(self, counters: Mapping[str, int]) -> None:
+        """The store's counters that have a metric of their own: dropped write-downs by reason."""
+        try:
+            for name, value in counters.items():
+                reason = _DROPPED.fullmatch(name)
+                if reason is not None:
+                    self._dropped.labels(reason.group(1)).set(value)
+        except Exception:
+            log.debug("metrics: set_tier_counters failed", exc_info=True)
 
     def set_tier_health(self, tier: str, healthy: bool) -> None:
         try:

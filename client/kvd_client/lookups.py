@@ -235,4 +235,3 @@ async def rpc_lookup(
         # documented Unavailable, not a bare CancelledError outside the KvdError family.
         raise Unavailable("kvd connection closed during the lookup") from None
     return messages.lookup_result(response)
-

@@ -31,7 +31,7 @@ def format_stats(stats: Any) -> str:
     """A kvd.v1.StatsResponse as an operator-readable report."""
     lines = [f"kvd {stats.version or '?'}  boot {stats.boot_id or '?'}  up {_duration(stats.uptime_s)}", ""]
     lines += [f"sessions: {len(stats.sessions)}", *(_sessions(stats.sessions) if stats.sessions else []), ""]
-    lines += ["tiers:", *_tiers(stats.tiers), ""]
+    lines += ["tiers:", *_tiers(stats.tiers), *_tier_notes(stats), ""]
     load_blocks = stats.load_hit_blocks + stats.load_miss_blocks
     lines += [
         f"lookup hit rate: {_rate(stats.lookup_hit_blocks, stats.lookup_blocks)}"
@@ -84,3 +84,26 @@ def _tiers(tiers: Sequence[Any]) -> list[str]:
             for t in tiers
         ],
     )
+
+
+def _tier_notes(stats: Any) -> list[str]:
+    """What the tier table cannot say: whose blocks the remote tier counts, and write-downs that were dropped."""
+    counters = dict(stats.tier_counters)
+    notes = []
+    remote = [t for t in stats.tiers if t.tier == kvd_pb2.TIER_REMOTE]
+    if remote and "tier_redis_store_keys" in counters:
+        notes.append(
+            f"  {remote[0].name or 'remote'}: USED and BLOCKS are this daemon's blocks the store still holds; the whole"
+            f" store holds {int(counters['tier_redis_store_keys'])} keys,"
+            f" {human_bytes(int(counters.get('tier_redis_store_used_bytes', 0)))}"
+        )
+    prefix, suffix = "tier_write_down_dropped_", "_blocks"
+    dropped = {
+        name.removeprefix(prefix).removesuffix(suffix): int(value)
+        for name, value in counters.items()
+        if name.startswith(prefix) and name != prefix + "blocks" and value
+    }
+    if dropped:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items()))
+        notes.append(f"  blocks that left L1 for no lower tier: {sum(dropped.values())} ({reasons})")
+    return notes

@@ -70,6 +70,7 @@ class CredentialIssuer:
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._server: asyncio.Server | None = None
         self.grant_shared: GrantShared | None = None  # set once the service runs
+        self._warn = Throttled(log)
 
     async def start(self) -> None:
         """Listen on `path`, which the caller has cleared (kvd.rpc.socket_path)."""
@@ -108,7 +109,7 @@ class CredentialIssuer:
             finally:
                 self._exchanged(token)
         except OSError as exc:  # FdPassError included: nothing of the exchange is kept
-            log.warning("credential socket: %s", exc)
+            self._warn.warning("peer", "credential socket: %s", exc)
         finally:
             writer.close()
 

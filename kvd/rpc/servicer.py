@@ -18,6 +18,7 @@ from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.errors import InvalidArgument, KvdError, PermissionDenied, Unavailable, status_of
+from kvd.logs import Throttled
 from kvd.rpc.credentials import CredentialIssuer
 from kvd.rpc.guard import MAX_DIMS, MAX_FINGERPRINT_BYTES, MAX_LAYERS, MAX_MODEL_ID_BYTES, MAX_NAME_BYTES
 from kvd.service.service import KvdService
@@ -43,6 +44,7 @@ from kvd.types import (
 )
 
 log = logging.getLogger(__name__)
+_throttled = Throttled(log)  # one traceback per kind of failure a minute: a bug that repeats must not flood the log
 
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -58,7 +60,7 @@ def _mapped(handler: Handler[R]) -> Handler[R]:
             code, message = status_of(exc)
             await context.abort(code, message)
         except Exception as exc:
-            log.exception("%s failed", handler.__name__)
+            _throttled.exception(handler.__name__, "%s failed", handler.__name__)
             code, message = status_of(exc)
             await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")

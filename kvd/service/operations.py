@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, TransferError
+from kvd.logs import Throttled
 from kvd.memory.progress import LayerProgress
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment, SlotRef
 from kvd.types import BlockBatch, BlockHash, BlockKey, DaemonStages
 
 log = logging.getLogger(__name__)
+_throttled = Throttled(log)  # one traceback per kind of failure a minute: a bug that repeats must not flood the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Operation:
 async def run_save(op: Operation) -> Outcome:
     """Copy the blocks not stored yet into fresh slots and commit them; wait for other saves of the same blocks."""
     store, (indices, hashes), layout, stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.layout, op.stamps
+    await store.make_room(op.keys, layout.block_bytes)
     plan = store.prepare_save(op.keys, layout.block_bytes)
     stamps.planned_ns = time.monotonic_ns()
     outcome = Outcome()
@@ -127,5 +130,5 @@ def failure_of(exc: BaseException, what: str) -> Failure:
         return Failure(exc.reason, str(exc) or type(exc).__name__)
     if isinstance(exc, asyncio.CancelledError):
         return Failure(FailureReason.CANCELLED, str(exc) or type(exc).__name__)
-    log.error("%s failed", what, exc_info=exc)
+    _throttled.log(logging.ERROR, f"op-{type(exc).__name__}", "%s failed", what, exc_info=exc)
     return Failure(FailureReason.INTERNAL, f"internal error: {exc}")

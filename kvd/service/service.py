@@ -24,6 +24,7 @@ from kvd_client.layout import KvLayout
 import kvd
 from kvd.config import KvdConfig
 from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.logs import Throttled
 from kvd.service.checks import (
     LayoutClaims,
     admit_event,
@@ -81,6 +82,7 @@ class KvdService:
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
         self.indexes: IndexRegistry | None = None  # the published indexes (set by the daemon)
+        self._warn = Throttled(log)
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -367,7 +369,7 @@ class KvdService:
             try:
                 await session.attachment.close()
             except Exception:
-                log.exception("closing the attachment of session %s", session.label)
+                self._warn.exception("attachment-close", "closing the attachment of session %s", session.label)
         process.close()
         session.end_notices()
         self.sessions.remove(session)

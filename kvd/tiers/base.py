@@ -22,10 +22,11 @@ it in `corrupt` and deletes it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import xxhash
 
@@ -108,6 +109,19 @@ class BackendCounters:
     errors: int = 0  # I/O or connection errors, whatever they cost
 
 
+async def stop_task(task: asyncio.Task[Any] | None, poll_s: float = 0.05) -> None:
+    """Cancel a backend's background task and wait until it has ended. The cancel is repeated until it takes: a
+    library awaited inside the task (a store client cleaning up a connection) may swallow one, and the task would
+    then carry on into its next sleep and hold up the daemon's shutdown."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=poll_s)
+    if not task.cancelled():
+        task.exception()  # retrieved: an error of a task being stopped is of no interest any more
+
+
 class StorageBackend(abc.ABC):
     """One tier below L1. Every method is batched and async, never raises for I/O trouble (a failed read is a
     miss, a failed write is dropped and counted) and never blocks the event loop."""
@@ -159,6 +173,10 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     def used(self) -> tuple[int, int]:
         """(bytes, blocks) stored now, as far as this daemon knows."""
+
+    def extra_counters(self) -> dict[str, int]:
+        """Backend-specific figures for stats (exported as `tier_<name>_<key>`)."""
+        return {}
 
     def snapshot(self, hits: int, misses: int) -> TierSnapshot:
         used_bytes, blocks = self.used()

@@ -21,7 +21,6 @@ it (or the write is dropped for lack of room, counted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -29,11 +28,12 @@ from dataclasses import dataclass
 
 from kvd.config import TiersConfig, TierWritePolicy
 from kvd.errors import InvalidArgument, ResourceExhausted
+from kvd.logs import Throttled
 from kvd.memory.host_pool import Entry
 from kvd.memory.index_registry import BlockListener
 from kvd.memory.shm_index import Source
 from kvd.tiers.admission import CostModel
-from kvd.tiers.base import Buffer, StorageBackend
+from kvd.tiers.base import Buffer, StorageBackend, stop_task
 from kvd.tiers.store import BlockStore, HostStore, SavePlan
 from kvd.tiers.writeback import WriteBack
 from kvd.types import BlockKey, Tier, TierSnapshot
@@ -68,9 +68,16 @@ class TieredBlockStore(BlockStore):
         self.cost = CostModel(config.recompute_us_per_token, config.tokens_per_block)
         # A quarter of L1 by default: enough to absorb a burst of evictions, small next to the pool.
         queue_limit = write_queue_bytes if write_queue_bytes is not None else pool.capacity_bytes // 4
-        self.writeback = WriteBack(pool, self.backends, queue_limit)
+        self.writeback = WriteBack(
+            pool,
+            self.backends,
+            queue_limit,
+            disk_admission=config.disk_admission,
+            wait_s=config.write_down_wait_ms / 1000,
+        )
         self._fetches: dict[BlockKey, _Fetch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warn = Throttled(log)
         self._tier_hits = dict.fromkeys((b.tier for b in self.backends), 0)
         self._tier_misses = dict.fromkeys((b.tier for b in self.backends), 0)
         self._counters: dict[str, int] = dict.fromkeys(
@@ -113,14 +120,9 @@ class TieredBlockStore(BlockStore):
 
     async def close(self) -> None:
         if not await self.flush(CLOSE_FLUSH_TIMEOUT_S):
-            log.warning("tiers: %d write-downs still queued at shutdown; dropped", self.writeback.queued)
+            log.warning("tiers: %d write-downs still queued at shutdown; dropped", self.writeback.abandon())
         for task in (self.writeback.task, *self._tasks):
-            if task is not None:
-                task.cancel()
-        for task in (self.writeback.task, *self._tasks):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await stop_task(task)
         for backend in self.backends:
             try:
                 await backend.close()
@@ -132,6 +134,7 @@ class TieredBlockStore(BlockStore):
 
     async def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, tuple[Tier, ...]]:
         n_host, host_tiers = await self.l1.lookup(keys)
+        self.writeback.reuse.hit(keys[:n_host])
         tiers: list[Tier] = list(host_tiers)
         rest = keys[n_host:]
         if not rest or not self.backends:
@@ -148,6 +151,7 @@ class TieredBlockStore(BlockStore):
             tiers.append(tier)
             if tier is Tier.HOST_MEMORY:
                 late_l1_hits += 1
+                self.writeback.reuse.hit((rest[i],))
                 continue
             self._tier_hits[tier] += 1
             if rest[i] not in self._fetches:
@@ -171,7 +175,7 @@ class TieredBlockStore(BlockStore):
             elif fetch is not None:
                 found[i] = (fetch.tier, 0)
             elif key in pending:
-                found[i] = (self.backends[0].tier, pending[key].nbytes)
+                found[i] = (pending[key].targets[0].tier, pending[key].nbytes)
         for backend in self.backends:
             ask = [i for i, where in enumerate(found) if where is None]
             if not ask:
@@ -205,6 +209,9 @@ class TieredBlockStore(BlockStore):
 
     # -- saves ---------------------------------------------------------------------------------------------------
 
+    async def make_room(self, keys: Sequence[BlockKey], nbytes: int) -> None:
+        await self.writeback.make_room(len(keys) * nbytes)
+
     def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
         return self.l1.prepare_save(keys, nbytes)
 
@@ -224,6 +231,7 @@ class TieredBlockStore(BlockStore):
             entry = self.l1.pin(key)
             if entry is not None:
                 out[i] = entry
+                self.writeback.reuse.hit((key,))
             elif key in self._fetches:
                 fetch = self._fetches[key]
                 fetch.waiters += 1
@@ -262,7 +270,7 @@ class TieredBlockStore(BlockStore):
             payloads = await self._read_below(keys, fetches)
             results = await self._install(keys, payloads)
         except Exception:
-            log.exception("tiers: fetching %d blocks failed", len(keys))
+            self._warn.exception("fetch", "tiers: fetching %d blocks failed", len(keys))
         finally:
             for key, fetch, entry in zip(keys, fetches, results, strict=True):
                 if self._fetches.get(key) is fetch:
@@ -351,8 +359,6 @@ class TieredBlockStore(BlockStore):
             for slot, _ in jobs:
                 slot.release()
 
-    # -- the published index -------------------------------------------------------------------------------------
-
     def publish_to(self, listener: BlockListener) -> None:
         self.l1.publish_to(listener)
         self.writeback.listener = listener
@@ -376,12 +382,13 @@ class TieredBlockStore(BlockStore):
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
         out.update(self.l1.counters())
-        out.update(self.writeback.counters)
-        out["tier_write_queue_bytes"] = self.writeback.queue_bytes
+        out.update(self.writeback.stats())
         for backend in self.backends:
             c = backend.counters
             for field in ("dropped_writes", "errors", "bytes_read", "bytes_written"):
                 out[f"tier_{backend.name}_{field}"] = getattr(c, field)
+            for field, figure in backend.extra_counters().items():
+                out[f"tier_{backend.name}_{field}"] = figure
         for name, value in self.cost.describe().items():
             out[name] = int(value)
         return out

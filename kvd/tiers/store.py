@@ -6,6 +6,7 @@ kvstore) sit behind it (kvd.tiers.chain) and are reached only through the same i
 
 A save and a load are each two verbs around the copy the service runs in between:
 
+    await store.make_room(keys, nbytes)        (may wait, bounded)
     plan = store.prepare_save(keys, nbytes)    reserve L1 slots       entries = await store.prepare_load(keys)
     ... copy worker blocks into plan.entries ...                      ... copy entries into the worker ...
     store.complete_save(plan, ok)              commit, or drop        store.complete_load(entries)   unpin
@@ -61,6 +62,10 @@ class BlockStore(abc.ABC):
         Returns:
             (hit blocks, one Tier per hit block).
         """
+
+    async def make_room(self, keys: Sequence[BlockKey], nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Called right before `prepare_save(keys, nbytes)`: a store whose reservation would evict blocks that
+        exist nowhere else may wait here (bounded) until they can be written down, rather than lose them."""
 
     @abc.abstractmethod
     def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:

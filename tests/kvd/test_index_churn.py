@@ -41,8 +41,7 @@ def test_lookup_then_load_under_churn(
     probe_args = {"trials": TRIALS // PROBERS, "seconds": TIME_CAP_S, "length": 4}
     with concurrent.futures.ThreadPoolExecutor(CHURNERS + PROBERS) as pool:
         churn = [
-            pool.submit(w.request, "churn", TIME_CAP_S + 30, **churn_args, tag=f"c{i}")
-            for i, w in enumerate(churners)
+            pool.submit(w.request, "churn", TIME_CAP_S + 30, **churn_args, tag=f"c{i}") for i, w in enumerate(churners)
         ]
         probes = [
             pool.submit(w.request, "probe_load", TIME_CAP_S + 30, **probe_args, tag=f"p{i}")

@@ -149,3 +149,21 @@ def test_a_port_in_use_is_one_startup_error(metrics: Metrics) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"):
             metrics.start(MetricsConfig(port=port, host="127.0.0.1"))
+
+
+def test_dropped_write_downs_by_reason(metrics: Metrics) -> None:
+    port = metrics.start(MetricsConfig(port=0, host="127.0.0.1"))
+    assert port is not None
+    metrics.set_tier_counters(
+        {
+            "tier_write_down_dropped_no_healthy_tier_blocks": 16,
+            "tier_write_down_dropped_queue_full_blocks": 2,
+            "tier_write_down_dropped_blocks": 18,  # the sum: no series of its own
+            "tier_write_down_blocks": 99,
+        }
+    )
+    got = {k: v for k, v in samples(scrape(port)).items() if k[0] == "kvd_tier_write_down_dropped_blocks"}
+    assert got == {
+        ("kvd_tier_write_down_dropped_blocks", (("reason", "no_healthy_tier"),)): 16,
+        ("kvd_tier_write_down_dropped_blocks", (("reason", "queue_full"),)): 2,
+    }

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvd.logs import Throttled
 from kvd.transports.cuda.driver import (
     EVENT_DISABLE_TIMING,
     EVENT_INTERPROCESS,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from kvd.transports.cuda.trace import OpTrace, Tracer
 
 log = logging.getLogger(__name__)
+_throttled = Throttled(log)  # repeating errors: one line a minute per kind
 POLL_NAP_S = 0.00002
 
 
@@ -281,4 +283,4 @@ class CompletionWaiter:
         try:
             tracer.finish(trace, stages)
         except Exception:
-            log.exception("chunk trace")
+            _throttled.exception("trace", "chunk trace")

@@ -26,10 +26,12 @@ from kvd_client.vmm import (
     device_prop,
 )
 
+from kvd.logs import Throttled
 from kvd.transports.cuda.driver import CudaError
 from kvd.types import CudaAllocation
 
 log = logging.getLogger(__name__)
+_throttled = Throttled(log)  # repeating errors: one line a minute per kind
 
 
 class VmmDriver:
@@ -167,7 +169,7 @@ class VmmMappings:
             try:
                 self._driver.unmap(mapped.base + offset, nbytes)
             except CudaError as exc:
-                log.error("GPU %d: %s", self._ordinal, exc)
+                _throttled.log(logging.ERROR, "unmap", "GPU %d: %s", self._ordinal, exc)
         mapped.mapped.clear()
         self._driver.free(mapped.base, mapped.nbytes)
 

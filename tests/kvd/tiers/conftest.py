@@ -1,88 +1,24 @@
-"""Fixtures for the tier tests: a real redis-server on loopback (skipped only when it is not installed), a real
-host pool, and real backends in temporary directories."""
+"""Fixtures for the tier tests: a real redis-server on loopback and a real 3-shard Redis Cluster (each skipped only
+when redis-server / redis-cli is not installed), a real host pool, and real backends in temporary directories."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from kvd.config import DiskTierConfig, HostPoolConfig, RedisTierConfig
 from kvd.memory.host_pool import HostPool
+from tests.helpers.redis_servers import REDIS_CLI, REDIS_SERVER, RedisClusterServers, RedisServer
+from tests.helpers.small_fs import fill_up, mount_tmpfs, unmount
 
-REDIS_SERVER = shutil.which("redis-server")
+__all__ = ["RedisClusterServers", "RedisServer", "fill_up"]
+
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """One redis-server process in `workdir`, on a fixed loopback port across restarts (no persistence)."""
-
-    def __init__(self, workdir: Path) -> None:
-        if REDIS_SERVER is None:
-            raise RuntimeError("redis-server is not installed")
-        self.workdir = workdir
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [
-                str(REDIS_SERVER),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--protected-mode", "no",
-            ],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()}")
-                with contextlib.suppress(redis.RedisError):
-                    if client.ping():
-                        return
-                if time.monotonic() > deadline:
-                    raise TimeoutError("redis-server did not answer PING")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+SMALL_FS_BYTES = 8 * MiB
 
 
 @pytest.fixture
@@ -95,6 +31,26 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def _cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server / redis-cli is not installed")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"), shards=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(_cluster_servers: RedisClusterServers) -> RedisClusterServers:
+    """A real Redis Cluster: 3 cluster-enabled redis-servers joined by redis-cli (started once per session, ~2 s),
+    handed to each test with every shard running and empty."""
+    _cluster_servers.revive()
+    return _cluster_servers
 
 
 @pytest.fixture
@@ -112,6 +68,26 @@ def disk_config(path: Path, capacity_bytes: int = 64 * MiB) -> DiskTierConfig:
     return DiskTierConfig(path=path, capacity_bytes=capacity_bytes, io_threads=2)
 
 
-def redis_config(server: RedisServer, **kwargs: object) -> RedisTierConfig:
-    fields: dict[str, object] = {"url": server.url, "timeout_ms": 300, "reconnect_backoff_ms": 50, **kwargs}
+def redis_config(server: RedisServer | RedisClusterServers, **kwargs: object) -> RedisTierConfig:
+    fields: dict[str, object] = {
+        "url": server.url,
+        "cluster": isinstance(server, RedisClusterServers),
+        "timeout_ms": 300,
+        "reconnect_backoff_ms": 50,
+        **kwargs,
+    }
     return RedisTierConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB filesystem (tmpfs) mounted on a fresh directory; unmounted after the test. Skipped, saying why,
+    where mounting is not permitted (not root, no CAP_SYS_ADMIN, a container without it)."""
+    mountpoint = tmp_path / "small-fs"
+    why_not = mount_tmpfs(mountpoint, SMALL_FS_BYTES)
+    if why_not is not None:
+        pytest.skip(f"no small filesystem for the ENOSPC tests: {why_not}")
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)

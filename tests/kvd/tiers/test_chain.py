@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.config import HostPoolConfig, TiersConfig, TierWritePolicy
+from kvd.config import DiskAdmission, HostPoolConfig, TiersConfig, TierWritePolicy
 from kvd.memory.host_pool import HostPool
 from kvd.tiers.base import StorageBackend
 from kvd.tiers.chain import TieredBlockStore
@@ -19,7 +19,8 @@ from tests.kvd.tiers.conftest import KiB, MiB, RedisServer, disk_config, redis_c
 
 NS = "model|fp|tp0/1"
 BLOCK = 16 * KiB  # 4 MiB pool: 256 blocks
-GENEROUS = TiersConfig(recompute_us_per_token=1e6)  # anything below L1 is worth loading
+# Anything below L1 is worth loading; every block leaving L1 goes to disk (admission by reuse: test_writeback.py).
+GENEROUS = TiersConfig(recompute_us_per_token=1e6, disk_admission=DiskAdmission.ALWAYS)
 
 
 def key(i: int) -> BlockKey:
@@ -126,7 +127,7 @@ async def test_l3_hit_from_a_second_node(pool: HostPool, redis_server: RedisServ
 
 async def test_cost_model_rejects_a_tier_slower_than_recompute(pool: HostPool, tmp_path: Path) -> None:
     disk = DiskBackend(disk_config(tmp_path / "l2"))
-    store = await make(pool, [disk], TiersConfig(recompute_us_per_token=0.0001))  # recompute is ~free
+    store = await make(pool, [disk], GENEROUS.model_copy(update={"recompute_us_per_token": 0.0001}))  # ~free
     try:
         await fill_and_evict(store, 320)
         assert (await store.lookup([key(0), key(1)]))[0] == 0  # on disk, but not worth loading
@@ -216,15 +217,17 @@ async def test_read_your_writes_under_eviction(pool: HostPool, tmp_path: Path, p
         await store.close()
 
 
-async def test_full_write_queue_drops_and_counts(pool: HostPool, tmp_path: Path) -> None:
+async def test_write_queue_past_twice_its_limit_drops_and_counts(pool: HostPool, tmp_path: Path) -> None:
     disk = DiskBackend(disk_config(tmp_path / "l2"))
     store = TieredBlockStore(HostStore(pool), [disk], GENEROUS, write_queue_bytes=4 * BLOCK)
     await store.start()
     try:
         save(store, range(256))
-        save(store, range(256, 272))  # 16 evictions at once, room in the queue for 4
-        assert store.counters()["tier_write_down_dropped_blocks"] == 12
+        save(store, range(256, 272))  # 16 evictions at once, with no make_room before: room for 2 x 4
+        counters = store.counters()
+        assert counters["tier_write_down_dropped_queue_full_blocks"] == 8
+        assert counters["tier_write_down_dropped_blocks"] == 8
         assert await store.flush(10)
-        assert disk.used()[1] == 4
+        assert disk.used()[1] == 8
     finally:
         await store.close()

@@ -6,6 +6,9 @@ import resource
 import threading
 from pathlib import Path
 
+import pytest
+
+from kvd.tiers import disk_files
 from kvd.tiers.disk import DiskBackend
 from tests.kvd.tiers.conftest import MiB, disk_config
 
@@ -136,16 +139,16 @@ async def test_index_rebuilt_after_restart(tmp_path: Path) -> None:
         await again.close()
 
 
-async def test_io_runs_off_the_event_loop(tmp_path: Path) -> None:
+async def test_io_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = await started(tmp_path / "l2")
     seen: list[int] = []
-    original = disk._write_file
+    original = disk_files.write_blob
 
     def spy(*args: object) -> int:
         seen.append(threading.get_ident())
         return original(*args)  # type: ignore[arg-type]
 
-    disk._write_file = spy  # type: ignore[method-assign,assignment]
+    monkeypatch.setattr(disk_files, "write_blob", spy)
     try:
         await disk.put([(key(1), payload(1))])
         assert seen and threading.get_ident() not in seen

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2
 from tests.conftest import DaemonFactory
 from tests.helpers.cli import clean_env, grpcurl_path
 from tests.helpers.daemon import Daemon, wait_for
-from tests.kvd.tiers.conftest import RedisServer, _free_port
+from tests.helpers.redis_servers import free_port
+from tests.kvd.tiers.conftest import RedisServer
 
 REPO = Path(__file__).resolve().parents[3]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -60,7 +61,7 @@ def test_health_list_names_the_daemon_and_every_tier(tiered: Daemon) -> None:
 
 def test_health_list_shows_a_degraded_tier(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     # Nothing listens on the Redis port: that tier is NOT_SERVING, the daemon serves from the other two.
-    env = {"KVD_DISK__PATH": str(tmp_path / "disk"), "KVD_REDIS__URL": f"redis://127.0.0.1:{_free_port()}/0"}
+    env = {"KVD_DISK__PATH": str(tmp_path / "disk"), "KVD_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0"}
     daemon = daemon_factory(env=env)
     statuses = listed_when(daemon, lambda s: set(s) == expected_services(daemon), "every tier listed")
     assert statuses == {
