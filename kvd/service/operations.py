@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvd_client.layout import KvLayout
 
@@ -120,3 +122,15 @@ def failure_of(exc: BaseException, what: str) -> Failure:
         return Failure(FailureReason.CANCELLED, str(exc) or type(exc).__name__)
     log.error("%s failed", what, exc_info=exc)
     return Failure(FailureReason.INTERNAL, f"internal error: {exc}")
+
+
+if sys.version_info >= (3, 12):
+
+    def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool) -> asyncio.Task[None]:
+        """A task for `coro`; `eager`: its first step runs now, in the caller (to its first wait)."""
+        return asyncio.Task(coro, loop=loop, eager_start=eager)
+
+else:
+
+    def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool) -> asyncio.Task[None]:
+        return loop.create_task(coro)  # 3.11 has no eager tasks: the first step runs on the next loop iteration

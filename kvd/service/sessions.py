@@ -15,7 +15,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvd_client.types import session_label
@@ -47,6 +47,8 @@ class Session:
     closing: bool = False
     watching_exit: bool = False
     events: set[bytes] = field(default_factory=set)  # CUDA IPC event handles the daemon opened for this session
+    ring: bool = False  # whether its worker submits through a shared-memory ring (kvd.rpc.ring)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run once as the session starts closing
     _ops: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -82,6 +84,18 @@ class Session:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+    def notify(self, notice: Notice) -> None:
+        """A notice that ends no operation (a request refused before it became one)."""
+        self._notices.put_nowait(notice)
+
+    def run_closers(self) -> None:
+        closers, self.closers = self.closers, []
+        for close in closers:
+            try:
+                close()
+            except Exception:
+                log.exception("closing a resource of session %s", self.label)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
