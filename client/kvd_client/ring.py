@@ -156,11 +156,13 @@ class RingRecord:
 
 
 class RecordError(ValueError):
-    """A slot that holds no valid record; `tag` is what it says its client tag is (for the refusal notice)."""
+    """A slot that holds no valid record; `tag` is what it says its client tag is (for the refusal notice).
+    `unpublished`: not the record the sequence expects at all (the doorbell counted more than was written)."""
 
-    def __init__(self, message: str, tag: int) -> None:
+    def __init__(self, message: str, tag: int, unpublished: bool = False) -> None:
         super().__init__(message)
         self.tag = tag
+        self.unpublished = unpublished
 
 
 def read_record(ring: mmap.mmap, at: int, slot_bytes: int, seq: int) -> RingRecord:
@@ -170,7 +172,7 @@ def read_record(ring: mmap.mmap, at: int, slot_bytes: int, seq: int) -> RingReco
     head = ring[at : at + DATA_AT]
     magic, kind, hash_len, event_len, record_seq, tag, count, _ = RECORD.unpack_from(head)
     if magic != RECORD_MAGIC or record_seq != seq:
-        raise RecordError(f"slot {at}: not record {seq} (torn, out of sequence, or not written)", tag)
+        raise RecordError(f"slot {at}: not record {seq} (out of sequence, or never written)", tag, unpublished=True)
     if kind not in (SAVE, LOAD) or event_len not in (0, EVENT_BYTES):
         raise RecordError(f"record {seq}: kind {kind}, ready event of {event_len} bytes", tag)
     if not 0 < hash_len <= MAX_HASH_BYTES or not 0 < count <= capacity(slot_bytes, hash_len):

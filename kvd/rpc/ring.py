@@ -8,7 +8,8 @@ doorbell and passes the worker its copies; the ring is closed as the session sta
 the same session replaces it.
 
 Reading, on the event loop: the doorbell's counter says how many records were published since the last read; at most
-`slots` are taken per read (an honest client never has more outstanding). Each record is copied out of shared memory
+`slots` are taken per read (an honest client never has more outstanding), and a slot that holds no record of the
+expected sequence number ends the read (the count was a lie). Each record is copied out of shared memory
 and checked (kvd_client.ring.read_record: nothing past its slot, every length bounded), its slot handed back, and
 submitted through kvd.rpc.transfer.start_transfer exactly as a Save/Load RPC would be. A record refused for any
 reason gets a notice on the session's Watch stream with the status the RPC would have answered; refusals are counted
@@ -105,11 +106,12 @@ class SessionRing:
         except OSError:  # nothing counted (a spurious wake-up), or closed under us
             return
         for _ in range(min(count, self._slots)):
-            if self._map is None:
+            if self._map is None or not self._take(self._map):
                 return
-            self._take(self._map)
 
-    def _take(self, ring: mmap.mmap) -> None:
+    def _take(self, ring: mmap.mmap) -> bool:
+        """Take the next record; False when its slot held none at all: the doorbell counted more than the client
+        wrote, so the rest of this count is dropped (a lie costs the daemon one record, never a ring's worth)."""
         seq = self._tail
         at = PAGE + (seq % self._slots) * self._slot_bytes  # our own geometry, never the client's word
         try:
@@ -122,8 +124,10 @@ class SessionRing:
         self._service.counters.ring_records += 1
         if refusal is not None:
             self._refuse(refusal.tag, (), InvalidArgument(f"submission ring: {refusal}"))
-        elif record is not None:
+            return not refusal.unpublished
+        if record is not None:
             self._submit(record)
+        return True
 
     def _submit(self, record: RingRecord) -> None:
         stamps = DaemonStages(received_ns=time.monotonic_ns())
