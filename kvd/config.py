@@ -69,6 +69,9 @@ class HostPoolConfig(_Section):
     slab_bytes: int = Field(default=64 * MiB, ge=64 * 1024)  # a block may not exceed one slab
     pin: bool = True  # page-lock with cudaHostRegister when CUDA is present (DMA at full PCIe rate)
     populate_threads: int = Field(default=8, ge=1)  # parallel first touch of the pool
+    # First-touch the pool from the CPUs of this NUMA node, so its pages sit there (put it on the GPU's node: DMA then
+    # crosses no socket link). -1: wherever the populating threads run.
+    numa_node: int = Field(default=-1, ge=-1)
 
     @model_validator(mode="after")
     def _at_least_one_slab(self) -> HostPoolConfig:
@@ -133,6 +136,9 @@ class TransportsConfig(_Section):
     # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
     # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
     cuda_completion_wait: CompletionWait = CompletionWait.POLL
+    # At most this many CTAs per gather/scatter launch (0: one per block and layer segment, every SM it can get), so
+    # one direction's kernel leaves SMs to the other's and to the model's; the kernels stride over the rest.
+    cuda_kernel_ctas: int = Field(default=0, ge=0)
     # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
     # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
     # more event records per chunk.

@@ -123,7 +123,7 @@ class SessionRing:
         COUNTER.pack_into(ring, TAIL_AT, self._tail)  # after the copy: the slot is the client's again
         self._service.counters.ring_records += 1
         if refusal is not None:
-            self._refuse(refusal.tag, (), InvalidArgument(f"submission ring: {refusal}"))
+            self._refuse(refusal.tag, InvalidArgument(f"submission ring: {refusal}"))
             return not refusal.unpublished
         if record is not None:
             self._submit(record)
@@ -136,17 +136,18 @@ class SessionRing:
         try:
             start_transfer(self._service, kind, self._ref, blocks, record.ready_event, record.tag, stamps)
         except KvdError as exc:
-            self._refuse(record.tag, record.hashes, exc)
+            self._refuse(record.tag, exc)
         except Exception as exc:  # a bug: this record fails, the daemon serves on
             _refusals.exception(f"bug:{self._label}", "session %s: ring record failed", self._label)
-            self._refuse(record.tag, record.hashes, exc)
+            self._refuse(record.tag, exc)
 
-    def _refuse(self, tag: int, hashes: tuple[bytes, ...] | list[bytes], exc: Exception) -> None:
+    def _refuse(self, tag: int, exc: Exception) -> None:
+        """The record's notice: its status and why. No block list: its client knows what it asked for, and a
+        refusal must not cost the daemon more memory than a few bytes while its client is slow to read them."""
         code, message = status_of(exc)
         self._service.counters.ring_refused += 1
         _refusals.warning(self._label, "session %s: ring record refused: %s: %s", self._label, code.name, message)
-        notice = Notice(0, OpKind.SAVE, False, tuple(hashes), message, tag, refused_status=code.value[0])
-        self._service.refuse(self._ref, notice)
+        self._service.refuse(self._ref, Notice(0, OpKind.SAVE, False, (), message, tag, refused_status=code.value[0]))
 
     def close(self) -> None:
         ring, self._map = self._map, None

@@ -31,6 +31,7 @@ _CLOSED = object()  # ends a Watch stream
 
 
 KEY_BYTES = 32
+MAX_QUEUED_REFUSALS = 4096  # refusal notices a session's unread Watch stream may hold (a few hundred KB)
 
 
 @dataclass(eq=False)
@@ -85,9 +86,13 @@ class Session:
         if self.in_flight == 0:
             self._idle.set()
 
-    def notify(self, notice: Notice) -> None:
-        """A notice that ends no operation (a request refused before it became one)."""
+    def notify(self, notice: Notice) -> bool:
+        """A notice that ends no operation (a request refused before it became one); False, and dropped, while
+        MAX_QUEUED_REFUSALS notices wait for a client that does not read its Watch stream."""
+        if self._notices.qsize() >= MAX_QUEUED_REFUSALS:
+            return False
         self._notices.put_nowait(notice)
+        return True
 
     def run_closers(self) -> None:
         closers, self.closers = self.closers, []

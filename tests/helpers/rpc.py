@@ -157,25 +157,23 @@ class Watcher:
         self.ended.put(None)
 
     def wait(self, operation_id: int, timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while operation_id not in self._notices:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no completion notice for operation {operation_id} within {timeout:.1f}s")
-                self._cond.wait(left)
-            return self._notices.pop(operation_id)
+        return self._wait(self._notices, operation_id, timeout, f"operation {operation_id}")
 
     def wait_tag(self, tag: int, timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
         """The notice with client tag `tag` (a submission ring's record carries its tag, never an operation id)."""
+        return self._wait(self._by_tag, tag, timeout, f"tag {tag}")
+
+    def _wait(
+        self, table: dict[int, kvd_pb2.CompletionNotice], key: int, timeout: float, what: str
+    ) -> kvd_pb2.CompletionNotice:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while tag not in self._by_tag:
+            while key not in table:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no completion notice with tag {tag} within {timeout:.1f}s")
+                    raise TimeoutError(f"no completion notice for {what} within {timeout:.1f}s")
                 self._cond.wait(left)
-            return self._by_tag.pop(tag)
+            return table.pop(key)
 
     def close(self) -> None:
         self._call.cancel()

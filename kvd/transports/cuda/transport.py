@@ -92,6 +92,7 @@ class CudaTransport(Transport):
                 self._config.cuda_staging_bytes,
                 self._config.cuda_completion_wait,
                 self._config.cuda_trace_path,
+                self._config.cuda_kernel_ctas,
             )
             engine.start()
             self._engines[engine.uuid] = engine

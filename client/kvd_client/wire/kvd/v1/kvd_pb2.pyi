@@ -786,7 +786,8 @@ class CompletionNotice(_message.Message):
     """A request from the submission ring that the daemon refused before it became an operation: the status code the
     Save/Load RPC answers for the same request (INVALID_ARGUMENT for a malformed record; NOT_FOUND,
     PERMISSION_DENIED, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE as documented above), with `error`
-    saying why and operation_id 0. 0 for every operation.
+    saying why, operation_id 0 and no failed_block_hashes: every block of the request failed. 0 for every
+    operation.
     """
     @_builtins.property
     def failed_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
