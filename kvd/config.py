@@ -184,9 +184,9 @@ class KvdConfig(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_sessions_per_uid: int = Field(default=128, ge=1)
     max_worker_events: int = Field(default=256, ge=1)  # CUDA IPC events one session may have the daemon open
-    # Submission rings (kvd.rpc.ring): a memory session's saves and loads through shared memory and an eventfd instead
-    # of a unary RPC. Slots per session (0: no rings; a full ring sends requests by RPC) and bytes per slot (one
-    # request each: a slot of 16 KiB holds 453 blocks with 32-byte hashes; larger requests go by RPC).
+    # Submission rings (kvd.rpc.ring): a memory session's saves and loads through shared memory and a pipe doorbell
+    # instead of a unary RPC. Slots per session (0: no rings; a full ring sends requests by RPC) and bytes per slot
+    # (one request each: a slot of 16 KiB holds 453 blocks with 32-byte hashes; larger requests go by RPC).
     ring_slots: int = Field(default=64, ge=0, le=4096)
     ring_slot_bytes: int = Field(default=16384, ge=512, le=1 << 20, multiple_of=64)
     # One section per layer below.

@@ -210,8 +210,7 @@ class KvdClient:
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
             return op.op_id
-        with self._lock:
-            self._pending[op.op_id] = op
+        self._pending[op.op_id] = op  # no lock: one dict store, atomic (the loop thread may hold the lock for notices)
         self.submissions.submit(op)
         return op.op_id
 
@@ -224,9 +223,12 @@ class KvdClient:
         self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
 
     def _fail_all(self, error: str) -> None:
-        with self._lock:
-            ops = list(self._pending.values())
-            self._pending.clear()
+        ops = []
+        while self._pending:  # one atomic pop at a time: an operation added meanwhile is never lost
+            try:
+                ops.append(self._pending.popitem()[1])
+            except KeyError:
+                break
         for op in ops:
             self._complete_failed(op, error)
 
@@ -324,8 +326,7 @@ class KvdClient:
     async def _watch(self, call: Any) -> None:
         async for notice in call:
             notice_ns = time.monotonic_ns()
-            with self._lock:
-                op = self._pending.pop(notice.client_tag, None)
+            op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
             self._finished.push(messages.completion(op, notice, notice_ns))
@@ -357,8 +358,7 @@ class KvdClient:
             self._fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
 
     def _fail_pending(self, op_id: int, error: str) -> None:
-        with self._lock:
-            op = self._pending.pop(op_id, None)
+        op = self._pending.pop(op_id, None)
         if op is not None:
             self._complete_failed(op, error)
 

@@ -39,7 +39,7 @@ _ACK = struct.Struct("<4sI")
 
 GRANT_MAGIC = b"KVGR"
 GRANT_RING = 1 << 3  # the session's submission ring: a sealed memfd (kvd_client.ring)
-GRANT_DOORBELL = 1 << 4  # the ring's doorbell: an eventfd
+GRANT_DOORBELL = 1 << 4  # the ring's doorbell: the write end of a pipe
 MAX_GRANT_FDS = 8
 MAX_SESSION_ID = 256
 MAX_SESSION_KEY = 64

@@ -1,24 +1,27 @@
 """The submission ring: saves and loads handed to the daemon through shared memory instead of a unary RPC.
 
 After RegisterSession the client asks for its session's ring on the credential socket (kvd_client.fdpass, a grant
-request carrying the session key); the daemon creates a sealed memfd (its size fixed) and an eventfd, the doorbell,
-and passes both. The caller's thread publishes a record into the next free slot and writes 1 to the doorbell, with
-the GIL held throughout (struct packing, slice writes, a ctypes.PyDLL write): no hop to the client's loop thread, no
-gRPC call. The daemon's event loop reads the doorbell, whose counter is the number of records published since it
-last read it, copies that many records out of shared memory, checks every byte of the copies (the client may write
-the slots meanwhile) and submits each through the same entry point as the Save/Load RPCs. Completion notices come on
-the Watch stream as before; a record the daemon refuses gets a notice with the status the RPC would have answered.
+request carrying the session key); the daemon creates a sealed memfd (its size fixed) and a pipe, the doorbell, and
+passes the memfd and the pipe's write end. The caller's thread publishes a record into the next free slot and writes
+one byte to the doorbell, with the GIL held throughout (struct packing, slice writes, a ctypes.PyDLL write): no hop
+to the client's loop thread, no gRPC call. The daemon's event loop reads the doorbell, one byte per record
+published, copies that many records out of shared memory, checks every byte of the copies (the client may write the
+slots meanwhile) and submits each through the same entry point as the Save/Load RPCs. Completion notices come on the
+Watch stream as before; a record the daemon refuses gets a notice with the status the RPC would have answered.
 
     page 0     b"KVDRING1", u32 version, u32 slot_bytes, u32 slots; u64 tail at TAIL_AT (the daemon's: records taken),
                u64 head at HEAD_AT (the client's: records published, for diagnostics; the daemon never reads it)
     slot i     at PAGE + i * slot_bytes: RECORD (magic, kind, hash length, event length, sequence number, client
                tag, block count), the ready event at EVENT_AT, then u32 block indices, then the hashes back to back
 
-Ordering: the doorbell's write and read are system calls, so a record's bytes are in place before the daemon counts
-it; the slot is reused only after the daemon stored a tail past it, which it does after copying the record out (x86
-keeps a load before a later store). The client uses a ring only on x86-64; elsewhere it keeps the RPCs. A request
-that does not fit one slot (too many blocks, mixed hash lengths, an index past 32 bits) or finds the ring full goes
-by RPC: the ring never blocks the caller and never drops a request.
+Why a pipe and not an eventfd: a duplicated eventfd shares its file status flags, so a client could make the
+daemon's end blocking and drain the counter under it, and a read on the daemon's event loop would then block the
+daemon. The pipe's read end is the daemon's alone. Ordering: the doorbell's write and read are system calls, so a
+record's bytes are in place before the daemon counts it; the slot is reused only after the daemon stored a tail
+past it, which it does after copying the record out (x86 keeps a load before a later store). The client uses a ring
+only on x86-64; elsewhere it keeps the RPCs. A request that does not fit one slot (too many blocks, mixed hash
+lengths, an index past 32 bits) or finds the ring full goes by RPC: the ring never blocks the caller and never
+drops a request.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ MIN_SLOT_BYTES = 512
 MAX_SLOT_BYTES = 1 << 20
 MAX_SLOTS = 4096
 _INDEX = array.array("I").itemsize  # 4 on every Linux ABI
-_ONE = COUNTER.pack(1)
+_ONE = b"\x01"  # one doorbell byte per record
 
 _libc_keep_gil = ctypes.PyDLL(None, use_errno=True)  # a PyDLL call keeps the GIL (see kvd_client.handoff)
 _libc_keep_gil.write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
@@ -132,15 +135,19 @@ class RingWriter:
             ring[data + len(packed) : data + len(packed) + len(joined)] = joined
             self._head += 1
             COUNTER.pack_into(ring, HEAD_AT, self._head)
-            _libc_keep_gil.write(self._doorbell, _ONE, 8)  # the daemon counts this record from now on
+            if _libc_keep_gil.write(self._doorbell, _ONE, 1) != 1:  # the daemon counts this record from now on
+                self._drop()  # nobody reads the doorbell (the daemon dropped the ring): this and the rest by RPC
+                return False
             self.published += 1
         return True
 
     def close(self) -> None:
         with self._lock:
-            ring, self._map = self._map, None
-            if ring is None:
-                return
+            self._drop()
+
+    def _drop(self) -> None:
+        ring, self._map = self._map, None
+        if ring is not None:
             ring.close()
             close_fds([self._doorbell])
             self._doorbell = -1
@@ -157,7 +164,7 @@ class RingRecord:
 
 class RecordError(ValueError):
     """A slot that holds no valid record; `tag` is what it says its client tag is (for the refusal notice).
-    `unpublished`: not the record the sequence expects at all (the doorbell counted more than was written)."""
+    `unpublished`: not the record the sequence expects at all (the doorbell rang more than was written)."""
 
     def __init__(self, message: str, tag: int, unpublished: bool = False) -> None:
         super().__init__(message)

@@ -3,18 +3,18 @@
 A memory session's process asks for its ring on the credential socket, naming the session and its key
 (kvd.rpc.fd_channel). `RingGrantor.grant` checks the key and that the process on that connection is the session's own,
 then creates the ring: a memfd of mode 0600 sealed against any change of size (the worker shares the mapping, but can
-never cut it short under the daemon's reads) and an eventfd, the doorbell. The daemon keeps its own mapping and
-doorbell and passes the worker its copies; the ring is closed as the session starts closing, and a later grant for
-the same session replaces it.
+never cut it short under the daemon's reads) and a pipe, the doorbell. The daemon keeps its mapping and the pipe's
+read end (nothing the worker holds can change how that end behaves) and passes the memfd and the write end; the ring
+is closed as the session starts closing, and a later grant for the same session replaces it.
 
-Reading, on the event loop: the doorbell's counter says how many records were published since the last read; at most
-`slots` are taken per read (an honest client never has more outstanding), and a slot that holds no record of the
-expected sequence number ends the read (the count was a lie). Each record is copied out of shared memory
-and checked (kvd_client.ring.read_record: nothing past its slot, every length bounded), its slot handed back, and
-submitted through kvd.rpc.transfer.start_transfer exactly as a Save/Load RPC would be. A record refused for any
-reason gets a notice on the session's Watch stream with the status the RPC would have answered; refusals are counted
-in Stats and logged at most once a minute per session. A client that scribbles on its ring only gets its own records
-refused.
+Reading, on the event loop: one doorbell byte per record published; at most `slots` bytes are read per wake-up (an
+honest client never has more outstanding). Each record is copied out of shared memory and checked
+(kvd_client.ring.read_record: nothing past its slot, every length bounded), its slot handed back, and submitted
+through kvd.rpc.transfer.start_transfer exactly as a Save/Load RPC would be. A slot that holds no record of the
+expected sequence number means the doorbell rang for nothing: that record is refused and whatever else the doorbell
+holds is dropped, so a lying client costs one record per wake-up. A record refused for any reason gets a notice on
+the session's Watch stream with the status the RPC would have answered; refusals are counted in Stats and logged at
+most once a minute per session. A client that scribbles on its ring only gets its own records refused.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class SessionRing:
         try:
             self._map: mmap.mmap | None = mmap.mmap(self._memfd, ring_bytes(slots, slot_bytes))
             write_header(self._map, slots, slot_bytes)
-            self._doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._doorbell, self._bell = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # read end ours, write end theirs
         except BaseException:
             os.close(self._memfd)
             raise
@@ -95,23 +95,34 @@ class SessionRing:
         self._loop.add_reader(self._doorbell, self._on_doorbell)
 
     def hand_over(self) -> Granted:
-        """The worker's copies, for the grant: the memfd itself (the daemon's mapping keeps the memory) and a
-        duplicate of the doorbell."""
-        memfd, self._memfd = self._memfd, -1
-        return Granted(GRANT_RING | GRANT_DOORBELL, (memfd, os.dup(self._doorbell)))
+        """The worker's descriptors, for the grant: the memfd (the daemon's mapping keeps the memory) and the
+        doorbell's write end (the daemon keeps none: once the worker's copies are gone, the doorbell reads EOF)."""
+        memfd, bell, self._memfd, self._bell = self._memfd, self._bell, -1, -1
+        return Granted(GRANT_RING | GRANT_DOORBELL, (memfd, bell))
 
     def _on_doorbell(self) -> None:
         try:
-            count = int.from_bytes(os.read(self._doorbell, 8), "little")
-        except OSError:  # nothing counted (a spurious wake-up), or closed under us
+            rung = os.read(self._doorbell, self._slots)  # one byte per record, a ring's worth at most
+        except OSError:  # nothing there (a spurious wake-up)
             return
-        for _ in range(min(count, self._slots)):
-            if self._map is None or not self._take(self._map):
+        if not rung:  # every write end closed: the worker let go of its ring
+            self._loop.remove_reader(self._doorbell)
+            return
+        for _ in rung:
+            if self._map is None:
+                return
+            if not self._take(self._map):
+                self._silence()
                 return
 
+    def _silence(self) -> None:
+        """Drop whatever else the doorbell holds (it rang for a record that is not there)."""
+        with contextlib.suppress(OSError):
+            while os.read(self._doorbell, 65536):
+                pass
+
     def _take(self, ring: mmap.mmap) -> bool:
-        """Take the next record; False when its slot held none at all: the doorbell counted more than the client
-        wrote, so the rest of this count is dropped (a lie costs the daemon one record, never a ring's worth)."""
+        """Take the next record; False when its slot held none at all (the doorbell rang for nothing)."""
         seq = self._tail
         at = PAGE + (seq % self._slots) * self._slot_bytes  # our own geometry, never the client's word
         try:
@@ -154,9 +165,9 @@ class SessionRing:
         if ring is None:
             return
         self._loop.remove_reader(self._doorbell)
-        os.close(self._doorbell)
-        if self._memfd >= 0:
-            os.close(self._memfd)
+        for fd in (self._doorbell, self._bell, self._memfd):
+            if fd >= 0:
+                os.close(fd)
         ring.close()
 
 

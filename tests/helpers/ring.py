@@ -87,7 +87,8 @@ class RawRing:
         self.map[at : at + len(data)] = data
 
     def ring(self, count: int = 1) -> None:
-        os.write(self.doorbell, count.to_bytes(8, "little"))
+        """`count` doorbell bytes (the daemon takes one record per byte)."""
+        os.write(self.doorbell, b"\x01" * count)
 
     def close(self) -> None:
         self.map.close()

@@ -117,7 +117,7 @@ def test_daemon_killed_mid_flight_fails_every_op_and_a_new_ring_follows(daemon: 
         ops = [client.save(batch) for batch in pairs]
         assert client.submissions.ring_count == 6
         daemon.kill()
-        done = client.wait(ops, timeout_s=20)
+        done = sorted(client.wait(ops, timeout_s=20), key=lambda c: c.op_id)
         assert len(done) == 6 and not any(c.ok for c in done)
         assert all(c.failed_hashes == {h for _, h in batch} for c, batch in zip(done, pairs, strict=True))
         daemon.start()

@@ -19,10 +19,11 @@ import pytest
 import torch
 from kvd_client.ring import LOAD, SAVE
 
+from kvd.service.sessions import MAX_QUEUED_REFUSALS
 from tests.helpers.daemon import SERVING, Daemon, child_env, wait_for
 from tests.helpers.kvdata import CacheSpec, block_hash, fill, make_caches, mismatches
 from tests.helpers.ring import RawRing, refusal_status
-from tests.helpers.rpc import RawSession, cpu_register_request, lookup_only_request
+from tests.helpers.rpc import RawSession, Watcher, cpu_register_request, lookup_only_request
 from tests.security.kit import NOBODY, requires_root
 
 INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION = 3, 5, 7, 9
@@ -169,7 +170,7 @@ def test_huge_counts_and_lengths_are_bounded(
     assert _refused(session, 50) == INVALID_ARGUMENT
     # The doorbell's count is the client's word too: past what was written, one slot of no record ends the read.
     before, refused = ring.tail, daemon.stats().ring_refused
-    ring.ring(2**64 - 2)
+    ring.ring(65536)  # a pipe's worth
     wait_for(lambda: ring.tail > before, 10, what="the lie read")
     time.sleep(0.2)
     assert ring.tail == before + 1 and daemon.stats().ring_refused == refused + 1
@@ -223,10 +224,67 @@ def test_a_ring_outlived_by_its_session_reaches_nothing(
     session = cpu_session[0]
     session.close()  # unregistered: the daemon dropped its end of the ring
     ring.write(SAVE, 1, [(1, block_hash(1, "late"))])
-    ring.ring()
+    with pytest.raises(BrokenPipeError):
+        ring.ring()  # nobody reads the doorbell any more
     time.sleep(0.3)
     stats = daemon.stats()
     assert stats.ring_records == 0 and not stats.sessions
     assert daemon.health() == SERVING
     assert Path(f"/proc/{daemon.pid}/maps").read_text().count("kvd-ring") == 0
     assert refusal_status(daemon.socket, session.id, session.response.session_key) == NOT_FOUND
+
+
+def test_refusals_a_client_never_reads_cost_the_daemon_a_bounded_queue(daemon: Daemon) -> None:
+    """A client that floods its ring with malformed records and never reads its Watch stream: every record is
+    refused and counted, but at most MAX_QUEUED_REFUSALS notices (of no block list each) wait for it."""
+    spec = CacheSpec()
+    caches = make_caches(spec)
+    stub = daemon.stub()
+    response = stub.RegisterSession(cpu_register_request(daemon.socket, spec, caches, "m-flood"), timeout=5)
+    ring = RawRing.of(daemon.socket, response.session_id, response.session_key)
+    pairs = [(1, block_hash(1, "flood"))]
+    total = MAX_QUEUED_REFUSALS + 100
+    try:
+        while ring.head < total:
+            batch = min(ring.slots, total - ring.head)
+            for _ in range(batch):
+                ring.write(7, ring.head + 1, pairs)  # published in sequence, but of a kind that does not exist
+            ring.ring(batch)
+            wait_for(lambda: ring.tail == ring.head, 10, what="the batch taken")
+        assert daemon.stats().ring_refused == total
+        watcher = Watcher(stub, response)
+        try:
+            wait_for(lambda: len(watcher._by_tag) >= MAX_QUEUED_REFUSALS, 20, what="the queued refusals")
+            time.sleep(0.3)
+            assert len(watcher._by_tag) == MAX_QUEUED_REFUSALS
+        finally:
+            watcher.close()
+        assert daemon.health() == SERVING
+    finally:
+        ring.close()
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_the_doorbell_gives_its_worker_nothing_over_the_daemons_reads(
+    daemon: Daemon, cpu_session: tuple[RawSession, dict[str, torch.Tensor], CacheSpec], ring: RawRing
+) -> None:
+    """The worker holds the doorbell's write end only: it cannot drain what the daemon reads, and the flags it sets
+    are its own end's (an eventfd's would be the daemon's too: a blocking read on the event loop). Hanging it up
+    leaves the daemon idle, and the session serving by RPC."""
+    session, caches, spec = cpu_session
+    with pytest.raises(OSError):
+        os.read(ring.doorbell, 1)
+    fcntl.fcntl(ring.doorbell, fcntl.F_SETFL, fcntl.fcntl(ring.doorbell, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    _serving_after(daemon, ring, session, caches, spec)
+    os.close(ring.doorbell)
+    ring.doorbell = -1
+    before = _cpu_ticks(daemon.pid)
+    time.sleep(0.5)
+    assert _cpu_ticks(daemon.pid) - before < 25  # a daemon spinning on the hung-up pipe would burn ~50 ticks
+    pairs = [(50, block_hash(50, "hung-up"))]
+    fill(caches, spec, pairs)
+    assert session.save(pairs).ok
