@@ -42,16 +42,16 @@ from trace_report import TraceFile, summarize
 from tests.helpers.daemon import Daemon
 
 MiB = 1 << 20
-# One configuration change each (besides the trace): staging depth and chunk size for both directions at once,
-# the completion waiters' wake-up, and (on a host of several NUMA nodes) a pool first-touched by one thread instead
-# of eight, so its pages sit on one node.
-DEFAULT_VARIANTS = (
+# One configuration change each (besides the trace): a cap on the kernels' CTAs, the completion waiters' wake-up,
+# staging depth and chunk size for both directions at once, and (on a host of several NUMA nodes) a pool
+# first-touched by one thread instead of eight, or by the GPU's node's CPUs.
+DEFAULT_VARIANTS = (  # in the order they matter: those past --budget-s are skipped
     "trace:",
+    "ctas_264:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=264",
+    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
     "staging_1g:KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
     "chunk_32m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=33554432,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
     "chunk_128m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=134217728,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
-    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
-    "ctas_264:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=264",
 )
 NUMA_VARIANT = "populate_1:KVD_HOST_POOL__POPULATE_THREADS=1"
 VARIANT_SECONDS = 15  # a variant is skipped when less than this is left of --budget-s

@@ -119,8 +119,12 @@ class HostPool:
             ctypes.memset(self.base_address + offset, 0, min(chunk, self.capacity_bytes - offset))
 
         cpus = self._node_cpus()
-        pin = os.sched_setaffinity if cpus else None  # first touch places each page on the toucher's node
-        with ThreadPoolExecutor(self._populate_threads, "kvd-populate", initializer=pin, initargs=(0, cpus)) as pool:
+
+        def pin() -> None:  # first touch places each page on the node of the CPU that touches it
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        with ThreadPoolExecutor(self._populate_threads, "kvd-populate", initializer=pin) as pool:
             list(pool.map(touch, offsets))
         where = f" on NUMA node {self._numa_node}" if cpus else ""
         seconds = time.monotonic() - start

@@ -15,7 +15,7 @@ from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, TransferError
 from kvd.tiers.store import BlockStore
-from kvd.transports.base import Attachment, SlotRef
+from kvd.transports.base import Attachment
 from kvd.types import BlockBatch, BlockHash, BlockKey, DaemonStages
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ async def run_save(op: Operation) -> Outcome:
     entries = plan.entries
     try:
         if entries:
-            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries]
+            memory, addresses = op.memory(), [e.address for e in entries]  # one int per block, no object
             stamps.submitted_ns = time.monotonic_ns()
-            await memory.save([indices[i] for i, _ in plan.to_write], slots, op.ready_event, stamps)
+            await memory.save([indices[i] for i, _ in plan.to_write], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
@@ -100,9 +100,9 @@ async def run_load(op: Operation) -> Outcome:
         outcome.fail({h for h, e in zip(hashes, entries, strict=True) if e is None}, NOT_STORED)
     try:
         if present:
-            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries if e is not None]
+            memory, addresses = op.memory(), [e.address for e in entries if e is not None]
             stamps.submitted_ns = time.monotonic_ns()
-            outcome.done_event = await memory.load([indices[i] for i in present], slots, op.ready_event, stamps)
+            outcome.done_event = await memory.load([indices[i] for i in present], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:

@@ -77,6 +77,7 @@ def test_nested_flag_overrides_merge_with_env_and_file(
         "slab_bytes": 1 << 20,  # file
         "pin": True,  # default
         "populate_threads": 3,  # env
+        "numa_node": -1,  # default
     }
     assert shown["log"] == {"level": "DEBUG", "json_format": True}
 

@@ -20,7 +20,6 @@ from kvd_client.layout import DType, KvLayout, LayerLayout
 from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
 from kvd.process import PeerProcess
-from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
 from kvd.transports.cuda.transport import CudaTransport
 from kvd.types import CudaAllocation, CudaLayer, CudaMemory, DaemonStages, PassedFds, PeerIdentity, VmmChunk
@@ -134,8 +133,9 @@ async def attached(recorder: Recorder, **config: Any) -> tuple[Any, Any]:
     return transport, attachment
 
 
-def slots(positions: list[int]) -> list[SlotRef]:
-    return [SlotRef(0x7000_0000 + p * LAYOUT.block_bytes, LAYOUT.block_bytes) for p in positions]
+def slots(positions: list[int]) -> list[int]:
+    """The addresses of these slots of the pinned pool."""
+    return [0x7000_0000 + p * LAYOUT.block_bytes for p in positions]
 
 
 def enqueued(recorder: Recorder, start: int) -> list[tuple[str, tuple[Any, ...]]]:
