@@ -151,6 +151,9 @@ class RuntimeConfig(_Section):
     # The GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep a GPU
     # engine thread from submitting or completing copies for that long; the daemon is ours to tune.
     gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)
+    # Python 3.12 on: run each save's and load's first step (planning, handing it to its transport) as an eager task,
+    # inside the RPC handler or ring callback, instead of on the event loop's next iteration. No effect on 3.11.
+    eager_operations: bool = True
 
 
 class MetricsConfig(_Section):

@@ -85,6 +85,7 @@ class KvdService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
+        self._eager = config.runtime.eager_operations
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -236,7 +237,8 @@ class KvdService:
         session, layout = self._begin_transfer(ref, blocks, ready_event)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps), eager=True)
+        run = self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     def load(
@@ -247,7 +249,8 @@ class KvdService:
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps), eager=True)
+        run = self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     async def _run(
