@@ -22,6 +22,7 @@ from kvd.errors import StartupError
 from kvd.rpc.credentials import CredentialIssuer, TokenLimits
 from kvd.rpc.guard import DecodeGuard, max_request_bytes
 from kvd.rpc.health import HealthServicer
+from kvd.rpc.ring import RingGrantor, rings_supported
 from kvd.rpc.servicer import KvdServicer
 from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
 from kvd.service.service import KvdService
@@ -82,6 +83,12 @@ class RpcEndpoint:
     async def serve(self, service: KvdService) -> None:
         """Hand calls to `service` from now on; health turns SERVING."""
         self.servicer.service = service
+        config = self.config
+        if config.ring_slots and rings_supported():
+            self.credentials.grantor = RingGrantor(service, config.ring_slots, config.ring_slot_bytes).grant
+            self.servicer.rings = True
+        elif config.ring_slots:
+            log.warning("no submission rings: this kernel cannot seal a memfd (saves and loads go by RPC)")
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

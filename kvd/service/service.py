@@ -21,10 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 from kvd_client.layout import KvLayout
 
-import kvd
 from kvd.config import KvdConfig
-from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    SessionNotFound,
+    Unavailable,
+)
 from kvd.logs import Throttled
+from kvd.process import PeerProcess
 from kvd.service.checks import (
     LayoutClaims,
     admit_event,
@@ -36,7 +44,8 @@ from kvd.service.checks import (
     namespace_key,
     rank_namespace_key,
 )
-from kvd.service.operations import Operation, Outcome, run_load, run_save
+from kvd.service.operations import Operation, Outcome, run_load, run_save, start_task
+from kvd.service.reports import stats_snapshot, update_session_gauges
 from kvd.service.sessions import Session, SessionTable
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
@@ -50,7 +59,6 @@ from kvd.types import (
     Registration,
     ServiceCounters,
     SessionRef,
-    SessionSnapshot,
     Stamps,
     StatsSnapshot,
     Tier,
@@ -79,6 +87,7 @@ class KvdService:
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
         self._warn = Throttled(log)
+        self._eager = config.runtime.eager_operations
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -178,6 +187,23 @@ class KvdService:
     def watch(self, ref: SessionRef) -> AsyncIterator[Notice]:
         return self.sessions.get(ref).notices()
 
+    def session_of_process(self, ref: SessionRef, process: PeerProcess) -> Session:
+        """The live session `ref` names (its key checked), for that session's own process only: what a session
+        shares with its worker outside gRPC (its submission ring) goes to no one else."""
+        session = self.sessions.get(ref)
+        if not session.registration.peer.process.same_process(process):
+            raise PermissionDenied(f"session {session.label} belongs to another process")
+        return session
+
+    def refuse(self, ref: SessionRef, notice: Notice) -> None:
+        """The notice of a request refused before it became an operation (a ring record the Save/Load RPC would
+        have answered with an error): on the session's Watch stream, like every other outcome."""
+        try:
+            session = self.sessions.get(ref)
+        except (SessionNotFound, PermissionDenied):
+            return  # closing: its client fails whatever it has in flight
+        session.notify(notice)
+
     # -- lookup --------------------------------------------------------------------------------------------------
 
     async def lookup(self, ref: SessionRef, hashes: Sequence[bytes]) -> LookupResult:
@@ -213,7 +239,8 @@ class KvdService:
         session, layout = self._begin_transfer(ref, blocks, ready_event)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps))
+        run = self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     def load(
@@ -224,7 +251,8 @@ class KvdService:
             raise InvalidArgument("a load writes each destination block index at most once")
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps))
+        run = self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     async def _run(
@@ -290,28 +318,7 @@ class KvdService:
     # -- stats ---------------------------------------------------------------------------------------------------
 
     def stats(self) -> StatsSnapshot:
-        return StatsSnapshot(
-            boot_id=self.boot_id,
-            version=kvd.__version__,
-            uptime_s=int(time.monotonic() - self.started),
-            sessions=tuple(
-                SessionSnapshot(
-                    label=s.label,
-                    tenant=s.registration.peer.tenant,
-                    worker_name=s.registration.worker_name,
-                    namespace=s.registration.namespace,
-                    pid=s.registration.peer.pid,
-                    transport=s.transport,
-                    saves=s.saves,
-                    loads=s.loads,
-                    in_flight=s.in_flight,
-                )
-                for s in self.sessions
-            ),
-            tiers=self.store.snapshots(),
-            counters=dataclasses.replace(self.counters),
-            tier_counters={k: float(v) for k, v in self.store.counters().items()},
-        )
+        return stats_snapshot(self.boot_id, self.started, self.sessions, self.store, self.counters)
 
     def tier_health(self) -> tuple[tuple[str, bool], ...]:
         """(tier name, healthy) for every tier, for health probes and metrics."""
@@ -337,8 +344,10 @@ class KvdService:
         admit_event(session.events, ready_event, self.config.max_worker_events)
         return session, layout
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], eager: bool = False) -> None:
+        """Run `coro` as a task. `eager` (Python 3.12 on): its first step runs now, in the caller, so an operation is
+        planned and handed to its transport before the handler returns instead of a loop iteration later."""
+        task = start_task(asyncio.get_running_loop(), coro, eager)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -360,6 +369,7 @@ class KvdService:
         if session.closing:
             return
         session.closing = True
+        session.run_closers()  # what it shares outside gRPC (its ring) takes no new work from now on
         await session.wait_idle()  # never unmap memory under a copy in flight
         process = session.registration.peer.process
         if session.watching_exit and process.pidfd is not None:
@@ -384,11 +394,5 @@ class KvdService:
                 self._spawn(self._close_session(session, "lease expired"))
 
     def _update_session_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.set_sessions(len(self.sessions))
-        by_transport: dict[str, int] = {}
-        for s in self.sessions:
-            by_transport[s.transport] = by_transport.get(s.transport, 0) + 1
-        for transport in ("cpu", "cuda_ipc", "none"):
-            self.metrics.set_transport_sessions(transport, by_transport.get(transport, 0))
+        update_session_gauges(self.metrics, self.sessions)
+

@@ -9,7 +9,8 @@ from stdin. Block lists travel as `[[block_index, "hash hex"], ...]`.
     verify {blocks}                    {mismatched: [hash hex]} against the deterministic contents
     nonzero {exclude}                  {indices: [...]}: blocks holding anything but zeros
     lookup {hashes}                    {hit_blocks} or {error, message}
-    info / wait_ready {timeout_s}      {ready, session_id, boot_id, registrations, pid, block_bytes}
+    info / wait_ready {timeout_s}      {ready, session_id, boot_id, registrations, pid, block_bytes, has_ring, rings,
+                                       by_ring, by_rpc}
     exit                               close the client (unregisters) and exit 0
     vanish                             exit at once without unregistering (os._exit)
 
@@ -64,6 +65,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     # Tensor-parallel ranks hold different shards under the same block hash: with a salt, this worker's block
     # contents are those of (hash + salt), so a test can tell whose bytes it loaded.
     parser.add_argument("--content-salt", default="")
+    parser.add_argument("--no-ring", action="store_true", help="saves and loads by RPC only (no submission ring)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s %(name)s: %(message)s")
 
@@ -79,6 +81,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         worker_name=args.worker_name or f"worker-{os.getpid()}",
         tp_rank=args.tp_rank,
         tp_world_size=args.tp_world_size,
+        submission_ring=not args.no_ring,
     )
     salt = args.content_salt.encode()
 
@@ -96,6 +99,10 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "registrations": client.registrations,
             "pid": os.getpid(),
             "block_bytes": client.block_bytes,
+            "has_ring": client.submissions.has_ring,
+            "rings": client.submissions.rings,  # rings granted, one per session that got one
+            "by_ring": client.submissions.ring_count,
+            "by_rpc": client.submissions.rpc_count,
         }
 
     def reply(obj: dict[str, Any]) -> None:
