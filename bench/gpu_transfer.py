@@ -8,8 +8,9 @@ requests of 512 blocks (1 GiB) and 16 blocks (32 MiB); the daemon's pool holds 4
 - `raw`: pinned D2H / H2D / both at once, one small request's copy, the same into memory page-locked like kvd's
   pool (also both directions at once, whole and in kvd's chunk size), an in-process connector, NUMA placement.
 - `main`: the phases of bench/phases.py against a daemon in its default configuration (each with its per-stage
-  breakdown, concurrent ones with their timeline), the round-trip floors on the same socket, the model thread's
-  time per call, and a bf16 matmul's slowdown while saving.
+  breakdown, concurrent ones with their timeline; saves and loads through the session's submission ring), the
+  small-request phases by ring and by Save/Load RPC alternating (`paths`), the round-trip floors on the same
+  socket, the model thread's time per call, and a bf16 matmul's slowdown while saving.
 - `variants`: the throughput phases again, each against a fresh daemon with the chunk trace on
   (transports.cuda_trace_path) plus one configuration change; each phase carries its trace summary
   (bench/trace_report.py: per-direction busy time, per-chunk DMA rates alone and with the other direction, kernel
@@ -35,21 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvd_client import KvdClient
-from phases import PhaseHook, Shape, Workload, floors, hashes, model_thread, standard
+from phases import PhaseHook, Shape, Workload, both_paths, floors, hashes, model_thread, standard
 from trace_report import TraceFile, summarize
 
 from tests.helpers.daemon import Daemon
 
 MiB = 1 << 20
-# One configuration change each (besides the trace): staging depth and chunk size for both directions at once,
-# the completion waiters' wake-up, and (on a host of several NUMA nodes) a pool first-touched by one thread instead
-# of eight, so its pages sit on one node.
-DEFAULT_VARIANTS = (
+# One configuration change each (besides the trace): a cap on the kernels' CTAs, the completion waiters' wake-up,
+# staging depth and chunk size for both directions at once, and (on a host of several NUMA nodes) a pool
+# first-touched by one thread instead of eight, or by the GPU's node's CPUs.
+DEFAULT_VARIANTS = (  # in the order they matter: those past --budget-s are skipped
     "trace:",
+    "ctas_264:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=264",
+    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
+    "lazy_start:KVD_RUNTIME__EAGER_OPERATIONS=false",
     "staging_1g:KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
     "chunk_32m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=33554432,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
     "chunk_128m_staging_1g:KVD_TRANSPORTS__CUDA_CHUNK_BYTES=134217728,KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",
-    "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
 )
 NUMA_VARIANT = "populate_1:KVD_HOST_POOL__POPULATE_THREADS=1"
 VARIANT_SECONDS = 15  # a variant is skipped when less than this is left of --budget-s
@@ -99,8 +102,7 @@ def main() -> int:
         trace_dir = args.trace_dir or Path(tempfile.mkdtemp(prefix="kvd-trace-"))
         trace_dir.mkdir(parents=True, exist_ok=True)
         (trace_dir / "partial.json").write_text(json.dumps(out))
-        several_nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) > 1
-        for spec in args.variant or (*DEFAULT_VARIANTS, *([NUMA_VARIANT] if several_nodes else [])):
+        for spec in args.variant or (*DEFAULT_VARIANTS, *numa_variants(caches[0].is_cuda)):
             name, _, changes = spec.partition(":")
             if time.monotonic() - began > args.budget_s - VARIANT_SECONDS:
                 out["variants"][name] = {"skipped": "time budget"}
@@ -117,6 +119,16 @@ def main() -> int:
     print(json.dumps(out, indent=1))
     print_table(out)
     return 0
+
+
+def numa_variants(cuda: bool) -> list[str]:
+    """On a host of several NUMA nodes: the pool first-touched by one thread, and by the GPU's node's CPUs."""
+    if len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) < 2:
+        return []
+    from gpu_raw import numa
+
+    node = numa(None).get("gpu_numa_node", -1) if cuda else -1
+    return [NUMA_VARIANT, *([f"numa_gpu:KVD_HOST_POOL__NUMA_NODE={node}"] if node >= 0 else [])]
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -176,8 +188,9 @@ def daemon_pass(
         hook = trace_hook(TraceFile(trace_path), block_bytes) if trace_path is not None else None
         out["phases"] = standard(work, shape, hook, quick=quick)
         if not quick:
-            out["floors"] = floors(client, str(socket), args.small)
             out.update(model_thread(work))
+            out["paths"] = both_paths(work, shape)  # ring vs RPC, alternating, on this session
+            out["floors"] = floors(client, str(socket), args.small)
             if caches[0].is_cuda:
                 out.update(interference(client, shape.big))
     finally:
@@ -254,7 +267,24 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "floor_aio_heartbeat_us_p50": row(main.get("floors", {}).get("aio_heartbeat_us", {}).get("p50"), None, "-"),
         # The lookup under every request: in-process from the shared index, next to the RPC it replaced.
         "lookup_16_us_p50": row(_floor(main, "client_lookup"), _floor(main, "rpc_lookup"), "in-process"),
+        **path_rows(main.get("paths", {}), raw, row),
     }
+
+
+def path_rows(paths: dict[str, Any], raw: dict[str, Any], row: Any) -> dict[str, Any]:
+    """The small-request figures by submission ring and by RPC (bench/phases.both_paths): each round's, in order."""
+    out: dict[str, Any] = {}
+    for name, limit, target in (
+        ("small_save_ms_p50", raw.get("raw_small_d2h_ms"), "<= 1.2"),
+        ("small_load_ms_p50", raw.get("raw_small_h2d_ms"), "<= 1.2"),
+        ("many_save_gbps", raw.get("raw_d2h_gbps"), ">= 48"),
+        ("many_load_gbps", raw.get("raw_h2d_gbps"), ">= 48"),
+        ("model_thread_call_us_p50", None, "<= 50"),
+    ):
+        for path in ("ring", "rpc"):
+            if path in paths:
+                out[f"{name}_{path}"] = row([r.get(name) for r in paths[path]], limit, target)
+    return out
 
 
 def _floor(main: dict[str, Any], kind: str) -> Any:

@@ -34,8 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers (the daemon fixture utilities)
 
 from kvd_client import KvdClient
+from kvd_client.fdpass import GRANT_INDEX
 from kvd_client.index import IndexReader
-from kvd_client.shared import GRANT_INDEX
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.helpers.clients import Completions

@@ -276,3 +276,45 @@ def _phases(work: Workload, shape: Shape, quick: bool) -> list[tuple[str, Callab
         ),
         ("many_save", lambda: repeated(work, lambda k: small_saves(f"m{k}", many), rounds)),
     ]
+
+
+PATH_PHASES = ("small_alone", "many_src", "many_load", "many_mixed", "many_save")
+
+
+def both_paths(work: Workload, shape: Shape, rounds: int = 2) -> dict[str, Any]:
+    """The small-request phases through the session's submission ring and by Save/Load RPC, alternating (`rounds`
+    of each), on one session: the same daemon, cache and machine for both. Per path and round: small call -> notice
+    p50, the many-in-flight rates, the model thread's time per call; with one small-request breakdown per path."""
+    submissions = work.client.submissions
+    if not submissions.has_ring:
+        return {"skipped": "the session has no submission ring"}
+    phases = [(name, run) for name, run in _phases(work, shape, quick=True) if name in PATH_PHASES]
+    out: dict[str, Any] = {"ring": [], "rpc": []}
+    try:
+        for _ in range(rounds):
+            for path in ("rpc", "ring"):
+                submissions.enabled = path == "ring"
+                out[path].append(_path_round(work, phases))
+    finally:
+        submissions.enabled = True
+    return out
+
+
+def _path_round(work: Workload, phases: Sequence[tuple[str, Callable[[], dict[str, Any]]]]) -> dict[str, Any]:
+    first_call = len(work.call_us)
+    row: dict[str, Any] = {}
+    for name, run in phases:
+        result = run()
+        if name == "many_src":
+            continue  # stores what many_load reads back (the phases since may have evicted it)
+        if name == "small_alone":
+            for kind in ("save", "load"):
+                row[f"small_{kind}_ms_p50"] = result[kind]["call_to_notice_ms_p50"]
+                row[f"small_{kind}_breakdown"] = result[kind]["breakdown"]
+        else:
+            row[f"{name}_gbps"] = result["gbps"]
+        ok = result["ok"] if "ok" in result else all(r["ok"] for r in result.values())
+        row["ok"] = row.get("ok", True) and ok
+    calls = work.call_us[first_call:]
+    row["model_thread_call_us_p50"] = round(statistics.median(calls), 1) if calls else None
+    return row

@@ -7,8 +7,9 @@ The phases of gpu_transfer.py (bench/phases.py), with blocks small enough that c
 left is the fixed cost per request and per block: `layers` x `[2, 4*big, 16, 1, 64]` bf16 (4 KiB per block per
 layer) in this process, which the daemon (its own process, `python -m kvd serve`) reads and writes with
 process_vm_readv/writev. The pool has the GPU benchmark's shape: room for 4 large requests, 32 blocks per slab (64
-slabs). Each phase's `breakdown` gives p50/p99 µs per stage; `floors` the bare round trips on the same socket;
-`raw_memmove_gbps` an in-process copy of one large request's bytes.
+slabs). Each phase's `breakdown` gives p50/p99 µs per stage; `paths` the small-request phases through the
+submission ring and by Save/Load RPC, alternating on the same session; `floors` the bare round trips on the same
+socket; `raw_memmove_gbps` an in-process copy of one large request's bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvd_client import KvdClient
-from phases import Shape, Workload, floors, gbps, model_thread, standard
+from phases import Shape, Workload, both_paths, floors, gbps, model_thread, standard
 
 from tests.helpers.daemon import Daemon
 
@@ -51,6 +52,7 @@ def main() -> int:
     parser.add_argument("--big", type=int, default=512)
     parser.add_argument("--small", type=int, default=16)
     parser.add_argument("--small-reps", type=int, default=100)
+    parser.add_argument("--path-rounds", type=int, default=2, help="ring vs RPC rounds, alternating")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="KVD_X=V")
     args = parser.parse_args()
     shape = Shape(big=args.big, small=args.small, small_reps=args.small_reps)
@@ -77,8 +79,9 @@ def main() -> int:
         try:
             work = Workload(client, blocks, block_bytes)
             out["phases"] = standard(work, shape)
-            out["floors"] = floors(client, str(daemon.socket), args.small)
             out.update(model_thread(work))
+            out["paths"] = both_paths(work, shape, args.path_rounds)
+            out["floors"] = floors(client, str(daemon.socket), args.small)
         finally:
             client.close()
     out["loadavg_1m"] = round(os.getloadavg()[0], 2)

@@ -6,7 +6,7 @@
 #   KVD_COMPARE="KVD_X=V ..."  bench/event_wait.py (OUTDIR/event_wait.json), and the benchmark again with the
 #                   daemon configured so (OUTDIR/gpu_bench_compare.json)
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
-#                   racecheck); logs in OUTDIR/sanitizer.txt
+#                   racecheck; KVD_SANITIZE_TOOLS="memcheck" for one); logs in OUTDIR/sanitizer.txt
 #   KVD_PROFILE=1   the benchmark again (gpu_bench_profiled.json) with py-spy sampling the daemon and the benchmark process (collapsed
 #                   stacks per thread, idle included) into OUTDIR/pyspy_{daemon,bench}.txt
 set -uo pipefail
@@ -45,7 +45,7 @@ fi
 
 if [[ "${KVD_SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer > /dev/null; then
     : > "$out/sanitizer.txt"
-    for tool in memcheck racecheck; do
+    for tool in ${KVD_SANITIZE_TOOLS:-memcheck racecheck}; do
         logs=$(mktemp -d)
         KVD_TEST_DAEMON_WRAPPER="compute-sanitizer --tool $tool --log-file $logs/%p.log" \
             timeout "${KVD_SANITIZE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m cuda \

@@ -72,6 +72,9 @@ class HostPoolConfig(_Section):
     # An evicted block leaves the published index at once but keeps its bytes this long before its slot is reused,
     # so a load that follows a lookup still finds it (0: reuse at once).
     reuse_grace_ms: int = Field(default=200, ge=0)
+    # First-touch the pool from the CPUs of this NUMA node, so its pages sit there (put it on the GPU's node: DMA then
+    # crosses no socket link). -1: wherever the populating threads run.
+    numa_node: int = Field(default=-1, ge=-1)
 
     @model_validator(mode="after")
     def _at_least_one_slab(self) -> HostPoolConfig:
@@ -171,6 +174,9 @@ class TransportsConfig(_Section):
     # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
     # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
     cuda_completion_wait: CompletionWait = CompletionWait.POLL
+    # At most this many CTAs per gather/scatter launch (0: one per block and layer segment, every SM it can get), so
+    # one direction's kernel leaves SMs to the other's and to the model's; the kernels stride over the rest.
+    cuda_kernel_ctas: int = Field(default=0, ge=0)
     # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
     # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
     # more event records per chunk.
@@ -183,6 +189,9 @@ class RuntimeConfig(_Section):
     # The GIL switch interval. Python's default (5 ms) lets the gRPC thread, busy with a large batch, keep a GPU
     # engine thread from submitting or completing copies for that long; the daemon is ours to tune.
     gil_switch_interval_us: int = Field(default=500, ge=50, le=5000)
+    # Python 3.12 on: run each save's and load's first step (planning, handing it to its transport) as an eager task,
+    # inside the RPC handler or ring callback, instead of on the event loop's next iteration. No effect on 3.11.
+    eager_operations: bool = True
 
 
 class MetricsConfig(_Section):
@@ -216,6 +225,11 @@ class KvdConfig(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_sessions_per_uid: int = Field(default=128, ge=1)
     max_worker_events: int = Field(default=256, ge=1)  # CUDA IPC events one session may have the daemon open
+    # Submission rings (kvd.rpc.ring): a memory session's saves and loads through shared memory and a pipe doorbell
+    # instead of a unary RPC. Slots per session (0: no rings; a full ring sends requests by RPC) and bytes per slot
+    # (one request each: a slot of 16 KiB holds 453 blocks with 32-byte hashes; larger requests go by RPC).
+    ring_slots: int = Field(default=64, ge=0, le=4096)
+    ring_slot_bytes: int = Field(default=16384, ge=512, le=1 << 20, multiple_of=64)
     # One section per layer below.
     host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
     index: IndexConfig = IndexConfig()

@@ -160,6 +160,17 @@ class PeerProcess:
             raise
         return fd
 
+    def same_process(self, other: PeerProcess) -> bool:
+        """Whether `other` (the peer of another connection) is this very process, alive: the same pidfd inode where
+        pidfds have their own (pidfs, Linux 6.9), else the same pid while both are alive (a live process's pid is
+        its own). Never true for a process the daemon cannot tell apart (no pidfd and no pid)."""
+        if (self.uid, self.gid) != (other.uid, other.gid) or not (self.alive() and other.alive()):
+            return False
+        mine, theirs = _pidfd_identity(self.pidfd), _pidfd_identity(other.pidfd)
+        if mine is not None and theirs is not None:
+            return mine == theirs
+        return self.pid > 0 and self.pid == other.pid and self.pidfd is not None and other.pidfd is not None
+
     def close(self) -> None:
         for fd in (self.pidfd, self._proc_dir):
             if fd is not None:
@@ -207,6 +218,36 @@ def _peer_pidfd(sock: socket.socket, pid: int) -> int | None:
         os.close(fd)
         raise PermissionDenied(f"pid {pid} is not the process that connected (it started after the connection)")
     return fd
+
+
+_unique_pidfd_inodes: bool | None = None
+
+
+def _pidfd_identity(pidfd: int | None) -> tuple[int, int] | None:
+    """(device, inode) of a pidfd where each process has its own (pidfs); None where all share one anonymous inode
+    (before Linux 6.9), or without a pidfd."""
+    global _unique_pidfd_inodes
+    if pidfd is None:
+        return None
+    if _unique_pidfd_inodes is None:
+        _unique_pidfd_inodes = _pidfds_have_own_inodes()
+    if not _unique_pidfd_inodes:
+        return None
+    st = os.fstat(pidfd)
+    return st.st_dev, st.st_ino
+
+
+def _pidfds_have_own_inodes() -> bool:
+    """Whether pidfds of two processes (ours and our parent's) have different inodes."""
+    try:
+        fds = [os.pidfd_open(os.getpid()), os.pidfd_open(os.getppid())]
+    except (OSError, AttributeError):
+        return False
+    try:
+        return os.fstat(fds[0]).st_ino != os.fstat(fds[1]).st_ino
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _start_time(pid: int) -> float | None:

@@ -58,7 +58,7 @@ class InStep:
 
 @dataclass(frozen=True, slots=True)
 class SharedGrant:
-    """What a session may map (kvd_client.shared.GRANT_* bits, one new descriptor each, in bit order: the receiver
+    """What a session may map (kvd_client.fdpass.GRANT_* bits, one new descriptor each, in bit order: the receiver
     closes them) and the event set when the session ends (the rpc layer then drops the connection it holds open)."""
 
     what: int
@@ -188,6 +188,7 @@ class Notice:
     duration_us: int = 0
     done_event: bytes = b""
     stages: DaemonStages | None = None  # complete once queued but for `sent`, which the servicer stamps
+    refused_status: int = 0  # a request refused before it became an operation: the gRPC status code it got
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class SessionSnapshot:
     saves: int
     loads: int
     in_flight: int
+    ring: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +234,8 @@ class ServiceCounters:
     bytes_loaded: int = 0
     load_hit_blocks: int = 0
     load_miss_blocks: int = 0
+    ring_records: int = 0  # saves and loads submitted through sessions' rings
+    ring_refused: int = 0  # ring records refused (malformed, or what the RPC would have refused)
 
     def count_operation(self, kind: OpKind, ok: bool, moved: int) -> None:
         if kind is OpKind.SAVE:

@@ -35,6 +35,7 @@ from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
 from kvd_client.progress import StepLoad
 from kvd_client.session import heartbeat, open_channel, register_session
+from kvd_client.submission import Submissions
 from kvd_client.types import Completion, LookupResult, OpKind, session_label
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
@@ -55,6 +56,7 @@ class KvdClient:
         tp_world_size: int = 1,
         worker_name: str = "",
         timeout_s: float = 5.0,
+        submission_ring: bool = True,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.model_id = model_id
@@ -82,13 +84,14 @@ class KvdClient:
         self._columnar = False
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
         self.index = LocalIndex(timeout_s)  # the daemon's published index, once mapped
+        # Saves and loads go through the session's ring when it has one (kvd_client.submission), else by RPC.
+        self.submissions = Submissions(lambda op: self._inbox.post(lambda: self._submit(op)), submission_ring)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any], *, block_dim: int, block_size_tokens: int = 0) -> None:
-        """Describe the worker's KV tensors. CPU tensors use the CPU transport (the daemon reads this process's
-        memory); CUDA tensors go by CUDA IPC handle, or by file descriptor for driver-mapped memory. Called after
-        start() (a wake-up from sleep), it registers the new memory in a new session."""
+        """Describe the worker's KV tensors: CPU ones for the CPU transport, CUDA ones by IPC handle or descriptor.
+        Called after start() (a wake-up from sleep), it registers the new memory in a new session."""
         self._kv.describe(kv_caches, block_dim=block_dim, block_size_tokens=block_size_tokens)
         if self.layout_fingerprint is None and self._kv.layout is not None:
             self.layout_fingerprint = self._kv.layout.fingerprint()
@@ -96,9 +99,8 @@ class KvdClient:
             self._renew_session(wait=False)
 
     def release_memory(self) -> None:
-        """Have the daemon drop every mapping of the KV memory now, e.g. before vLLM's sleep mode releases it. The
-        client stays registered without memory (lookups keep working) until `register_kv_caches` hands it memory
-        again. Waits for the daemon's answer, at most `timeout_s`."""
+        """Have the daemon drop every mapping of the KV memory now (before vLLM's sleep mode frees it), waiting at
+        most `timeout_s`. Lookups keep working until `register_kv_caches` hands it memory again."""
         fds = self._kv.release()
         if self._thread is not None:
             self._renew_session(wait=True)
@@ -189,6 +191,7 @@ class KvdClient:
             run_on_loop(loop, self._shutdown(), self.timeout_s, "shutdown")
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
+        self.submissions.detach()
         self._fail_all("client closed")
         close_fds(self._kv.release())
         self._inbox.close()  # only now, long after _closed stopped new posts
@@ -215,9 +218,8 @@ class KvdClient:
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
             return op.op_id
-        with self._lock:
-            self._pending[op.op_id] = op
-        self._inbox.post(lambda: self._submit(op))
+        self._pending[op.op_id] = op  # no lock: one dict store, atomic (the loop thread may hold the lock for notices)
+        self.submissions.submit(op)
         return op.op_id
 
     def _renew_session(self, *, wait: bool) -> None:
@@ -229,9 +231,12 @@ class KvdClient:
         self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
 
     def _fail_all(self, error: str) -> None:
-        with self._lock:
-            ops = list(self._pending.values())
-            self._pending.clear()
+        ops = []
+        while self._pending:  # one atomic pop at a time: an operation added meanwhile is never lost
+            try:
+                ops.append(self._pending.popitem()[1])
+            except KeyError:
+                break
         for op in ops:
             self._complete_failed(op, error)
 
@@ -266,6 +271,7 @@ class KvdClient:
             finally:
                 self.index.drop()
                 self._ready.clear()
+                self.submissions.detach()  # its records would reach nobody now
                 self._session = messages.SessionRef()
                 self._stub = None
                 await channel.close(grace=None)
@@ -277,14 +283,9 @@ class KvdClient:
             delay = min(RETRY_MAX_S, delay * 2)
 
     async def _register(self, channel: grpc.aio.Channel) -> None:
-        namespace = kvd_pb2.Namespace(
-            model_id=self.model_id,
-            layout_fingerprint=self.layout_fingerprint or "",
-            tp_rank=self.tp_rank,
-            tp_world_size=self.tp_world_size,
-        )
-
-        kv = self._kv
+        kv, fingerprint = self._kv, self.layout_fingerprint or ""
+        namespace = kvd_pb2.Namespace(model_id=self.model_id, layout_fingerprint=fingerprint, tp_rank=self.tp_rank)
+        namespace.tp_world_size = self.tp_world_size
 
         def request(token: bytes) -> kvd_pb2.RegisterSessionRequest:
             return messages.registration_request(namespace, token, self.worker_name, os.getpid(), kv.layout, kv.message)
@@ -297,6 +298,8 @@ class KvdClient:
         self.block_bytes = response.block_bytes
         self._columnar = response.columnar_blocks  # the daemon takes a request's blocks as two columns
         self._lease_s = response.lease_ms / 1000
+        if response.submission_ring and self.submissions.enabled:
+            await self.submissions.open_ring(self.socket_path, self._session, self.timeout_s)
         self.registrations += 1
         log.info("kvd session %s (boot %s)", session_label(response.session_id), response.boot_id)
         await self.index.attach(self._session, self.boot_id, response.tenant)
@@ -324,8 +327,7 @@ class KvdClient:
             await asyncio.gather(watch, beat, broken, return_exceptions=True)
 
     def _connection_lost(self, error: KvdError) -> None:
-        """Any call that finds the daemon unreachable ends the session now (not when the Watch stream notices):
-        from this moment `ready` is False and new operations fail fast until the client has registered again."""
+        """A call that finds the daemon unreachable ends the session now: new operations fail fast from here on."""
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             self._ready.clear()
             if self._broken is not None:
@@ -334,8 +336,7 @@ class KvdClient:
     async def _watch(self, call: Any) -> None:
         async for notice in call:
             notice_ns = time.monotonic_ns()
-            with self._lock:
-                op = self._pending.pop(notice.client_tag, None)
+            op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
             self._finished.push(messages.completion(op, notice, notice_ns))
@@ -367,8 +368,7 @@ class KvdClient:
             self._fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
 
     def _fail_pending(self, op_id: int, error: str) -> None:
-        with self._lock:
-            op = self._pending.pop(op_id, None)
+        op = self._pending.pop(op_id, None)
         if op is not None:
             self._complete_failed(op, error)
 

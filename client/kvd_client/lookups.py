@@ -1,6 +1,6 @@
 """Lookups: from the daemon's published index in the caller's thread when it is mapped, else over RPC.
 
-`LocalIndex` holds the session's mapping (kvd_client.index) and its lease (kvd_client.shared). The loop thread
+`LocalIndex` holds the session's mapping (kvd_client.index) and its lease (a kvd_client.fdpass grant). The loop thread
 attaches it after each registration and drops it when the session ends, the lease hangs up (the daemon died) or the
 index is retired; the caller's thread only reads the current reader reference, so a probe never waits for the loop
 thread. A mapping is only used while its header's boot id is the registered daemon's: a stale mapping never answers
@@ -22,7 +22,9 @@ from pathlib import Path
 import grpc
 
 from kvd_client import messages
-from kvd_client.errors import Unavailable, from_rpc_error
+from kvd_client.credentials import fetch_grant
+from kvd_client.errors import KvdError, Unavailable, from_rpc_error
+from kvd_client.fdpass import GRANT_INDEX, GRANT_PROGRESS, GRANT_SHARED, GRANT_WAKE, Grant, GrantRefused
 from kvd_client.index import (
     DAEMON_REMOTE_TIER,
     W_DAEMON_FLAGS,
@@ -34,7 +36,6 @@ from kvd_client.index import (
 )
 from kvd_client.messages import SessionRef
 from kvd_client.progress import ProgressPage
-from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE, Grant, SharedRefused, fetch_shared
 from kvd_client.types import LookupResult, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
@@ -116,8 +117,8 @@ class LocalIndex:
     def fetch(self) -> Grant:
         """A fresh grant of this session's shared memory (tools and benchmarks map it again themselves)."""
         if self._session is None:
-            raise SharedRefused("no session")
-        return fetch_shared(self._socket_path, self._session.id, self._session.key, self.timeout_s)
+            raise GrantRefused("no session")
+        return fetch_grant(self._socket_path, self._session.id, self._session.key, GRANT_SHARED, self.timeout_s)
 
     def configure(self, socket_path: Path, model_id: str, layout_fingerprint: str, tp_world_size: int) -> None:
         """The daemon to ask, and the namespace group (kvd_client.index.group_key, with `tenant`) whose index to
@@ -136,10 +137,10 @@ class LocalIndex:
         self._last_try = time.monotonic()
         loop = asyncio.get_running_loop()
         group = group_key(self.tenant, *self._group)
-        ask = functools.partial(fetch_shared, self._socket_path, session.id, session.key, self.timeout_s)
+        ask = functools.partial(fetch_grant, self._socket_path, session.id, session.key, GRANT_SHARED, self.timeout_s)
         try:
             grant = await loop.run_in_executor(None, ask)
-        except (OSError, SharedRefused) as exc:
+        except (OSError, KvdError) as exc:  # GrantRefused is an OSError
             log.debug("kvd: no shared index (%s); lookups go over RPC", exc)
             return
         self.page = _map_page(grant)

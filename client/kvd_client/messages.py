@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kvd_client.errors import InvalidArgument, KvdError
+from kvd_client.errors import InvalidArgument, KvdError, error_of
 from kvd_client.layout import KvLayout
 from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
 from kvd_client.wire.kvd.v1 import kvd_pb2
@@ -127,17 +127,26 @@ def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) 
         notice_ns=notice_ns,
         daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
     )
+    failed, error = frozenset(notice.failed_block_hashes), notice.error
+    if notice.refused_status:  # a ring record refused as the RPC would have been: every block failed, and why
+        failed, error = frozenset(h for _, h in op.blocks), refusal(notice.refused_status, notice.error)
     return Completion(
         op_id=op.op_id,
         kind=op.kind,
-        ok=notice.ok,
-        failed_hashes=frozenset(notice.failed_block_hashes),
-        error=notice.error,
+        ok=notice.ok and not notice.refused_status,
+        failed_hashes=failed,
+        error=error,
         nbytes=notice.bytes_moved,
         duration_s=notice.duration_us / 1e6,
         done_event=notice.done_event,
         stages=stages,
     )
+
+
+def refusal(status: int, message: str) -> str:
+    """A refused request's error, as the RPC's would read ("InvalidArgument: block index 9 out of range")."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status), grpc.StatusCode.UNKNOWN)
+    return f"{type(error_of(code, message)).__name__}: {message}"
 
 
 def lookup_result(response: kvd_pb2.LookupResponse) -> LookupResult:

@@ -40,6 +40,7 @@ def format_stats(stats: Any) -> str:
         f"  ({stats.load_hit_blocks}/{load_blocks} blocks asked for by Load; a miss is one no tier had then)",
         f"saves: {stats.saves_ok} ok, {stats.saves_failed} failed, {human_bytes(stats.bytes_saved)} saved",
         f"loads: {stats.loads_ok} ok, {stats.loads_failed} failed, {human_bytes(stats.bytes_loaded)} loaded",
+        f"submission rings: {stats.ring_records} requests, {stats.ring_refused} refused",
     ]
     return "\n".join(lines)
 
@@ -52,7 +53,7 @@ def _sessions(sessions: Sequence[Any]) -> list[str]:
                 s.session_id[:12],
                 s.worker_name or "-",
                 s.pid,
-                s.transport or "-",
+                (s.transport or "-") + ("+ring" if s.ring else ""),
                 s.namespace.model_id or "-",
                 f"{s.namespace.tp_rank}/{s.namespace.tp_world_size}",
                 s.saves,

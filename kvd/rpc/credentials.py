@@ -9,7 +9,9 @@ presents the token; the session belongs to that process and uid, never to a pid 
 A refusal is one line instead of a token, `KVDERR <STATUS> <message>`, then the connection closes (a token never
 starts that way). Tokens are bounded: per uid and in total (RESOURCE_EXHAUSTED), and each lives TOKEN_TTL_S seconds.
 After a token, a worker with driver-mapped KV memory passes its descriptors on the same connection
-(kvd_client.fdpass); they are bound to the token and handed over with it.
+(kvd_client.fdpass); they are bound to the token and handed over with it. A registered worker may instead ask for
+its session's shared resources (a grant request naming the session and its key); that connection's token is spent
+on the request, and `grantor` decides it for the process on the connection.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvd_client import fdpass
 from kvd_client.credentials import REFUSAL_PREFIX, TOKEN_BYTES
+from kvd_client.fdpass import GRANT_MAGIC
 
 from kvd.errors import KvdError, PermissionDenied, ResourceExhausted
 from kvd.logs import Throttled
 from kvd.process import PeerProcess
 from kvd.rpc import fd_channel
-from kvd.rpc.shared import GrantShared, after_token
 from kvd.types import PassedFds
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class CredentialIssuer:
         self._tokens: dict[bytes, _Issued] = {}
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._server: asyncio.Server | None = None
-        self.grant_shared: GrantShared | None = None  # set once the service runs
         self._warn = Throttled(log)
+        self.grantor: fd_channel.Grantor | None = None  # what a session's process may map (set once serving)
 
     async def start(self) -> None:
         """Listen on `path`, which the caller has cleared (kvd.rpc.socket_path)."""
@@ -103,15 +104,28 @@ class CredentialIssuer:
                 fd_channel.pause(writer)
                 writer.write(token)
                 await writer.drain()
-                kind = await after_token(writer, self._tokens[token].peer, self.grant_shared)
-                if kind == fdpass.MAGIC:
-                    self._keep_fds(token, await fd_channel.receive_after_token(writer))
+                await self._after_token(token, writer)
             finally:
                 self._exchanged(token)
         except OSError as exc:  # FdPassError included: nothing of the exchange is kept
             self._warn.warning("peer", "credential socket: %s", exc)
         finally:
             writer.close()
+
+    async def _after_token(self, token: bytes, writer: asyncio.StreamWriter) -> None:
+        """Descriptors of KV memory bound to the token, or a grant request (the token is spent on it), or nothing."""
+        follows = await fd_channel.what_follows(writer)
+        if follows == GRANT_MAGIC:
+            issued = self._tokens.get(token)
+            if issued is None:
+                return  # expired meanwhile
+            self._drop(token, close=False)
+            try:
+                await fd_channel.serve_grant(writer, issued.peer, self.grantor)
+            finally:
+                issued.close()
+        elif follows:
+            self._keep_fds(token, await fd_channel.receive_after_token(writer))
 
     def _exchanged(self, token: bytes) -> None:
         issued = self._tokens.get(token)
@@ -178,10 +192,11 @@ class CredentialIssuer:
         for token in [t for t, issued in self._tokens.items() if issued.at < cutoff]:
             self._drop(token)
 
-    def _drop(self, token: bytes) -> None:
+    def _drop(self, token: bytes, close: bool = True) -> None:
         issued = self._tokens.pop(token)
         self._uncount(issued.peer.uid)
-        issued.close()
+        if close:
+            issued.close()
 
     def _uncount(self, uid: int) -> None:
         self._per_uid[uid] -= 1

@@ -19,12 +19,13 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
 from kvd.errors import StartupError
+from kvd.rpc import shared
 from kvd.rpc.credentials import CredentialIssuer, TokenLimits
 from kvd.rpc.guard import DecodeGuard, max_request_bytes
 from kvd.rpc.health import HealthServicer
+from kvd.rpc.ring import RingGrantor, rings_supported
 from kvd.rpc.servicer import KvdServicer
 from kvd.rpc.socket_path import check_bindable, clear_stale_socket, prepare_socket_dir
-from kvd.service.published import shared_grant
 from kvd.service.service import KvdService
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,14 @@ class RpcEndpoint:
     async def serve(self, service: KvdService) -> None:
         """Hand calls to `service` from now on; health turns SERVING."""
         self.servicer.service = service
-        self.credentials.grant_shared = lambda session_id, peer: shared_grant(
-            service.indexes, service.sessions.get(session_id), peer
-        )
+        config = self.config
+        ring = None
+        if config.ring_slots and rings_supported():
+            ring = RingGrantor(service, config.ring_slots, config.ring_slot_bytes).grant
+            self.servicer.rings = True
+        elif config.ring_slots:
+            log.warning("no submission rings: this kernel cannot seal a memfd (saves and loads go by RPC)")
+        self.credentials.grantor = shared.grantor(service, ring)
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

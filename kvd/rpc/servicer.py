@@ -21,6 +21,7 @@ from kvd.errors import InvalidArgument, KvdError, PermissionDenied, Unavailable,
 from kvd.logs import Throttled
 from kvd.rpc.credentials import CredentialIssuer
 from kvd.rpc.guard import MAX_DIMS, MAX_FINGERPRINT_BYTES, MAX_LAYERS, MAX_MODEL_ID_BYTES, MAX_NAME_BYTES
+from kvd.rpc.transfer import IPC_HANDLE_BYTES, start_transfer
 from kvd.service.service import KvdService
 from kvd.types import (
     BlockBatch,
@@ -48,7 +49,6 @@ _throttled = Throttled(log)  # one traceback per kind of failure a minute: a bug
 
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
-IPC_HANDLE_BYTES = 64
 
 
 def _mapped(handler: Handler[R]) -> Handler[R]:
@@ -72,6 +72,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
     def __init__(self, credentials: CredentialIssuer) -> None:
         self._credentials = credentials
         self.service: KvdService | None = None  # set once every layer below is ready; until then: UNAVAILABLE
+        self.rings = False  # whether memory sessions may ask for a submission ring (kvd.rpc.ring)
 
     def _svc(self) -> KvdService:
         if self.service is None:
@@ -108,6 +109,7 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             max_batch_blocks=service.config.max_batch_blocks,
             columnar_blocks=True,
             session_key=session.key,
+            submission_ring=self.rings and layout is not None,
             tenant=peer.tenant,
         )
 
@@ -162,14 +164,9 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
         service, ref = self._svc(), _ref(request)
         service.heartbeat(ref)  # the session and its key before any per-block work
-        blocks, ready_event = _blocks(request), _event(request.ready_event)
-        if kind is OpKind.SAVE:
-            if request.HasField("in_step"):
-                raise InvalidArgument("in_step is for loads")
-            op = service.save(ref, blocks, ready_event, request.client_tag, stamps)
-        else:
-            in_step = InStep(request.in_step.slot, request.in_step.base) if request.HasField("in_step") else None
-            op = service.load(ref, blocks, ready_event, request.client_tag, stamps, in_step)
+        in_step = InStep(request.in_step.slot, request.in_step.base) if request.HasField("in_step") else None
+        blocks = _blocks(request)
+        op = start_transfer(service, kind, ref, blocks, request.ready_event, request.client_tag, stamps, in_step)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(
@@ -207,6 +204,8 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
             bytes_loaded=c.bytes_loaded,
             load_hit_blocks=c.load_hit_blocks,
             load_miss_blocks=c.load_miss_blocks,
+            ring_records=c.ring_records,
+            ring_refused=c.ring_refused,
         )
 
 
@@ -224,6 +223,7 @@ def _notice(notice: Notice) -> kvd_pb2.CompletionNotice:
         duration_us=notice.duration_us,
         done_event=notice.done_event,
         stages=_stages(notice.stages),
+        refused_status=notice.refused_status,
     )
 
 
@@ -240,6 +240,7 @@ def _session_stats(s: SessionSnapshot) -> kvd_pb2.SessionStats:
         ),
         pid=max(0, s.pid),
         transport=s.transport,
+        ring=s.ring,
         saves=s.saves,
         loads=s.loads,
         in_flight=s.in_flight,
@@ -362,8 +363,3 @@ def _stages(stamps: DaemonStages | None) -> kvd_pb2.OperationStages | None:
         return None
     return kvd_pb2.OperationStages(**{**dataclasses.asdict(stamps), "sent_ns": time.monotonic_ns()})
 
-
-def _event(handle: bytes) -> bytes:
-    if handle and len(handle) != IPC_HANDLE_BYTES:
-        raise InvalidArgument(f"an IPC event handle is {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
-    return handle

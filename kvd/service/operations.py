@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvd_client.layout import KvLayout
 
@@ -15,7 +17,7 @@ from kvd.errors import FailureReason, TransferError
 from kvd.logs import Throttled
 from kvd.memory.progress import LayerProgress
 from kvd.tiers.store import BlockStore
-from kvd.transports.base import Attachment, SlotRef
+from kvd.transports.base import Attachment
 from kvd.types import BlockBatch, BlockHash, BlockKey, DaemonStages
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,9 @@ async def run_save(op: Operation) -> Outcome:
     entries = plan.entries
     try:
         if entries:
-            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries]
+            memory, addresses = op.memory(), [e.address for e in entries]  # one int per block, no object
             stamps.submitted_ns = time.monotonic_ns()
-            await memory.save([indices[i] for i, _ in plan.to_write], slots, op.ready_event, stamps)
+            await memory.save([indices[i] for i, _ in plan.to_write], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
@@ -103,14 +105,15 @@ async def run_load(op: Operation) -> Outcome:
         outcome.fail({h for h, e in zip(hashes, entries, strict=True) if e is None}, NOT_STORED)
     try:
         if present:
-            memory, slots = op.memory(), [SlotRef(e.address, e.nbytes) for e in entries if e is not None]
+            memory, addresses = op.memory(), [e.address for e in entries if e is not None]
             stamps.submitted_ns = time.monotonic_ns()
             targets, progress = [indices[i] for i in present], op.progress
             if progress is None:
-                outcome.done_event = await memory.load(targets, slots, op.ready_event, stamps)
+                outcome.done_event = await memory.load(targets, addresses, op.ready_event, stamps)
             else:
                 on_layer, layers = progress.layer_done, progress.layers
-                outcome.done_event = await memory.load_layers(targets, slots, op.ready_event, on_layer, layers, stamps)
+                load = memory.load_layers(targets, addresses, op.ready_event, on_layer, layers, stamps)
+                outcome.done_event = await load
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:
@@ -132,3 +135,15 @@ def failure_of(exc: BaseException, what: str) -> Failure:
         return Failure(FailureReason.CANCELLED, str(exc) or type(exc).__name__)
     _throttled.log(logging.ERROR, f"op-{type(exc).__name__}", "%s failed", what, exc_info=exc)
     return Failure(FailureReason.INTERNAL, f"internal error: {exc}")
+
+
+if sys.version_info >= (3, 12):
+
+    def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool) -> asyncio.Task[None]:
+        """A task for `coro`; `eager`: its first step runs now, in the caller (to its first wait)."""
+        return asyncio.Task(coro, loop=loop, eager_start=eager)
+
+else:
+
+    def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool) -> asyncio.Task[None]:
+        return loop.create_task(coro)  # 3.11 has no eager tasks: the first step runs on the next loop iteration

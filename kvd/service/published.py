@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from kvd_client.fdpass import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE
 from kvd_client.layout import KvLayout
-from kvd_client.shared import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE
 
-from kvd.errors import FailedPrecondition, PermissionDenied
+from kvd.errors import FailedPrecondition
 from kvd.memory.index_registry import IndexRegistry
 from kvd.memory.progress import LayerProgress, ProgressWriter
-from kvd.process import PeerProcess
 from kvd.service.sessions import Session
 from kvd.tiers.store import BlockStore
 from kvd.types import InStep, Registration, SharedGrant
@@ -28,13 +27,10 @@ def publish_namespace(
             indexes.stored((ns_key, block_hash), source)
 
 
-def shared_grant(indexes: IndexRegistry | None, session: Session, peer: PeerProcess) -> SharedGrant:
-    """For the session's own process only (its key checked by the caller): a read-only descriptor of its tenant's
+def shared_grant(indexes: IndexRegistry | None, session: Session) -> SharedGrant:
+    """For the session's own process (checked by the caller, with its key): a read-only descriptor of its tenant's
     group index, if published, and for a session with KV memory its progress page and wake eventfd (in-step
     loads)."""
-    owner = session.registration.peer
-    if owner.pid <= 0 or (owner.pid, owner.uid) != (peer.pid, peer.uid):
-        raise PermissionDenied("shared memory goes only to the process that registered the session")
     reg = session.registration
     index = indexes.index_of(reg.peer.tenant, reg.namespace) if indexes is not None else None
     what, fds = 0, []

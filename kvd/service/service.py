@@ -21,10 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 from kvd_client.layout import KvLayout
 
-import kvd
 from kvd.config import KvdConfig
-from kvd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from kvd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    SessionNotFound,
+    Unavailable,
+)
 from kvd.logs import Throttled
+from kvd.process import PeerProcess
 from kvd.service.checks import (
     LayoutClaims,
     admit_event,
@@ -36,9 +44,10 @@ from kvd.service.checks import (
     namespace_key,
     rank_namespace_key,
 )
-from kvd.service.operations import Operation, Outcome, run_load, run_save
+from kvd.service.operations import Operation, Outcome, run_load, run_save, start_task
 from kvd.service.published import in_step_progress, publish_namespace
-from kvd.service.sessions import Session, SessionTable
+from kvd.service.reports import stats_snapshot, update_session_gauges
+from kvd.service.sessions import Session, SessionTable, watch_exit
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
 from kvd.transports.router import TransportRouter
@@ -83,6 +92,7 @@ class KvdService:
         self.counters = ServiceCounters()
         self.indexes: IndexRegistry | None = None  # the published indexes (set by the daemon)
         self._warn = Throttled(log)
+        self._eager = config.runtime.eager_operations
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -183,6 +193,23 @@ class KvdService:
     def watch(self, ref: SessionRef) -> AsyncIterator[Notice]:
         return self.sessions.get(ref).notices()
 
+    def session_of_process(self, ref: SessionRef, process: PeerProcess) -> Session:
+        """The live session `ref` names (its key checked), for that session's own process only: what a session
+        shares with its worker outside gRPC (its submission ring) goes to no one else."""
+        session = self.sessions.get(ref)
+        if not session.registration.peer.process.same_process(process):
+            raise PermissionDenied(f"session {session.label} belongs to another process")
+        return session
+
+    def refuse(self, ref: SessionRef, notice: Notice) -> None:
+        """The notice of a request refused before it became an operation (a ring record the Save/Load RPC would
+        have answered with an error): on the session's Watch stream, like every other outcome."""
+        try:
+            session = self.sessions.get(ref)
+        except (SessionNotFound, PermissionDenied):
+            return  # closing: its client fails whatever it has in flight
+        session.notify(notice)
+
     # -- lookup --------------------------------------------------------------------------------------------------
 
     async def lookup(self, ref: SessionRef, hashes: Sequence[bytes]) -> LookupResult:
@@ -218,25 +245,22 @@ class KvdService:
         session, layout = self._begin_transfer(ref, blocks, ready_event)
         op_id = session.begin_operation()
         session.saves += 1
-        self._spawn(self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps))
+        run = self._run(OpKind.SAVE, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     def load(
-        self,
-        ref: SessionRef,
-        blocks: BlockBatch,
-        ready_event: bytes,
-        client_tag: int,
-        stamps: Stamps = None,
+        self, ref: SessionRef, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None,
         in_step: InStep | None = None,  # an in-step load's progress entry (kvd_client.progress)
-    ) -> int:
+    ) -> int:  # fmt: skip
         session, layout = self._begin_transfer(ref, blocks, ready_event)
         if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
         progress = in_step_progress(session, layout, in_step)
         op_id = session.begin_operation()
         session.loads += 1
-        self._spawn(self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress))
+        run = self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress)
+        self._spawn(run, eager=self._eager)
         return op_id
 
     async def _run(
@@ -303,15 +327,7 @@ class KvdService:
     # -- stats ---------------------------------------------------------------------------------------------------
 
     def stats(self) -> StatsSnapshot:
-        return StatsSnapshot(
-            boot_id=self.boot_id,
-            version=kvd.__version__,
-            uptime_s=int(time.monotonic() - self.started),
-            sessions=tuple(s.snapshot() for s in self.sessions),
-            tiers=self.store.snapshots(),
-            counters=dataclasses.replace(self.counters),
-            tier_counters={k: float(v) for k, v in self.store.counters().items()},
-        )
+        return stats_snapshot(self.boot_id, self.started, self.sessions, self.store, self.counters)
 
     def tier_health(self) -> tuple[tuple[str, bool], ...]:
         """(tier name, healthy) for every tier, for health probes and metrics."""
@@ -337,29 +353,22 @@ class KvdService:
         admit_event(session.events, ready_event, self.config.max_worker_events)
         return session, layout
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], eager: bool = False) -> None:
+        """Run `coro` as a task. `eager` (Python 3.12 on): its first step runs now, in the caller, so an operation is
+        planned and handed to its transport before the handler returns instead of a loop iteration later."""
+        task = start_task(asyncio.get_running_loop(), coro, eager)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _watch_process(self, session: Session) -> None:
         """Close the session the moment its worker exits (pidfd turns readable), not only when the lease ends."""
-        fd = session.registration.peer.process.pidfd
-        if fd is None:
-            return
-        session.watching_exit = True
-        loop = asyncio.get_running_loop()
-
-        def exited() -> None:
-            loop.remove_reader(fd)
-            self._spawn(self._close_session(session, "worker process exited"))
-
-        loop.add_reader(fd, exited)
+        watch_exit(session, lambda: self._spawn(self._close_session(session, "worker process exited")))
 
     async def _close_session(self, session: Session, why: str) -> None:
         if session.closing:
             return
         session.closing = True
+        session.run_closers()  # what it shares outside gRPC (its ring) takes no new work from now on
         await session.wait_idle()  # never unmap memory under a copy in flight
         process = session.registration.peer.process
         if session.watching_exit and process.pidfd is not None:
@@ -384,11 +393,5 @@ class KvdService:
                 self._spawn(self._close_session(session, "lease expired"))
 
     def _update_session_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.set_sessions(len(self.sessions))
-        by_transport: dict[str, int] = {}
-        for s in self.sessions:
-            by_transport[s.transport] = by_transport.get(s.transport, 0) + 1
-        for transport in ("cpu", "cuda_ipc", "none"):
-            self.metrics.set_transport_sessions(transport, by_transport.get(transport, 0))
+        update_session_gauges(self.metrics, self.sessions)
+

@@ -15,7 +15,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvd_client.types import session_label
@@ -32,6 +32,7 @@ _CLOSED = object()  # ends a Watch stream
 
 
 KEY_BYTES = 32
+MAX_QUEUED_REFUSALS = 4096  # refusal notices a session's unread Watch stream may hold (a few hundred KB)
 
 
 @dataclass(eq=False)
@@ -48,6 +49,8 @@ class Session:
     closing: bool = False
     watching_exit: bool = False
     events: set[bytes] = field(default_factory=set)  # CUDA IPC event handles the daemon opened for this session
+    ring: bool = False  # whether its worker submits through a shared-memory ring (kvd.rpc.ring)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run once as the session starts closing
     _ops: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,6 +88,22 @@ class Session:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+    def notify(self, notice: Notice) -> bool:
+        """A notice that ends no operation (a request refused before it became one); False, and dropped, while
+        MAX_QUEUED_REFUSALS notices wait for a client that does not read its Watch stream."""
+        if self._notices.qsize() >= MAX_QUEUED_REFUSALS:
+            return False
+        self._notices.put_nowait(notice)
+        return True
+
+    def run_closers(self) -> None:
+        closers, self.closers = self.closers, []
+        for close in closers:
+            try:
+                close()
+            except Exception:
+                log.exception("closing a resource of session %s", self.label)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -188,3 +207,18 @@ class SessionTable:
             ):
                 return session
         return None
+
+
+def watch_exit(session: Session, exited: Callable[[], None]) -> None:
+    """Call `exited` (once, on the event loop) when the session's worker process exits: its pidfd turns readable."""
+    fd = session.registration.peer.process.pidfd
+    if fd is None:
+        return
+    session.watching_exit = True
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        loop.remove_reader(fd)
+        exited()
+
+    loop.add_reader(fd, readable)

@@ -1,7 +1,8 @@
 """How the daemon reaches a worker's KV memory. One Transport per medium (CPU address space, CUDA IPC); a session
 gets an Attachment from the transport that matches its memory, and all its copies go through it.
 
-An attachment copies whole blocks between the worker's cache (by block index) and host-pool slots (by address);
+An attachment copies whole blocks between the worker's cache (by block index) and host-pool slots (by address: a
+plain int per block, built once per request, every slot of a request the layout's block size);
 every index, offset and size was bounds-checked by the service before it gets here, and each attachment checks its
 own memory against the layout once, in `attach`.
 """
@@ -10,19 +11,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from kvd_client.layout import KvLayout
 
 from kvd.types import PeerIdentity, Stamps, TransportKind, WorkerMemory
-
-
-@dataclass(frozen=True, slots=True)
-class SlotRef:
-    """Where one block lives in the host pool."""
-
-    address: int
-    nbytes: int
 
 
 class Attachment(abc.ABC):
@@ -32,25 +24,25 @@ class Attachment(abc.ABC):
 
     @abc.abstractmethod
     async def save(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> None:
-        """Copy worker blocks into slots, after the worker's `ready_event` (if any). Raises TransferError. Stamps
-        the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given."""
+        """Copy worker blocks into the slots at `addresses`, after the worker's `ready_event` (if any). Raises
+        TransferError. Stamps the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given."""
 
     @abc.abstractmethod
     async def load(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
-        """Copy slots into worker blocks, after `ready_event`; returns the event the worker must wait on (or b"").
-        Stamps `stamps` as save does."""
+        """Copy the slots at `addresses` into worker blocks, after `ready_event`; returns the event the worker must
+        wait on (or b""). Stamps `stamps` as save does."""
 
     async def load_layers(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes,
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
         on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
     ) -> bytes:  # fmt: skip
         """A load in layer order (an in-step load): `on_layer(i)` once layer i of every block is in place, from any
         thread. This default copies everything, then reports every layer: correct, without the overlap."""
-        event = await self.load(block_indices, slots, ready_event, stamps)
+        event = await self.load(block_indices, addresses, ready_event, stamps)
         for layer in range(layers):
             on_layer(layer)
         return event

@@ -38,7 +38,7 @@ from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
 from kvd.process import PeerProcess, no_more_privileged_than
-from kvd.transports.base import Attachment, SlotRef, Transport, block_segments
+from kvd.transports.base import Attachment, Transport, block_segments
 from kvd.types import CpuMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 IOV_MAX = 1024
@@ -150,14 +150,14 @@ class CpuAttachment(Attachment):
             raise PeerChanged(f"permission denied: {exc.message}") from None
 
     def _vm_batches(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], segments: Segments = ()
+        self, block_indices: Sequence[int], addresses: Sequence[int], segments: Segments = ()
     ) -> list[tuple[array.array[int], array.array[int]]]:
         local: list[int] = []
         remote: list[int] = []
-        for index, slot in zip(block_indices, slots, strict=True):
+        for index, slot in zip(block_indices, addresses, strict=True):
             for worker_base, size, stored in segments or self._segments:
                 remote += (worker_base + index * size, size)
-                local += (slot.address + stored, size)
+                local += (slot + stored, size)
         step = 2 * IOV_MAX
         return [
             (array.array("Q", local[start : start + step]), array.array("Q", remote[start : start + step]))
@@ -165,11 +165,11 @@ class CpuAttachment(Attachment):
         ]
 
     def _write_jobs(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], segments: Segments = ()
+        self, block_indices: Sequence[int], addresses: Sequence[int], segments: Segments = ()
     ) -> list[list[tuple[int, array.array[int], int, int]]]:
         """Runs of consecutive block indices per (layer, segment): one pwritev each (the worker's side of a run is
         contiguous), grouped into jobs of about IOV_MAX iovecs."""
-        ordered = sorted(zip(block_indices, slots, strict=True), key=lambda pair: pair[0])
+        ordered = sorted(zip(block_indices, addresses, strict=True), key=lambda pair: pair[0])
         jobs: list[list[tuple[int, array.array[int], int, int]]] = [[]]
         in_job = 0
         for worker_base, size, stored in segments or self._segments:
@@ -180,7 +180,7 @@ class CpuAttachment(Attachment):
                     end += 1
                 iov = array.array("Q")
                 for _, slot in ordered[start:end]:
-                    iov.extend((slot.address + stored, size))
+                    iov.extend((slot + stored, size))
                 if in_job >= IOV_MAX:
                     jobs.append([])
                     in_job = 0
@@ -190,12 +190,12 @@ class CpuAttachment(Attachment):
         return [job for job in jobs if job]
 
     def _vm_jobs(
-        self, write: bool, block_indices: Sequence[int], slots: Sequence[SlotRef]
+        self, write: bool, block_indices: Sequence[int], addresses: Sequence[int]
     ) -> list[asyncio.Future[Span]]:
         """process_vm_readv/writev calls on the copy threads, IOV_MAX iovecs each."""
         loop = asyncio.get_running_loop()
         jobs = []
-        for local, remote in self._vm_batches(block_indices, slots):
+        for local, remote in self._vm_batches(block_indices, addresses):
             count, nbytes = len(local) // 2, sum(local[1::2])
             pid = self._peer.pid
             jobs.append(loop.run_in_executor(self._executor, _vm_copy, write, pid, local, remote, count, nbytes))
@@ -215,23 +215,23 @@ class CpuAttachment(Attachment):
             stamps.copy_done_ns = max(ended for _, ended in spans)
 
     async def save(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> None:
         # Checked as the save was accepted (Attachment.check); checked again after the copy, which decides.
         try:
-            await self._gather(self._vm_jobs(False, block_indices, slots), stamps)
+            await self._gather(self._vm_jobs(False, block_indices, addresses), stamps)
         finally:
             self._checked()  # after the copy: bytes read from anything but the registered peer are never kept
 
     async def load(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
         # Checked as the load was accepted (Attachment.check); the write itself cannot reach another process image.
         if self._direct_writes:
-            jobs = self._vm_jobs(True, block_indices, slots)
+            jobs = self._vm_jobs(True, block_indices, addresses)
         else:
             loop = asyncio.get_running_loop()
-            runs = self._write_jobs(block_indices, slots)
+            runs = self._write_jobs(block_indices, addresses)
             jobs = [loop.run_in_executor(self._executor, _mem_write, self._mem, job) for job in runs]
         try:
             await self._gather(jobs, stamps)
@@ -241,12 +241,12 @@ class CpuAttachment(Attachment):
         return b""
 
     async def load_layers(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes,
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
         on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
     ) -> bytes:  # fmt: skip
         """Layer by layer, in one copy thread (no event-loop hop between layers), each layer's blocks in as few calls
         as IOV_MAX allows, written as `load` writes; `on_layer` right after each layer's last call."""
-        per_layer = [self._layer_calls(block_indices, slots, segments) for segments in self._layer_segments]
+        per_layer = [self._layer_calls(block_indices, addresses, segments) for segments in self._layer_segments]
         began = time.monotonic_ns()
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, _run_layers, per_layer, on_layer)
@@ -259,15 +259,15 @@ class CpuAttachment(Attachment):
         return b""
 
     def _layer_calls(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], segments: Segments
+        self, block_indices: Sequence[int], addresses: Sequence[int], segments: Segments
     ) -> list[Callable[[], Span]]:
         if self._direct_writes:
             pid = self._peer.pid
             return [
                 functools.partial(_vm_copy, True, pid, local, remote, len(local) // 2, sum(local[1::2]))
-                for local, remote in self._vm_batches(block_indices, slots, segments)
+                for local, remote in self._vm_batches(block_indices, addresses, segments)
             ]
-        jobs = self._write_jobs(block_indices, slots, segments)
+        jobs = self._write_jobs(block_indices, addresses, segments)
         return [functools.partial(_mem_write, self._mem, job) for job in jobs]
 
     async def close(self) -> None:

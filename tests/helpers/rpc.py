@@ -137,6 +137,7 @@ class Watcher:
         self._call = stub.Watch(scoped(kvd_pb2.WatchRequest, session))
         self._call.initial_metadata()  # the daemon sends headers once the stream is live: no notice is missed
         self._notices: dict[int, kvd_pb2.CompletionNotice] = {}
+        self._by_tag: dict[int, kvd_pb2.CompletionNotice] = {}  # every notice by its client tag (last one wins)
         self._cond = threading.Condition()
         self.ended: queue.Queue[grpc.RpcError | None] = queue.Queue()
         self._thread = threading.Thread(target=self._read, daemon=True, name="kvd-test-watch")
@@ -146,7 +147,9 @@ class Watcher:
         try:
             for notice in self._call:
                 with self._cond:
-                    self._notices[notice.operation_id] = notice
+                    if notice.operation_id:  # 0: a ring record refused before it became an operation
+                        self._notices[notice.operation_id] = notice
+                    self._by_tag[notice.client_tag] = notice
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             self.ended.put(exc)
@@ -154,14 +157,23 @@ class Watcher:
         self.ended.put(None)
 
     def wait(self, operation_id: int, timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
+        return self._wait(self._notices, operation_id, timeout, f"operation {operation_id}")
+
+    def wait_tag(self, tag: int, timeout: float = 10.0) -> kvd_pb2.CompletionNotice:
+        """The notice with client tag `tag` (a submission ring's record carries its tag, never an operation id)."""
+        return self._wait(self._by_tag, tag, timeout, f"tag {tag}")
+
+    def _wait(
+        self, table: dict[int, kvd_pb2.CompletionNotice], key: int, timeout: float, what: str
+    ) -> kvd_pb2.CompletionNotice:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while operation_id not in self._notices:
+            while key not in table:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no completion notice for operation {operation_id} within {timeout:.1f}s")
+                    raise TimeoutError(f"no completion notice for {what} within {timeout:.1f}s")
                 self._cond.wait(left)
-            return self._notices.pop(operation_id)
+            return table.pop(key)
 
     def close(self) -> None:
         self._call.cancel()

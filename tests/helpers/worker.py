@@ -14,7 +14,8 @@ from stdin. Block lists travel as `[[block_index, "hash hex"], ...]`.
     probe_load {tag, trials, seconds,  save a fresh `length`-block sequence, then 8 times look an older one up and
                 length}                at once load what the lookup found, verify it; until `trials` or `seconds`:
                                        {trials, hit_blocks, failed_blocks, unreported, wrong_bytes, foreign}
-    info / wait_ready {timeout_s}      {ready, session_id, boot_id, registrations, pid, block_bytes}
+    info / wait_ready {timeout_s}      {ready, session_id, boot_id, registrations, pid, block_bytes, has_ring, rings,
+                                       by_ring, by_rpc}
     exit                               close the client (unregisters) and exit 0
     vanish                             exit at once without unregistering (os._exit)
 
@@ -85,6 +86,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     # Tensor-parallel ranks hold different shards under the same block hash: with a salt, this worker's block
     # contents are those of (hash + salt), so a test can tell whose bytes it loaded.
     parser.add_argument("--content-salt", default="")
+    parser.add_argument("--no-ring", action="store_true", help="saves and loads by RPC only (no submission ring)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="worker %(levelname)s %(name)s: %(message)s")
 
@@ -100,6 +102,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         worker_name=args.worker_name or f"worker-{os.getpid()}",
         tp_rank=args.tp_rank,
         tp_world_size=args.tp_world_size,
+        submission_ring=not args.no_ring,
     )
     salt = args.content_salt.encode()
 
@@ -120,6 +123,10 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "session_key": client._session.key.hex(),  # tests of who may use the session
             "index_mapped": client.index.mapped,
             "index_answered": client.index.answered,
+            "has_ring": client.submissions.has_ring,
+            "rings": client.submissions.rings,  # rings granted, one per session that got one
+            "by_ring": client.submissions.ring_count,
+            "by_rpc": client.submissions.rpc_count,
         }
 
     def reply(obj: dict[str, Any]) -> None:

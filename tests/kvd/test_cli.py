@@ -77,6 +77,7 @@ def test_nested_flag_overrides_merge_with_env_and_file(
         "slab_bytes": 1 << 20,  # file
         "pin": True,  # default
         "populate_threads": 3,  # env
+        "numa_node": -1,  # default
         "reuse_grace_ms": 200,  # default
     }
     assert shown["log"] == {"level": "DEBUG", "json_format": True}
@@ -147,6 +148,7 @@ class FakeKvd(kvd_pb2_grpc.KvdServicer):
                     transport="cuda_ipc",
                     saves=5,
                     loads=4,
+                    ring=True,
                 )
             ],
             tiers=[
@@ -172,6 +174,8 @@ class FakeKvd(kvd_pb2_grpc.KvdServicer):
             bytes_loaded=2 << 20,
             load_hit_blocks=28,
             load_miss_blocks=2,
+            ring_records=7,
+            ring_refused=1,
         )
 
 
@@ -253,7 +257,7 @@ def test_stats_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None
     assert cli.main(["stats", "--socket", str(daemon.path)]) == 0
     out = capsys.readouterr().out
     assert "boot boot-1" in out and "up 01:02:05" in out
-    assert "sessions: 1" in out and "vllm-tp0" in out and "cuda_ipc" in out and "0/2" in out
+    assert "sessions: 1" in out and "vllm-tp0" in out and "cuda_ipc+ring" in out and "0/2" in out
     host_row = next(line for line in out.splitlines() if line.strip().startswith("host_memory"))
     assert host_row.split()[1:9] == ["host", "yes", "4GiB", "1GiB", "100", "30", "10", "75.0%"]
     remote_row = next(line for line in out.splitlines() if line.strip().startswith("remote"))
@@ -261,6 +265,7 @@ def test_stats_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None
     assert "lookup hit rate: 75.0%" in out
     assert "load hit rate:   93.3%  (28/30 blocks asked for by Load; a miss is one no tier had then)" in out
     assert "saves: 5 ok, 1 failed, 3MiB saved" in out
+    assert "submission rings: 7 requests, 1 refused" in out
 
 
 def test_stats_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,8 +45,8 @@ def daemon():
         yield d
 
 
-def _client(daemon: Daemon, caches, model_id: str) -> KvdClient:
-    client = KvdClient(daemon.socket, model_id=model_id)
+def _client(daemon: Daemon, caches, model_id: str, ring: bool = True) -> KvdClient:
+    client = KvdClient(daemon.socket, model_id=model_id, submission_ring=ring)
     client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
     client.start()
     assert client.wait_ready(30), daemon.log_text()
@@ -77,22 +77,28 @@ def _worker(daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> di
     return json.loads(lines[-1])
 
 
-def test_save_in_one_process_load_in_another_bytes_identical(daemon: Daemon) -> None:
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "rpc"])
+def test_save_in_one_process_load_in_another_bytes_identical(daemon: Daemon, ring: bool) -> None:
+    """Saved through the submission ring (or by Save RPC), loaded in another process (through its ring)."""
     caches, _backing = make_gpu_caches(offset_elements=1000)  # layer 0 starts 2000 bytes into the allocation
-    client = _client(daemon, caches, "cuda-test")
+    client = _client(daemon, caches, "cuda-test", ring)
+    tag = "xproc-ring" if ring else "xproc-rpc"
     try:
-        pairs = [(i, block_hash(i, "xproc")) for i in range(40)]
+        assert client.submissions.has_ring is ring
+        pairs = [(i, block_hash(i, tag)) for i in range(40)]
         write_blocks(caches, pairs)
         done = _wait(client, client.save(pairs))
         assert done.ok, done.error
         assert done.nbytes == 40 * SPEC.block_bytes
+        assert (client.submissions.ring_count, client.submissions.rpc_count) == ((1, 0) if ring else (0, 1))
         assert done.stages is not None
-        path = [done.stages.stamp(name) for name in OperationStages.ORDER]
-        assert all(path) and path == sorted(path), done.stages  # the engine and its waiter stamped their stages too
+        # Every stage stamped, the engine's and its waiter's too; through the ring there is no hop to the loop.
+        path = [done.stages.stamp(name) for name in OperationStages.ORDER if not (ring and name == "loop")]
+        assert all(path) and path == sorted(path), done.stages
         assert client.lookup([h for _, h in pairs]).result(10).hit_blocks == 40
     finally:
         client.close()
-    result = _worker(daemon, "load", "100", "40", "xproc")
+    result = _worker(daemon, "load", "100", "40", tag)
     assert result == {"ok": True, "hit": 40, "bad": 0, "untouched_nonzero": 0, "error": ""}, result
 
 

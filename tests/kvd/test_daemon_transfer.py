@@ -46,16 +46,21 @@ def test_worker_a_saves_worker_b_loads_into_other_blocks(daemon: Daemon, worker_
     assert {s.transport for s in stats.sessions} == {"cpu"}
 
 
-def test_every_completion_carries_its_stages_in_order(daemon: Daemon, worker_factory: WorkerFactory) -> None:
-    """Each save and load is stamped at every stage of its path, client and daemon on one clock, in path order."""
-    w = worker_factory(daemon.socket, CacheSpec(), "model-stages")
-    w.wait_ready()
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "rpc"])
+def test_every_completion_carries_its_stages_in_order(
+    daemon: Daemon, worker_factory: WorkerFactory, ring: bool
+) -> None:
+    """Each save and load is stamped at every stage of its path, client and daemon on one clock, in path order. A
+    request through the submission ring has no hop to the client's loop: its `loop` stage is 0."""
+    w = worker_factory(daemon.socket, CacheSpec(), "model-stages", extra_args=[] if ring else ["--no-ring"])
+    assert w.wait_ready()["has_ring"] is ring
     pairs = [(i, block_hash(i, "stages")) for i in range(6)]
     w.fill(pairs)
     for result in (w.save(pairs), w.load([(10 + i, h) for i, h in pairs])):
         assert result["ok"], result
         stages = result["stages"]
-        path = [stages[f"{name}_ns"] for name in OperationStages.ORDER]
+        assert (stages["loop_ns"] == 0) is ring, stages
+        path = [stages[f"{name}_ns"] for name in OperationStages.ORDER if not (ring and name == "loop")]
         assert all(path), stages  # every stage reached and stamped
         assert path == sorted(path), stages
         # The TransferAccepted may arrive after the notice (then it is not in the completion): never before the send.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from kvd_client import KvdClient
-from kvd_client.credentials import TOKEN_BYTES, credential_socket_path
-from kvd_client.shared import SharedRefused, fetch_shared
+from kvd_client.credentials import TOKEN_BYTES, credential_socket_path, fetch_grant
+from kvd_client.fdpass import GRANT_SHARED, GrantRefused
 from kvd_client.types import Tier
 
 from tests.conftest import DaemonFactory, WorkerFactory
@@ -130,13 +130,13 @@ def test_only_the_sessions_process_gets_its_index(daemon: Daemon, worker_factory
     info = worker.wait_ready()
     session, key = info["session_id"], bytes.fromhex(info["session_key"])
     # Without the session's key: refused.
-    with pytest.raises(SharedRefused, match="wrong or missing session key"):
-        fetch_shared(Path(daemon.socket), session, b"", timeout_s=5)
-    with pytest.raises(SharedRefused):
-        fetch_shared(Path(daemon.socket), "no-such-session", key, timeout_s=5)
+    with pytest.raises(GrantRefused, match="wrong or missing session key"):
+        fetch_grant(Path(daemon.socket), session, b"", GRANT_SHARED, timeout_s=5)
+    with pytest.raises(GrantRefused):
+        fetch_grant(Path(daemon.socket), "no-such-session", key, GRANT_SHARED, timeout_s=5)
     # With the key, but from another process than the one that registered (a leaked key): refused.
-    with pytest.raises(SharedRefused, match="only to the process that registered"):
-        fetch_shared(Path(daemon.socket), session, key, timeout_s=5)
+    with pytest.raises(GrantRefused, match="belongs to another process"):
+        fetch_grant(Path(daemon.socket), session, key, GRANT_SHARED, timeout_s=5)
     # A client that only wanted its token (every client before this feature) still gets it and nothing else.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)

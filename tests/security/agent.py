@@ -79,8 +79,8 @@ def _warm_grpc() -> None:
         list(stream(b"", timeout=0.05))
     channel.close()
     # The shared-memory command's modules (and numpy, which the index reader uses), likewise.
-    import kvd_client.index
-    import kvd_client.shared  # noqa: F401
+    import kvd_client.credentials
+    import kvd_client.index  # noqa: F401
     import numpy  # noqa: F401
 
     import tests.helpers.index_attack  # noqa: F401
@@ -200,8 +200,10 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
 def _shared(msg: dict[str, Any]) -> dict[str, Any]:
     """As this process: ask for a session's shared memory; probe its index for `hashes`, try every way to write
     it (tests.helpers.index_attack), and try to open the `foreign` paths (another process's descriptors)."""
+    from kvd_client.credentials import fetch_grant
+    from kvd_client.errors import KvdError
+    from kvd_client.fdpass import GRANT_INDEX, GRANT_SHARED
     from kvd_client.index import IndexReader
-    from kvd_client.shared import GRANT_INDEX, SharedRefused, fetch_shared
 
     from tests.helpers.index_attack import attempts
 
@@ -213,8 +215,8 @@ def _shared(msg: dict[str, Any]) -> dict[str, Any]:
         except OSError as exc:
             foreign[path] = f"refused: {exc}"
     try:
-        grant = fetch_shared(Path(msg["socket"]), msg["session"], bytes.fromhex(msg["key"]), 10.0)
-    except (OSError, SharedRefused) as exc:
+        grant = fetch_grant(Path(msg["socket"]), msg["session"], bytes.fromhex(msg["key"]), GRANT_SHARED, 10.0)
+    except (OSError, KvdError) as exc:  # GrantRefused is an OSError
         return {"refused": str(exc), "foreign": foreign}
     fd = grant.take(GRANT_INDEX)
     grant.close()

@@ -78,8 +78,10 @@ class DeviceEngine:
         staging_bytes: int,
         wait: CompletionWait = CompletionWait.POLL,
         trace_path: Path | None = None,
+        kernel_ctas: int = 0,
     ) -> None:
         self.ordinal = ordinal
+        self.kernel_ctas = kernel_ctas  # a cap on each gather/scatter launch's CTAs (0: none)
         self._trace_path = trace_path  # the chunk trace's file (a diagnostic; see trace.py), or None: off
         self.completion_wait = wait
         # Completion events: blocking-sync ones let a BLOCK waiter sleep in the driver; others spin in it.
@@ -343,7 +345,7 @@ class DeviceEngine:
             staging = ring.next()
             gpu.wait(self.save_stream, staging.free)  # its previous D2H is done
             trace.mark(self.save_stream)
-            launch_chunk(gpu, self.indices, self.kernels.gather, self.save_stream, mapping, chunk, staging.address)
+            self._launch(self.kernels.gather, self.save_stream, mapping, chunk, staging.address)
             trace.mark(self.save_stream)
             gpu.record(staging.filled, self.save_stream)
             gpu.wait(self.d2h_stream, staging.filled)
@@ -378,12 +380,15 @@ class DeviceEngine:
             if worker and start == 0:
                 gpu.wait(self.load_stream, worker)  # nothing queued before may still read them
             trace.mark(self.load_stream)
-            launch_chunk(gpu, self.indices, self.kernels.scatter, self.load_stream, mapping, chunk, staging.address)
+            self._launch(self.kernels.scatter, self.load_stream, mapping, chunk, staging.address)
             trace.mark(self.load_stream)
             gpu.record(staging.free, self.load_stream)
         event, handle = self._started_part(self._done_events).next()
         gpu.record(event, self.load_stream)
         return Pending(event, self.load_stream, handle, recycle=False, trace=traced(trace))
+
+    def _launch(self, kernel: int, stream: int, mapping: WorkerMapping, chunk: Sequence[int], staging: int) -> None:
+        launch_chunk(self.gpu, self.indices, kernel, stream, mapping, chunk, staging, self.kernel_ctas)
 
     def _trace(self, kind: str) -> ChunkTrace:
         return self._tracer.begin(kind) if self._tracer is not None else NO_TRACE

@@ -27,26 +27,36 @@ __device__ __forceinline__ void kvd_copy(unsigned char* dst, const unsigned char
     }
 }
 
-// blockIdx.x: one (layer, segment) of a block; blockIdx.y: one block of the chunk.
+// x: one (layer, segment) of a block; y: one block of the chunk. One CTA per (x, y) by default (each loop below then
+// runs once); a launch capped to fewer CTAs (transports.cuda_kernel_ctas) strides over them.
 extern "C" __global__ void kvd_gather(const unsigned long long* seg_base, const unsigned long long* seg_len,
                                       const unsigned long long* seg_off, const long long* blocks,
-                                      unsigned long long block_bytes, unsigned char* staging, int vec16) {
-    const unsigned long long len = seg_len[blockIdx.x];
-    const unsigned char* src = reinterpret_cast<const unsigned char*>(
-        seg_base[blockIdx.x] + static_cast<unsigned long long>(blocks[blockIdx.y]) * len);
-    unsigned char* dst = staging + static_cast<unsigned long long>(blockIdx.y) * block_bytes + seg_off[blockIdx.x];
-    kvd_copy(dst, src, len, vec16);
+                                      unsigned long long block_bytes, unsigned char* staging, int vec16,
+                                      unsigned int nseg, unsigned int nblocks) {
+    for (unsigned int y = blockIdx.y; y < nblocks; y += gridDim.y) {
+        for (unsigned int x = blockIdx.x; x < nseg; x += gridDim.x) {
+            const unsigned long long len = seg_len[x];
+            const unsigned char* src = reinterpret_cast<const unsigned char*>(
+                seg_base[x] + static_cast<unsigned long long>(blocks[y]) * len);
+            unsigned char* dst = staging + static_cast<unsigned long long>(y) * block_bytes + seg_off[x];
+            kvd_copy(dst, src, len, vec16);
+        }
+    }
 }
 
 extern "C" __global__ void kvd_scatter(const unsigned long long* seg_base, const unsigned long long* seg_len,
                                        const unsigned long long* seg_off, const long long* blocks,
-                                       unsigned long long block_bytes, const unsigned char* staging, int vec16) {
-    const unsigned long long len = seg_len[blockIdx.x];
-    unsigned char* dst = reinterpret_cast<unsigned char*>(
-        seg_base[blockIdx.x] + static_cast<unsigned long long>(blocks[blockIdx.y]) * len);
-    const unsigned char* src = staging + static_cast<unsigned long long>(blockIdx.y) * block_bytes
-                               + seg_off[blockIdx.x];
-    kvd_copy(dst, src, len, vec16);
+                                       unsigned long long block_bytes, const unsigned char* staging, int vec16,
+                                       unsigned int nseg, unsigned int nblocks) {
+    for (unsigned int y = blockIdx.y; y < nblocks; y += gridDim.y) {
+        for (unsigned int x = blockIdx.x; x < nseg; x += gridDim.x) {
+            const unsigned long long len = seg_len[x];
+            unsigned char* dst = reinterpret_cast<unsigned char*>(
+                seg_base[x] + static_cast<unsigned long long>(blocks[y]) * len);
+            const unsigned char* src = staging + static_cast<unsigned long long>(y) * block_bytes + seg_off[x];
+            kvd_copy(dst, src, len, vec16);
+        }
+    }
 }
 """
 
@@ -79,6 +89,16 @@ class SegmentTables(Protocol):
     def block_bytes(self) -> int: ...
 
 
+def chunk_grid(nseg: int, nblocks: int, max_ctas: int = 0) -> tuple[int, int]:
+    """A chunk's launch grid: one CTA per (segment, block), or with `max_ctas` > 0 at most that many (at least one
+    row of segments), striding over the rest, so a chunk's kernel leaves SMs to the other direction's and the
+    model's kernels."""
+    if max_ctas <= 0 or nseg * nblocks <= max_ctas:
+        return nseg, nblocks
+    x = min(nseg, max_ctas)
+    return x, max(1, min(nblocks, max_ctas // x))
+
+
 def launch_chunk(
     gpu: Enqueue,
     ring: IndexRing,
@@ -87,15 +107,16 @@ def launch_chunk(
     mapping: SegmentTables,
     block_indices: Sequence[int],
     staging: int,
+    max_ctas: int = 0,
 ) -> None:
     """One gather/scatter kernel for a whole chunk: every block, every layer, K and V. Its block indices go through
     the index ring, guarded until the kernel has read them."""
     pointer, start, end = ring.put(block_indices)
     bases, lengths, offsets = mapping.tables
-    u64 = ctypes.c_uint64
+    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     gpu.launch(
         kernel,
-        (mapping.nseg, len(block_indices)),
+        chunk_grid(mapping.nseg, len(block_indices), max_ctas),
         THREADS_PER_BLOCK,
         stream,
         u64(bases.data.ptr),
@@ -105,6 +126,8 @@ def launch_chunk(
         u64(mapping.block_bytes),
         u64(staging),
         ctypes.c_int32(mapping.vec16),
+        u32(mapping.nseg),
+        u32(len(block_indices)),
     )
     ring.guard(start, end, stream)
 

@@ -18,7 +18,7 @@ from kvd_client.layout import KvLayout
 from kvd.config import TransportsConfig, human_bytes
 from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.region import PinnedRegion
-from kvd.transports.base import Attachment, SlotRef, Transport
+from kvd.transports.base import Attachment, Transport
 from kvd.transports.cuda.device import DeviceEngine
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
 from kvd.transports.cuda.mapping import WorkerMapping
@@ -43,16 +43,14 @@ class CudaAttachment(Attachment):
             raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
     async def save(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> None:
-        addresses = [s.address for s in slots]
-        await self._run(self._engine.save_job, stamps, list(block_indices), addresses, ready_event)
+        await self._run(self._engine.save_job, stamps, block_indices, addresses, ready_event)
 
     async def load(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
-        addresses = [s.address for s in slots]
-        handle: bytes = await self._run(self._engine.load_job, stamps, list(block_indices), addresses, ready_event)
+        handle: bytes = await self._run(self._engine.load_job, stamps, block_indices, addresses, ready_event)
         return handle
 
     async def close(self) -> None:
@@ -92,6 +90,7 @@ class CudaTransport(Transport):
                 self._config.cuda_staging_bytes,
                 self._config.cuda_completion_wait,
                 self._config.cuda_trace_path,
+                self._config.cuda_kernel_ctas,
             )
             engine.start()
             self._engines[engine.uuid] = engine

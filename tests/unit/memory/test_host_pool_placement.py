@@ -3,12 +3,16 @@ so its copies still merge into one DMA per run of consecutive slots; and a slot 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 
 from kvd.config import HostPoolConfig
 from kvd.memory.host_pool import Entry, HostPool
+from kvd.memory.region import node_cpus
 from kvd.types import BlockKey
 
 KiB = 1 << 10
@@ -74,3 +78,33 @@ def test_a_load_pins_its_stored_blocks_and_makes_them_the_most_recently_used(poo
     assert newcomer.address == second[0].address
     for entry in first:
         pool.unpin(entry)
+
+
+def test_a_numa_nodes_cpus_are_read_from_its_cpulist(tmp_path: Path) -> None:
+    (tmp_path / "node1").mkdir()
+    (tmp_path / "node1" / "cpulist").write_text("0-3,8,10-11\n")
+    assert node_cpus(1, tmp_path) == {0, 1, 2, 3, 8, 10, 11}
+    assert node_cpus(2, tmp_path) == set()  # no such node
+
+
+@pytest.mark.parametrize("node", [0, 999])
+def test_the_pool_is_first_touched_from_its_numa_nodes_cpus(node: int, caplog: pytest.LogCaptureFixture) -> None:
+    """host_pool.numa_node: the populating threads run on that node's CPUs (so its pages land there); a node with
+    no CPUs the daemon may use is one warning, and the pool is populated anyway."""
+    seen: set[frozenset[int]] = set()
+    pool = HostPool(HostPoolConfig(capacity_bytes=SLABS * SLAB, slab_bytes=SLAB, populate_threads=2, numa_node=node))
+    real_memset = ctypes.memset
+
+    def memset(address: int, value: int, count: int) -> int:
+        seen.add(frozenset(os.sched_getaffinity(0)))
+        return int(real_memset(address, value, count))
+
+    try:
+        with caplog.at_level("WARNING"), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ctypes, "memset", memset)
+            pool.populate()
+    finally:
+        pool.close()
+    expected = node_cpus(node) & os.sched_getaffinity(0)
+    assert seen == {frozenset(expected or os.sched_getaffinity(0))}
+    assert ("numa_node" in caplog.text) is (not expected)

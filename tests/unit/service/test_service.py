@@ -28,7 +28,7 @@ from kvd.process import PeerProcess
 from kvd.service.service import KvdService
 from kvd.service.sessions import Session
 from kvd.tiers.store import HostStore
-from kvd.transports.base import Attachment, SlotRef
+from kvd.transports.base import Attachment
 from kvd.types import (
     BlockBatch,
     CpuMemory,
@@ -60,25 +60,25 @@ class MemoryAttachment(Attachment):
         self.gate: asyncio.Event | None = None  # when set: copies wait for it
         self.closed = False
 
-    async def _copy(self, block_indices: Sequence[int], slots: Sequence[SlotRef], to_worker: bool) -> None:
+    async def _copy(self, block_indices: Sequence[int], addresses: Sequence[int], to_worker: bool) -> None:
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
             raise self.fail_with
-        for index, slot in zip(block_indices, slots, strict=True):
+        for index, slot in zip(block_indices, addresses, strict=True):
             worker = self.base + index * BLOCK
-            dst, src = (worker, slot.address) if to_worker else (slot.address, worker)
+            dst, src = (worker, slot) if to_worker else (slot, worker)
             ctypes.memmove(dst, src, BLOCK)
 
     async def save(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> None:
-        await self._copy(block_indices, slots, to_worker=False)
+        await self._copy(block_indices, addresses, to_worker=False)
 
     async def load(
-        self, block_indices: Sequence[int], slots: Sequence[SlotRef], ready_event: bytes, stamps: Stamps = None
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
-        await self._copy(block_indices, slots, to_worker=True)
+        await self._copy(block_indices, addresses, to_worker=True)
         return b"done"
 
     async def close(self) -> None:

@@ -20,7 +20,6 @@ from kvd_client.layout import DType, KvLayout, LayerLayout
 from kvd.config import TransportsConfig
 from kvd.memory.region import PinnedRegion
 from kvd.process import PeerProcess
-from kvd.transports.base import SlotRef
 from kvd.transports.cuda import device as device_module
 from kvd.transports.cuda.transport import CudaTransport
 from kvd.types import CudaAllocation, CudaLayer, CudaMemory, DaemonStages, PassedFds, PeerIdentity, VmmChunk
@@ -122,19 +121,21 @@ def memory() -> CudaMemory:
     return CudaMemory("GPU-" + "ab" * 16, allocations, tuple(CudaLayer(i % 2, (i // 2) * size, size) for i in range(3)))
 
 
-async def attached(recorder: Recorder) -> tuple[Any, Any]:
+async def attached(recorder: Recorder, **config: Any) -> tuple[Any, Any]:
     from kvd.transports.cuda.transport import CudaTransport
 
     transport = CudaTransport(
-        TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB), PinnedRegion(0x7000_0000, 64 * MiB)
+        TransportsConfig(cuda_chunk_bytes=MiB, cuda_staging_bytes=8 * MiB, **config),
+        PinnedRegion(0x7000_0000, 64 * MiB),
     )
     await transport.start()
     attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
     return transport, attachment
 
 
-def slots(positions: list[int]) -> list[SlotRef]:
-    return [SlotRef(0x7000_0000 + p * LAYOUT.block_bytes, LAYOUT.block_bytes) for p in positions]
+def slots(positions: list[int]) -> list[int]:
+    """The addresses of these slots of the pinned pool."""
+    return [0x7000_0000 + p * LAYOUT.block_bytes for p in positions]
 
 
 def enqueued(recorder: Recorder, start: int) -> list[tuple[str, tuple[Any, ...]]]:
@@ -157,6 +158,7 @@ async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chun
         (0xA, (6, 5), engine.save_stream),
         (0xA, (6, 2), engine.save_stream),
     ]
+    assert [args[-2:] for args in launches] == [(6, 5), (6, 5), (6, 2)]  # the kernel's own bounds: nseg, nblocks
     copies = [args for name, args in calls if name == "gpu.d2h"]
     block = LAYOUT.block_bytes
     assert [args[2] // block for args in copies] == [5, 1, 2, 1, 1, 2]  # one DMA per run of consecutive slots
@@ -189,6 +191,24 @@ async def test_a_load_copies_in_then_waits_for_the_worker_once_before_scattering
     h2d = [args for name, args in calls if name == "gpu.h2d"]
     assert {args[3] for args in h2d} == {engine.h2d_stream} and sum(a[2] for a in h2d) == 7 * LAYOUT.block_bytes
     assert len(handle) == 64 and calls[-1][0] == "gpu.record" and calls[-1][1][1] == engine.load_stream
+    await attachment.close()
+    await transport.stop()
+
+
+async def test_a_cap_on_ctas_shrinks_each_launch_grid_not_its_bounds(recorder: Recorder) -> None:
+    """transports.cuda_kernel_ctas = 4: every gather and scatter launch has at most 4 CTAs (here 4 x 1) and strides
+    over its chunk's 6 segments x 5 blocks (the bounds it is passed)."""
+    transport, attachment = await attached(recorder, cuda_kernel_ctas=4)
+    start = len(recorder.calls)
+    await attachment.save(list(range(12)), slots(list(range(12))), WORKER_EVENT)
+    await attachment.load(list(range(5)), slots(list(range(5))), WORKER_EVENT)
+    launches = [args for name, args in enqueued(recorder, start) if name == "gpu.launch"]
+    assert [(args[0], args[1], args[-2:]) for args in launches] == [
+        (0xA, (4, 1), (6, 5)),
+        (0xA, (4, 1), (6, 5)),
+        (0xA, (4, 1), (6, 2)),
+        (0xB, (4, 1), (6, 5)),
+    ]
     await attachment.close()
     await transport.stop()
 

@@ -458,6 +458,7 @@ class RegisterSessionResponse(_message.Message):
     COLUMNAR_BLOCKS_FIELD_NUMBER: _builtins.int
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    SUBMISSION_RING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """opaque, not secret; pass it with every call (with session_key)"""
     lease_ms: _builtins.int
@@ -476,6 +477,11 @@ class RegisterSessionResponse(_message.Message):
     """
     tenant: _builtins.str
     """whose blocks this session sees and stores ("uid:1000", or an operator's name)"""
+    submission_ring: _builtins.bool
+    """The daemon hands this session a submission ring on request: saves and loads through shared memory instead of
+    the Save/Load RPCs, asked for on the credential socket with the session key (kvd_client.ring, kvd_client.fdpass).
+    A record it refuses gets a CompletionNotice with `refused_status`; Save and Load keep working alongside.
+    """
     def __init__(
         self,
         *,
@@ -487,10 +493,11 @@ class RegisterSessionResponse(_message.Message):
         columnar_blocks: _builtins.bool = ...,
         session_key: _builtins.bytes = ...,
         tenant: _builtins.str = ...,
+        submission_ring: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id", "session_key", b"session_key", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "boot_id", b"boot_id", "columnar_blocks", b"columnar_blocks", "lease_ms", b"lease_ms", "max_batch_blocks", b"max_batch_blocks", "session_id", b"session_id", "session_key", b"session_key", "submission_ring", b"submission_ring", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -794,6 +801,7 @@ class CompletionNotice(_message.Message):
     DURATION_US_FIELD_NUMBER: _builtins.int
     DONE_EVENT_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    REFUSED_STATUS_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.int
     ok: _builtins.bool
     """every block succeeded"""
@@ -807,6 +815,13 @@ class CompletionNotice(_message.Message):
     """CUDA loads: the event (cudaIpcEventHandle_t) the daemon recorded after its last write. The worker makes its
     model stream wait on it before attention reads the blocks. Empty for the CPU transport: there the bytes are in
     place when the notice is sent.
+    """
+    refused_status: _builtins.int
+    """A request from the submission ring that the daemon refused before it became an operation: the status code the
+    Save/Load RPC answers for the same request (INVALID_ARGUMENT for a malformed record; NOT_FOUND,
+    PERMISSION_DENIED, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE as documented above), with `error`
+    saying why, operation_id 0 and no failed_block_hashes: every block of the request failed. 0 for every
+    operation.
     """
     @_builtins.property
     def failed_block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
@@ -828,10 +843,11 @@ class CompletionNotice(_message.Message):
         duration_us: _builtins.int = ...,
         done_event: _builtins.bytes = ...,
         stages: Global___OperationStages | None = ...,
+        refused_status: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stages", b"stages"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "client_tag", b"client_tag", "done_event", b"done_event", "duration_us", b"duration_us", "error", b"error", "failed_block_hashes", b"failed_block_hashes", "ok", b"ok", "operation_id", b"operation_id", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "client_tag", b"client_tag", "done_event", b"done_event", "duration_us", b"duration_us", "error", b"error", "failed_block_hashes", b"failed_block_hashes", "ok", b"ok", "operation_id", b"operation_id", "refused_status", b"refused_status", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -976,6 +992,7 @@ class SessionStats(_message.Message):
     LOADS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    RING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """a short label ("s-1a2b3c4d", kvd_client.session_label of the id), as in the daemon's log"""
     worker_name: _builtins.str
@@ -985,6 +1002,8 @@ class SessionStats(_message.Message):
     loads: _builtins.int
     in_flight: _builtins.int
     tenant: _builtins.str
+    ring: _builtins.bool
+    """the worker submits through a submission ring"""
     @_builtins.property
     def namespace(self) -> Global___Namespace: ...
     def __init__(
@@ -999,10 +1018,11 @@ class SessionStats(_message.Message):
         loads: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        ring: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "loads", b"loads", "namespace", b"namespace", "pid", b"pid", "saves", b"saves", "session_id", b"session_id", "tenant", b"tenant", "transport", b"transport", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_flight", b"in_flight", "loads", b"loads", "namespace", b"namespace", "pid", b"pid", "ring", b"ring", "saves", b"saves", "session_id", b"session_id", "tenant", b"tenant", "transport", b"transport", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1049,6 +1069,8 @@ class StatsResponse(_message.Message):
     LOAD_HIT_BLOCKS_FIELD_NUMBER: _builtins.int
     LOAD_MISS_BLOCKS_FIELD_NUMBER: _builtins.int
     TIER_COUNTERS_FIELD_NUMBER: _builtins.int
+    RING_RECORDS_FIELD_NUMBER: _builtins.int
+    RING_REFUSED_FIELD_NUMBER: _builtins.int
     boot_id: _builtins.str
     version: _builtins.str
     uptime_s: _builtins.int
@@ -1063,6 +1085,10 @@ class StatsResponse(_message.Message):
     bytes_loaded: _builtins.int
     load_hit_blocks: _builtins.int
     load_miss_blocks: _builtins.int
+    ring_records: _builtins.int
+    """saves and loads submitted through submission rings"""
+    ring_refused: _builtins.int
+    """ring records refused (each got a CompletionNotice with refused_status)"""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionStats]: ...
     @_builtins.property
@@ -1093,10 +1119,12 @@ class StatsResponse(_message.Message):
         load_hit_blocks: _builtins.int = ...,
         load_miss_blocks: _builtins.int = ...,
         tier_counters: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        ring_records: _builtins.int = ...,
+        ring_refused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes_loaded", b"bytes_loaded", "bytes_saved", b"bytes_saved", "load_hit_blocks", b"load_hit_blocks", "load_miss_blocks", b"load_miss_blocks", "loads_failed", b"loads_failed", "loads_ok", b"loads_ok", "lookup_blocks", b"lookup_blocks", "lookup_hit_blocks", b"lookup_hit_blocks", "lookups", b"lookups", "saves_failed", b"saves_failed", "saves_ok", b"saves_ok", "sessions", b"sessions", "tier_counters", b"tier_counters", "tiers", b"tiers", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "bytes_loaded", b"bytes_loaded", "bytes_saved", b"bytes_saved", "load_hit_blocks", b"load_hit_blocks", "load_miss_blocks", b"load_miss_blocks", "loads_failed", b"loads_failed", "loads_ok", b"loads_ok", "lookup_blocks", b"lookup_blocks", "lookup_hit_blocks", b"lookup_hit_blocks", "lookups", b"lookups", "ring_records", b"ring_records", "ring_refused", b"ring_refused", "saves_failed", b"saves_failed", "saves_ok", b"saves_ok", "sessions", b"sessions", "tier_counters", b"tier_counters", "tiers", b"tiers", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
