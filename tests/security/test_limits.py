@@ -159,7 +159,7 @@ def test_ipc_events_one_session_has_the_daemon_open_are_capped(daemon_factory: D
         capacity_bytes=256 * MiB, slab_bytes=4 * MiB, env={"KVD_MAX_WORKER_EVENTS": "4"}
     )
     caches, _backing = make_gpu_caches(offset_elements=4096)
-    memory, _ = worker_memory(list(caches.values()))
+    memory, _is_cuda, _fds = worker_memory(list(caches.values()))  # cudaMalloc memory: no descriptors
     layout = KvLayout.from_tensors(caches, block_dim=1, block_size_tokens=GPU_SPEC.block_size)
     request = kvd_pb2.RegisterSessionRequest(
         namespace=kvd_pb2.Namespace(model_id="m-events", layout_fingerprint=layout.fingerprint(), tp_world_size=1),
