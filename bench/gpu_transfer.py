@@ -265,6 +265,8 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         "model_thread_call_us_p50": row(main.get("model_thread_call_us_p50"), None, "<= 50"),
         "matmul_slowdown_pct": row(main.get("model_stream_slowdown_pct"), None, "<= 2"),
         "floor_aio_heartbeat_us_p50": row(main.get("floors", {}).get("aio_heartbeat_us", {}).get("p50"), None, "-"),
+        # The lookup under every request: in-process from the shared index, next to the RPC it replaced.
+        "lookup_16_us_p50": row(_floor(main, "client_lookup"), _floor(main, "rpc_lookup"), "in-process"),
         **path_rows(main.get("paths", {}), raw, row),
     }
 
@@ -283,6 +285,12 @@ def path_rows(paths: dict[str, Any], raw: dict[str, Any], row: Any) -> dict[str,
             if path in paths:
                 out[f"{name}_{path}"] = row([r.get(name) for r in paths[path]], limit, target)
     return out
+
+
+def _floor(main: dict[str, Any], kind: str) -> Any:
+    floors = main.get("floors", {})
+    name = next((k for k in floors if k.startswith(kind + "_") and k.endswith("_us")), None)
+    return floors[name].get("p50") if name is not None else None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""Lookup latency over the Unix socket: 1,000 hashes of 32 bytes per call, the first half stored.
+"""Lookup latency: over the Unix socket, and in-process from the shared-memory index. 1,000 hashes of 32 bytes
+per call, the first half stored; and 16 hashes, all stored.
 
 Starts a real daemon (`python -m kvd serve`) on a temporary socket, stores 500 blocks from this process through
-KvdClient, then times N sequential Lookup calls two ways:
+KvdClient, then times N sequential lookups:
 
 - sync_stub:      a plain synchronous grpc stub from one thread (the wire + the daemon, nothing of ours client-side)
-- client_future:  KvdClient.lookup(...).result(): also the hop to the client's background thread and back
+- client_future:  KvdClient.lookup(...).result() over RPC (index dropped for this part): also the hop to the
+                  client's background thread and back
+- in-process:     the daemon's published index as the client mapped it (a sealed memfd, read-only):
+                  KvdClient.lookup (the API, answered in this thread), and the bare IndexReader.probe with numpy and
+                  with the plain-Python fallback kvd-client uses without numpy
 
-Prints one JSON object (latencies in microseconds). Target: p99 <= 300 us.
+Prints one JSON object (latencies in microseconds). Targets: RPC p99 <= 300 us; in-process p99 <= 20 us for 1,000
+hashes and <= 5 us for 16.
 
     python bench/lookup_latency.py [--calls 2000] [--hashes 1000] [--profile-daemon py-spy-output.txt]
 """
@@ -14,18 +20,22 @@ Prints one JSON object (latencies in microseconds). Target: p99 <= 300 us.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers (the daemon fixture utilities)
 
 from kvd_client import KvdClient
+from kvd_client.fdpass import GRANT_INDEX
+from kvd_client.index import IndexReader
 from kvd_client.wire.kvd.v1 import kvd_pb2
 
 from tests.helpers.clients import Completions
@@ -34,6 +44,7 @@ from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, make_caches
 from tests.helpers.rpc import fingerprint, lookup_only_request, scoped
 
 TARGET_P99_US = 300.0
+TARGET_INDEX_P99_US = {1000: 20.0, 16: 5.0}
 
 
 def summary(samples_ns: list[int]) -> dict[str, float]:
@@ -51,6 +62,44 @@ def summary(samples_ns: list[int]) -> dict[str, float]:
         "max": round(us[-1], 1),
         "mean": round(statistics.fmean(us), 1),
     }
+
+
+def timed(call: Callable[[], object], calls: int, warmup: int) -> list[int]:
+    for _ in range(warmup):
+        call()
+    samples: list[int] = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        call()
+        samples.append(time.perf_counter_ns() - t0)
+    return samples
+
+
+def index_probes(client: KvdClient, hashes: list[bytes], stored: int, calls: int, warmup: int) -> dict[str, Any]:
+    """The in-process lookups, from the daemon's published index as this client mapped it: through
+    KvdClient.lookup (the API), and the bare probe, numpy and plain Python."""
+    out: dict[str, Any] = {}
+    grant = client.index.fetch()
+    fd = grant.take(GRANT_INDEX)
+    python_reader = IndexReader(fd, use_numpy=False)
+    os.close(fd)
+    grant.close()
+    reader = client.index.reader
+    if reader is None:
+        raise SystemExit("the client did not map the daemon's index")
+    out["index_slots"] = reader.header.slots
+    probes = {
+        "kvd_client_lookup": lambda b: client.lookup(b).result(timeout=0).hit_blocks,
+        "index_numpy": reader.probe,
+        "index_python": python_reader.probe,
+    }
+    for name, probe in probes.items():
+        for batch, expected in ((hashes, stored), (hashes[:16], 16)):
+            if probe(batch) != expected:
+                raise SystemExit(f"{name}: expected {expected} hits, got {probe(batch)}")
+            out[f"{name}_{len(batch)}_hashes_us"] = summary(timed(functools.partial(probe, batch), calls, warmup))
+    python_reader.close()
+    return out
 
 
 def main() -> int:
@@ -137,6 +186,9 @@ def main() -> int:
                 stub.Lookup(small, timeout=5)
                 samples.append(time.perf_counter_ns() - t0)
             out["sync_stub_1_hash_us"] = summary(samples)
+            small = scoped(kvd_pb2.LookupRequest, reg, block_hashes=hashes[:16])
+            samples = timed(lambda: stub.Lookup(small, timeout=5), args.calls, args.warmup)
+            out["sync_stub_16_hashes_us"] = summary(samples)
 
             # The floor: a health Check (no kvd handler work at all) over the same channel.
             from grpc_health.v1 import health_pb2
@@ -152,7 +204,8 @@ def main() -> int:
                 samples.append(time.perf_counter_ns() - t0)
             out["health_check_floor_us"] = summary(samples)
 
-            # -- KvdClient futures --------------------------------------------------------------------------
+            # -- KvdClient futures over RPC: the index set aside for this part ---------------------------------
+            client.index.enabled = False
             for _ in range(args.warmup):
                 client.lookup(hashes).result(timeout=5)
             samples = []
@@ -163,12 +216,23 @@ def main() -> int:
                 if result.hit_blocks != stored:
                     raise SystemExit(f"expected {stored} hits, got {result.hit_blocks}")
             out["client_future_us"] = summary(samples)
+            client.index.enabled = True
+
+            out.update(index_probes(client, hashes, stored, args.calls * 5, args.warmup))
 
     out["calls"] = args.calls
+    out["index_calls"] = args.calls * 5
     out["target_p99_us"] = TARGET_P99_US
+    out["target_index_p99_us"] = TARGET_INDEX_P99_US
     out["meets_target"] = {
         "sync_stub": out["sync_stub_us"]["p99"] <= TARGET_P99_US,
         "client_future": out["client_future_us"]["p99"] <= TARGET_P99_US,
+        **{
+            f"{path}_{n}_hashes": out[f"{path}_{n}_hashes_us"]["p99"] <= limit
+            for path in ("kvd_client_lookup", "index_numpy", "index_python")
+            for n, limit in TARGET_INDEX_P99_US.items()
+            if f"{path}_{n}_hashes_us" in out
+        },
     }
     out["cpus"] = os.cpu_count()
     out["loadavg_1m"] = round(os.getloadavg()[0], 2)  # the latencies are only as quiet as the machine

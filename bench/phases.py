@@ -158,8 +158,8 @@ def one_at_a_time(work: Workload, specs: Sequence[Spec]) -> dict[str, Any]:
 
 def floors(client: KvdClient, socket: str, hashes_per_lookup: int, count: int = 200) -> dict[str, Any]:
     """The round trips under every request on this socket: a bare grpc.aio unary call on the client's own channel
-    and loop (Heartbeat), the same from a plain synchronous stub on a fresh channel, and a lookup through the
-    client (caller thread -> client loop -> daemon -> back)."""
+    and loop (Heartbeat), the same from a plain synchronous stub on a fresh channel; and a lookup through the client,
+    from the shared index and over RPC."""
     import grpc
     from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
@@ -177,13 +177,19 @@ def floors(client: KvdClient, socket: str, hashes_per_lookup: int, count: int = 
             stub.Heartbeat(request, timeout=5)
             took.append(time.monotonic_ns() - start)
     out["sync_heartbeat_us"] = dist_us(took)
-    lookups = []
     probe = hashes("floor", hashes_per_lookup)
-    for _ in range(count // 2):
-        start = time.monotonic_ns()
-        client.lookup(probe).result(timeout=10)
-        lookups.append(time.monotonic_ns() - start)
-    out[f"client_lookup_{hashes_per_lookup}_us"] = dist_us(lookups)
+    # A lookup through the client: answered in this thread from the daemon's shared index (what the connector
+    # does), and over RPC (caller thread -> client loop -> daemon -> back) for comparison.
+    for name, local in ((f"client_lookup_{hashes_per_lookup}_us", True), (f"rpc_lookup_{hashes_per_lookup}_us", False)):
+        client.index.enabled = local
+        lookups = []
+        for _ in range(count // 2):
+            start = time.monotonic_ns()
+            client.lookup(probe).result(timeout=10)
+            lookups.append(time.monotonic_ns() - start)
+        out[name] = dist_us(lookups)
+    client.index.enabled = True
+    out["client_lookup_in_process"] = client.index.mapped
     return out
 
 

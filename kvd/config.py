@@ -69,6 +69,9 @@ class HostPoolConfig(_Section):
     slab_bytes: int = Field(default=64 * MiB, ge=64 * 1024)  # a block may not exceed one slab
     pin: bool = True  # page-lock with cudaHostRegister when CUDA is present (DMA at full PCIe rate)
     populate_threads: int = Field(default=8, ge=1)  # parallel first touch of the pool
+    # An evicted block leaves the published index at once but keeps its bytes this long before its slot is reused,
+    # so a load that follows a lookup still finds it (0: reuse at once).
+    reuse_grace_ms: int = Field(default=200, ge=0)
     # First-touch the pool from the CPUs of this NUMA node, so its pages sit there (put it on the GPU's node: DMA then
     # crosses no socket link). -1: wherever the populating threads run.
     numa_node: int = Field(default=-1, ge=-1)
@@ -86,6 +89,13 @@ class HostPoolConfig(_Section):
     def usable_bytes(self) -> int:
         """The pool is whole slabs: capacity_bytes rounded down to a multiple of slab_bytes."""
         return self.capacity_bytes - self.capacity_bytes % self.slab_bytes
+
+
+class IndexConfig(_Section):
+    """The published block index: clients look blocks up in shared memory instead of asking over RPC."""
+
+    enabled: bool = True
+    max_bytes: int = Field(default=256 * MiB, ge=64 * 1024)  # per namespace group (9 bytes per slot, 4 per block)
 
 
 class DiskTierConfig(_Section):
@@ -222,6 +232,7 @@ class KvdConfig(BaseSettings):
     ring_slot_bytes: int = Field(default=16384, ge=512, le=1 << 20, multiple_of=64)
     # One section per layer below.
     host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
+    index: IndexConfig = IndexConfig()
     transports: TransportsConfig = TransportsConfig()  # kvd/transports
     disk: DiskTierConfig = DiskTierConfig()  # kvd/tiers
     redis: RedisTierConfig = RedisTierConfig()

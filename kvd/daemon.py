@@ -24,6 +24,7 @@ from kvd.cli.exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from kvd.config import KvdConfig, human_bytes
 from kvd.errors import StartupError
 from kvd.memory.host_pool import HostPool
+from kvd.memory.index_registry import IndexRegistry
 from kvd.metrics import Metrics
 from kvd.rpc.server import RpcEndpoint
 from kvd.service.service import KvdService
@@ -46,6 +47,7 @@ class KvdDaemon:
         self.store: BlockStore | None = None
         self.service: KvdService | None = None
         self.metrics: Metrics | None = None
+        self.indexes: IndexRegistry | None = None
         self._stop = asyncio.Event()
         self._stopping = False
         self._served = False  # only a daemon that reached SERVING says it drains and stops
@@ -65,6 +67,15 @@ class KvdDaemon:
         self.store = store = build_store(config, pool)
         await store.start()
         self.service = KvdService(config, transports, store, metrics)
+        self.indexes = IndexRegistry(
+            config.index,
+            boot_id=self.service.boot_id,
+            local_bytes=pool.capacity_bytes + (config.disk.capacity_bytes if config.disk.path is not None else 0),
+            remote_tier=bool(config.redis.url),
+            max_lookup_blocks=config.max_lookup_blocks,
+        )
+        store.publish_to(self.indexes)
+        self.service.indexes = self.indexes
         await self.service.start()
         await self.rpc.serve(self.service)
         self._monitor = asyncio.create_task(self._watch_tiers(), name="kvd-tier-monitor")
@@ -119,6 +130,8 @@ class KvdDaemon:
             await self.service.drain(self.config.drain_timeout_s)
         if self.store is not None:
             await self.store.close()
+        if self.indexes is not None:
+            self.indexes.close()  # mapped readers see it retired
         await self.rpc.stop(grace_s=min(5.0, self.config.drain_timeout_s))
         if self.transports is not None:
             await self.transports.stop()

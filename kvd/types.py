@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import os
@@ -45,6 +46,24 @@ class PeerIdentity:
     @property
     def gid(self) -> int:
         return self.process.gid
+
+
+@dataclass(frozen=True, slots=True)
+class InStep:
+    """An in-step load's entry in its session's progress page, and the entry's counter before it."""
+
+    slot: int
+    base: int
+
+
+@dataclass(frozen=True, slots=True)
+class SharedGrant:
+    """What a session may map (kvd_client.fdpass.GRANT_* bits, one new descriptor each, in bit order: the receiver
+    closes them) and the event set when the session ends (the rpc layer then drops the connection it holds open)."""
+
+    what: int
+    fds: tuple[int, ...]
+    ended: asyncio.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,3 +288,9 @@ __all__ = [
     "TransportKind",
     "WorkerMemory",
 ]
+
+
+def namespace_key(tenant: str, namespace: Namespace) -> str:
+    """Where a namespace's blocks live: inside the tenant of the peer that registered it. Two peers share blocks
+    iff they have the same tenant and the same namespace; a client cannot name another tenant."""
+    return f"{tenant}|{namespace.key}"

@@ -30,8 +30,10 @@ from kvd_client import messages
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
 from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
+from kvd_client.lookups import LocalIndex, resolved, rpc_lookup
 from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
+from kvd_client.progress import StepLoad
 from kvd_client.session import heartbeat, open_channel, register_session
 from kvd_client.submission import Submissions
 from kvd_client.types import Completion, LookupResult, OpKind, session_label
@@ -81,6 +83,7 @@ class KvdClient:
         self.block_bytes = 0
         self._columnar = False
         self.registrations = 0  # how many times this client registered (re-registration after restarts counts)
+        self.index = LocalIndex(timeout_s)  # the daemon's published index, once mapped
         # Saves and loads go through the session's ring when it has one (kvd_client.submission), else by RPC.
         self.submissions = Submissions(lambda op: self._inbox.post(lambda: self._submit(op)), submission_ring)
 
@@ -111,6 +114,7 @@ class KvdClient:
             return
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self.index.configure(self.socket_path, self.model_id, self.layout_fingerprint, self.tp_world_size)
         self._inbox.open()
         self._thread = threading.Thread(target=self._thread_main, name="kvd-client", daemon=True)
         self._thread.start()
@@ -131,12 +135,14 @@ class KvdClient:
 
     def lookup(self, block_hashes: Sequence[bytes]) -> concurrent.futures.Future[LookupResult]:
         """The longest stored prefix of `block_hashes`; the future fails with Unavailable when the daemon is not
-        reachable now."""
+        reachable now. With the daemon's index mapped it is answered at once (local tiers only)."""
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             failed: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
             failed.set_exception(Unavailable("kvd is not connected"))
             return failed
+        if (local := self.index.lookup(block_hashes)) is not None:
+            return resolved(local)  # from the mapped index, in this thread: no round trip
         future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)
@@ -151,11 +157,11 @@ class KvdClient:
         call_ns = time.monotonic_ns()  # the operation's first stage (Completion.stages)
         return self._enqueue(OpKind.SAVE, blocks, self._kv.ready_event(blocks, ready_event), call_ns)
 
-    def load(self, blocks: Sequence[tuple[int, bytes]]) -> int:
-        """Load (block index, block hash) pairs into the worker's cache. For a CUDA cache the daemon first waits for
-        the caller's current stream (nothing queued may still be reading those blocks)."""
+    def load(self, blocks: Sequence[tuple[int, bytes]], *, in_step: StepLoad | None = None) -> int:
+        """Load (block index, block hash) pairs into the worker's cache (CUDA: after the caller's current stream).
+        `in_step`: an entry of `self.index.page`, which the daemon advances layer by layer (kvd_client.progress)."""
         call_ns = time.monotonic_ns()
-        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks), call_ns)
+        return self._enqueue(OpKind.LOAD, blocks, self._kv.ready_event(blocks), call_ns, in_step)
 
     def wait_loaded(self, completion: Completion) -> None:
         """Order the caller's current stream after a finished load (a stream wait, never a stream switch). CPU
@@ -204,8 +210,10 @@ class KvdClient:
 
     # -- internals: caller side ----------------------------------------------------------------------------------
 
-    def _enqueue(self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int) -> int:
-        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns)
+    def _enqueue(
+        self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int, step: Any = None
+    ) -> int:
+        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns, step and (step.slot, step.base))
         loop = self._loop
         if not self.ready or loop is None or self._closed:
             self._complete_failed(op, "kvd is not connected")
@@ -261,6 +269,7 @@ class KvdClient:
             except (TimeoutError, grpc.aio.AioRpcError, KvdError, OSError) as exc:
                 reason = f"kvd unavailable: {messages.describe(exc)}"
             finally:
+                self.index.drop()
                 self._ready.clear()
                 self.submissions.detach()  # its records would reach nobody now
                 self._session = messages.SessionRef()
@@ -293,6 +302,7 @@ class KvdClient:
             await self.submissions.open_ring(self.socket_path, self._session, self.timeout_s)
         self.registrations += 1
         log.info("kvd session %s (boot %s)", session_label(response.session_id), response.boot_id)
+        await self.index.attach(self._session, self.boot_id, response.tenant)
 
     async def _serve_session(self) -> None:
         stub = self._stub
@@ -303,8 +313,8 @@ class KvdClient:
         self._broken = asyncio.Event()
         self._ready.set()
         watch = asyncio.create_task(self._watch(call))
-        every_s = max(0.05, self._lease_s / 3)
-        beat = asyncio.create_task(heartbeat(stub, self._session, self.boot_id, every_s, self.timeout_s))
+        every_s, retry = max(0.05, self._lease_s / 3), self.index.retry  # an index published since we registered
+        beat = asyncio.create_task(heartbeat(stub, self._session, self.boot_id, every_s, self.timeout_s, retry))
         broken = asyncio.create_task(self._broken.wait())
         try:
             done, _ = await asyncio.wait({watch, beat, broken}, return_when=asyncio.FIRST_COMPLETED)
@@ -363,22 +373,11 @@ class KvdClient:
             self._complete_failed(op, error)
 
     async def _lookup(self, hashes: list[bytes]) -> LookupResult:
-        stub = self._stub
-        if stub is None:
-            raise Unavailable("kvd is not connected")
         try:
-            response = await stub.Lookup(
-                messages.scoped(kvd_pb2.LookupRequest, self._session, block_hashes=hashes), timeout=self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
+            return await rpc_lookup(self._stub, self._session, hashes, self.timeout_s)
+        except KvdError as error:
             self._connection_lost(error)
-            raise error from None
-        except asyncio.CancelledError:
-            # The session ended and its channel closed under the call (daemon gone or restarting): the caller gets
-            # the documented Unavailable, not a bare CancelledError outside the KvdError family.
-            raise Unavailable("kvd connection closed during the lookup") from None
-        return messages.lookup_result(response)
+            raise
 
     async def _unregister(self) -> None:
         stub, session = self._stub, self._session

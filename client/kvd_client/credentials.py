@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from kvd_client.errors import error_of
-from kvd_client.fdpass import Grant, receive_grant_reply, send_fds, send_grant_request
+from kvd_client.fdpass import GRANT_SHARED, Grant, receive_grant_reply, send_fds, send_grant_request
 
 TOKEN_BYTES = 32
 REFUSAL_PREFIX = b"KVDERR "  # instead of a token: "KVDERR <STATUS> <message>" (a token never starts so)
@@ -42,14 +42,25 @@ def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) ->
 
 
 def fetch_grant(socket_path: Path, session_id: str, session_key: bytes, want: int, timeout_s: float) -> Grant:
-    """Descriptors of the session's shared resources (GRANT_* bits `want`), from the daemon (kvd_client.fdpass).
-    Raises GrantRefused, OSError, or the KvdError of a credential-socket refusal."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    """Descriptors of the session's shared resources (GRANT_* bits `want`), from the daemon (kvd_client.fdpass);
+    for GRANT_SHARED bits the connection comes with them as the grant's lease (non-blocking). Raises GrantRefused,
+    OSError, or the KvdError of a credential-socket refusal."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout_s)
         sock.connect(str(credential_socket_path(socket_path)))
         _read_token(sock)  # every connection gets one; this one's is spent on the grant
         send_grant_request(sock, session_id, session_key, want)
-        return receive_grant_reply(sock)
+        grant = receive_grant_reply(sock)
+    except BaseException:
+        sock.close()
+        raise
+    if not grant.what & GRANT_SHARED:
+        sock.close()
+        return grant
+    sock.setblocking(False)
+    grant.lease = sock
+    return grant
 
 
 def _read_token(sock: socket.socket) -> bytes:

@@ -176,6 +176,11 @@ _rings: dict[int, _EventRing] = {}
 _opened: dict[bytes, Any] = {}
 
 
+def current_stream() -> int:
+    """The caller's current raw CUDA stream (read, never changed)."""
+    return _stream_ops().current_stream()
+
+
 def prepare_ready_events() -> None:
     """Create the current device's ready events now (at registration), not on the first saves."""
     _ring(torch.cuda.current_device())

@@ -7,7 +7,8 @@ answers `b"KVFD"` and the total once it holds them all, and binds them to the to
 nothing to pass closes the connection after reading the token, as before, so older clients are unaffected.
 
 The other direction uses the same connection: after registering, a worker that wants descriptors *from* the daemon
-(its session's submission ring, kvd_client.ring) reads the token as always, then sends a grant request instead,
+(its tenant's published index, kvd_client.lookups; its progress page for in-step loads, kvd_client.progress; its
+submission ring, kvd_client.ring) reads the token as always, then sends a grant request instead,
 
     request   b"KVGR", uint32 want (GRANT_* bits), uint16 id length, uint16 key length, session id, session key
     reply     b"KVGR", uint32 status (0: granted, else a gRPC status code), uint32 what (GRANT_* bits granted),
@@ -15,7 +16,9 @@ The other direction uses the same connection: after registering, a worker that w
               ancillary data, one per bit of `what`, in bit order
 
 and the daemon hands them only to the session's own process holding the session's key. The token of that connection
-is spent on it: it never registers anything.
+is spent on it: it never registers anything. A grant of the index or the progress page keeps the connection open
+for the session's life, as the worker's lease: its end hanging up means the daemon is gone or dropped the session
+(how a worker waiting on an in-step load learns of a daemon's death at once, whatever its pid namespace).
 
 Pure stdlib, blocking sockets with timeouts: the worker calls it off the model thread, the daemon in a worker
 thread per connection.
@@ -38,6 +41,10 @@ _HEADER = struct.Struct("<4sII")
 _ACK = struct.Struct("<4sI")
 
 GRANT_MAGIC = b"KVGR"
+GRANT_INDEX = 1 << 0  # the tenant's namespace group's published index: a read-only sealed memfd (kvd_client.index)
+GRANT_PROGRESS = 1 << 1  # the session's progress page for in-step loads (kvd_client.progress): a memfd
+GRANT_WAKE = 1 << 2  # the eventfd the daemon writes after each layer of an in-step load
+GRANT_SHARED = GRANT_INDEX | GRANT_PROGRESS | GRANT_WAKE  # granted together, with the lease
 GRANT_RING = 1 << 3  # the session's submission ring: a sealed memfd (kvd_client.ring)
 GRANT_DOORBELL = 1 << 4  # the ring's doorbell: the write end of a pipe
 MAX_GRANT_FDS = 8
@@ -142,10 +149,12 @@ def close_fds(fds: Sequence[int]) -> None:
 
 @dataclass
 class Grant:
-    """What the daemon handed over; the caller owns the descriptors (`take` them, `close` the rest)."""
+    """What the daemon handed over; the caller owns the descriptors (`take` them, `close` the rest) and the lease
+    (the connection, held open by the daemon for a GRANT_SHARED grant)."""
 
     what: int
     fds: list[int] = field(default_factory=list)
+    lease: socket.socket | None = None
 
     def take(self, bit: int) -> int:
         """The descriptor for GRANT_* `bit` (now the caller's), or -1."""
@@ -156,8 +165,12 @@ class Grant:
         return fd
 
     def close(self) -> None:
+        """Close every descriptor not taken, and the lease."""
         close_fds([fd for fd in self.fds if fd >= 0])
         self.fds = []
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
 
 
 class GrantRefused(ConnectionError):

@@ -95,6 +95,7 @@ class PendingOp:
     blocks: tuple[tuple[int, bytes], ...]
     ready_event: bytes
     call_ns: int = 0
+    in_step: tuple[int, int] | None = None  # (progress entry, its base) of an in-step load
     loop_ns: int = 0
     send_ns: int = 0
     accepted_ns: int = 0
@@ -111,6 +112,8 @@ def transfer_request(session: SessionRef, op: PendingOp, columnar: bool) -> kvd_
         request.block_hashes.extend([h for _, h in op.blocks])
     else:
         request.blocks.extend(kvd_pb2.BlockTransfer(block_index=i, block_hash=h) for i, h in op.blocks)
+    if op.in_step is not None:
+        request.in_step.slot, request.in_step.base = op.in_step
     return request
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -63,12 +63,19 @@ async def register_session(
 
 
 async def heartbeat(
-    stub: kvd_pb2_grpc.KvdStub, session: SessionRef, boot_id: str, every_s: float, timeout_s: float
+    stub: kvd_pb2_grpc.KvdStub,
+    session: SessionRef,
+    boot_id: str,
+    every_s: float,
+    timeout_s: float,
+    after_beat: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Beat every `every_s` until the daemon answers with another boot id (it restarted: the session and everything
-    in flight are gone); a failed call raises."""
+    in flight are gone); a failed call raises. `after_beat` runs after each beat the daemon answered."""
     while True:
         await asyncio.sleep(every_s)
         response = await stub.Heartbeat(scoped(kvd_pb2.HeartbeatRequest, session), timeout=timeout_s)
         if response.boot_id != boot_id:
             return
+        if after_beat is not None:
+            await after_beat()

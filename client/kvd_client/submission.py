@@ -42,7 +42,7 @@ class Submissions:
     def submit(self, op: PendingOp) -> None:
         """From the caller's thread: publish on the ring (GIL held throughout, no hop), else hand to the loop."""
         ring = self._ring
-        if ring is not None and self.enabled and op.blocks:
+        if ring is not None and self.enabled and op.blocks and op.in_step is None:  # a record has no in-step entry
             indices, hashes = zip(*op.blocks, strict=True)
             kind = ring_format.SAVE if op.kind is OpKind.SAVE else ring_format.LOAD
             op.send_ns = time.monotonic_ns()

@@ -8,73 +8,37 @@ least-recently-used slab of another size whole.
 
 Everything here runs on the event-loop thread; copies into and out of slots run elsewhere while the slot is
 RESERVED (being written) or pinned (being read), and neither kind of slot is ever evicted.
+
+Eviction is in two steps (retire, then reuse after a grace period): kvd.memory.retire.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
 import logging
 import mmap
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvd.config import HostPoolConfig, human_bytes
 from kvd.errors import InvalidArgument, ResourceExhausted, StartupError
+from kvd.memory.index_registry import BlockListener
 from kvd.memory.region import PinnedRegion, node_cpus
+from kvd.memory.retire import Retiring
+from kvd.memory.shm_index import Source
+from kvd.memory.slots import Entry, EvictHook, SizeClass, Slab, SlotState
 from kvd.types import BlockKey
+
+__all__ = ["Entry", "EvictHook", "HostPool", "SlotState"]
 
 log = logging.getLogger(__name__)
 
 
-class SlotState(enum.Enum):
-    RESERVED = "reserved"  # a save is writing it; invisible to lookups
-    READY = "ready"
 
-
-@dataclass(eq=False, slots=True)
-class Entry:
-    """One stored block. Mutable bookkeeping, owned by the pool (identity-compared)."""
-
-    key: BlockKey
-    slab: int
-    slot: int
-    address: int
-    nbytes: int
-    state: SlotState = SlotState.RESERVED
-    pins: int = 0
-    last_use: float = field(default_factory=time.monotonic)
-
-
-@dataclass(slots=True)
-class _Slab:
-    index: int
-    block_bytes: int = 0  # 0: free slab
-    free_slots: list[int] = field(default_factory=list)
-    entries: int = 0
-    last_use: float = 0.0
-
-
-@dataclass(slots=True)
-class _SizeClass:
-    block_bytes: int
-    slabs: set[int] = field(default_factory=set)
-    # Its slabs with a free slot, oldest first (a dict as an ordered set): a reservation takes a slot in O(1)
-    # instead of scanning every slab of the size (a 512-block save into a full 4 GiB pool scanned 64 slabs per block,
-    # twice, milliseconds per request).
-    open: dict[int, None] = field(default_factory=dict)
-    lru: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # READY entries, oldest first
-
-
-EvictHook = Callable[[Entry, memoryview], None]
-
-
-class HostPool:
+class HostPool(Retiring):
     """Fixed-capacity block storage in one host mapping."""
 
     def __init__(self, config: HostPoolConfig) -> None:
@@ -96,13 +60,16 @@ class HostPool:
         self.view = memoryview(self._map)
         self._populate_threads = config.populate_threads
         self._numa_node = config.numa_node
-        self._slabs = [_Slab(i) for i in range(self.num_slabs)]
+        self._slabs = [Slab(i) for i in range(self.num_slabs)]
         self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
-        self._classes: dict[int, _SizeClass] = {}
+        self._classes: dict[int, SizeClass] = {}
         self._entries: dict[BlockKey, Entry] = {}
         self.used_bytes = 0
         self.evictions = 0
+        self.grace_s = config.reuse_grace_ms / 1000
+        self.grace_cut = 0  # slots reused before their block's grace period was over
         self.evict_hooks: list[EvictHook] = []
+        self.listener: BlockListener | None = None  # the published index: told of each block in and out
 
     @property
     def region(self) -> PinnedRegion:
@@ -178,13 +145,16 @@ class HostPool:
 
     def pin_stored(self, keys: Sequence[BlockKey]) -> list[Entry | None]:
         """For a load: each key's READY entry pinned (never evicted while read) and marked used, or None where the
-        key is not stored. One pass and one clock read for the whole request."""
+        key is not stored; a RETIRED one is taken back first (its bytes are still there: the lookup that found it was
+        right). One pass and one clock read for the whole request."""
         now = time.monotonic()
         entries, slabs, classes = self._entries, self._slabs, self._classes
-        ready = SlotState.READY
+        ready, retired = SlotState.READY, SlotState.RETIRED
         out: list[Entry | None] = []
         for key in keys:
             entry = entries.get(key)
+            if entry is not None and entry.state is retired:
+                entry = self.reclaim(key)
             if entry is None or entry.state is not ready:
                 out.append(None)
                 continue
@@ -194,6 +164,10 @@ class HostPool:
             classes[entry.nbytes].lru.move_to_end(key)
             out.append(entry)
         return out
+
+    def resident(self, namespace_key: str) -> list[bytes]:
+        """The hashes of `namespace_key`'s READY blocks."""
+        return [k[1] for k, e in self._entries.items() if k[0] == namespace_key and e.state is SlotState.READY]
 
     def touch(self, entry: Entry) -> None:
         entry.last_use = time.monotonic()
@@ -224,7 +198,10 @@ class HostPool:
         now = time.monotonic()
         entries, slabs, out = self._entries, self._slabs, []
         for key in keys:
-            if key in entries:
+            old = entries.get(key)
+            if old is not None and old.state is SlotState.RETIRED and not old.pins:
+                self._release(old)  # new bytes for a retired block: its old slot is not needed
+            elif old is not None:
                 raise InvalidArgument("block is already stored or being stored")
             try:
                 slab, slot = self._take_slot(nbytes)
@@ -236,6 +213,8 @@ class HostPool:
             slabs[slab].last_use = now
             out.append(entry)
         self.used_bytes += nbytes * len(out)
+        if out:
+            self._retire_ahead(self._classes[nbytes], len(out))
         return out
 
     def commit(self, entry: Entry) -> None:
@@ -243,6 +222,8 @@ class HostPool:
         entry.state = SlotState.READY
         entry.last_use = time.monotonic()
         self._classes[entry.nbytes].lru[entry.key] = entry
+        if self.listener is not None:  # before the save's notice goes out: read-your-writes through the index
+            self.listener.stored(entry.key, Source.HOST)
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry (an aborted save, a failed verification, an explicit delete) and free its slot."""
@@ -264,9 +245,13 @@ class HostPool:
         return self.base_address + slab * self.slab_bytes + slot * nbytes
 
     def _release(self, entry: Entry) -> None:
+        if self.listener is not None and entry.state is SlotState.READY:
+            self.listener.dropped(entry.key, Source.HOST)  # out of the index before the slot can be reused
         del self._entries[entry.key]
         size_class = self._classes[entry.nbytes]
         size_class.lru.pop(entry.key, None)
+        size_class.retired.pop(entry.key, None)
+        entry.state = SlotState.FREED
         slab = self._slabs[entry.slab]
         slab.free_slots.append(entry.slot)
         slab.entries -= 1
@@ -282,7 +267,7 @@ class HostPool:
             size_class.open[slab.index] = None
 
     def _take_slot(self, nbytes: int) -> tuple[int, int]:
-        size_class = self._classes.setdefault(nbytes, _SizeClass(nbytes))
+        size_class = self._classes.setdefault(nbytes, SizeClass(nbytes))
         for _ in range(2):
             if size_class.open:
                 slab_index = next(iter(size_class.open))
@@ -293,7 +278,7 @@ class HostPool:
                 # Hand out low slots first: consecutive saves land in consecutive slots, so copies merge into runs.
                 slab.free_slots = list(range(self.slab_bytes // nbytes - 1, -1, -1))
                 size_class.slabs.add(slab_index)
-            elif not self._evict_one(size_class) and not self._evict_slab(exclude=nbytes):
+            elif not self._reuse_retired(size_class) and not self._evict_slab(exclude=nbytes):
                 break
             else:
                 continue  # the eviction opened a slot
@@ -306,39 +291,23 @@ class HostPool:
             return slab_index, slot
         raise ResourceExhausted("host pool is full and every block in it is in use")
 
-    def _evict(self, entry: Entry) -> None:
-        if self.evict_hooks:
-            view = self.slot_view(entry)
-            for hook in self.evict_hooks:
-                hook(entry, view)
-        self.evictions += 1
-        self._release(entry)
-
-    def _evict_one(self, size_class: _SizeClass) -> bool:
-        for entry in size_class.lru.values():
-            if entry.pins == 0:
-                self._evict(entry)
-                return True
-        return False
-
     def _evict_slab(self, exclude: int) -> bool:
         """Empty the least-recently-used slab of another block size whose blocks are all evictable."""
-        candidates = [
-            s
-            for s in self._slabs
-            if s.block_bytes not in (0, exclude)
-            and all(
-                e.pins == 0 and e.state is SlotState.READY
-                for e in self._classes[s.block_bytes].lru.values()
-                if e.slab == s.index
-            )
-            and s.entries == sum(1 for e in self._classes[s.block_bytes].lru.values() if e.slab == s.index)
-        ]
+        candidates = []
+        for slab in self._slabs:
+            if slab.block_bytes in (0, exclude):
+                continue
+            size_class = self._classes[slab.block_bytes]
+            held = [e for e in (*size_class.lru.values(), *size_class.retired.values()) if e.slab == slab.index]
+            if len(held) == slab.entries and all(e.pins == 0 for e in held):
+                candidates.append((slab, held))
         if not candidates:
             return False
-        victim = min(candidates, key=lambda s: s.last_use)
-        for entry in [e for e in self._classes[victim.block_bytes].lru.values() if e.slab == victim.index]:
-            self._evict(entry)
+        _, victims = min(candidates, key=lambda c: c[0].last_use)
+        for entry in victims:
+            if entry.state is SlotState.READY:
+                self._retire(entry)
+            self._release(entry)
         return True
 
 

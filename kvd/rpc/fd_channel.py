@@ -25,10 +25,13 @@ FD_WAIT_S = 5.0  # how long a worker may take to pass its descriptors (or send i
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    """Descriptors for a worker, one per GRANT_* bit of `what` in bit order; the channel closes them once sent."""
+    """Descriptors for a worker, one per GRANT_* bit of `what` in bit order; the channel closes them once sent. With
+    `hold`, the connection then stays open as the worker's lease until that event is set (the session ended) or the
+    worker hangs up."""
 
     what: int
     fds: tuple[int, ...]
+    hold: asyncio.Event | None = None
 
 
 # (session id, session key, GRANT_* bits wanted, the process on the connection) -> what it gets; raises KvdError
@@ -93,5 +96,21 @@ async def serve_grant(writer: asyncio.StreamWriter, peer: PeerProcess, grantor: 
             await loop.run_in_executor(None, send_grant_reply, sock, 0, granted.what, list(granted.fds))
         finally:
             close_fds(granted.fds)  # the worker has its own copies now (or never will)
+        if granted.hold is not None:
+            await _hold(sock, granted.hold)
     finally:
         sock.close()
+
+
+async def _hold(sock: socket.socket, ended: asyncio.Event) -> None:
+    """Keep the connection (the worker's lease on us) until the session ends or the worker hangs up."""
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    hangup = asyncio.ensure_future(loop.sock_recv(sock, 1))
+    end = asyncio.ensure_future(ended.wait())
+    try:
+        await asyncio.wait({hangup, end}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (hangup, end):
+            task.cancel()
+        await asyncio.gather(hangup, end, return_exceptions=True)

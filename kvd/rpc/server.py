@@ -19,6 +19,7 @@ from kvd_client.wire.kvd.v1 import kvd_pb2, kvd_pb2_grpc
 
 from kvd.config import KvdConfig
 from kvd.errors import StartupError
+from kvd.rpc import shared
 from kvd.rpc.credentials import CredentialIssuer, TokenLimits
 from kvd.rpc.guard import DecodeGuard, max_request_bytes
 from kvd.rpc.health import HealthServicer
@@ -84,11 +85,13 @@ class RpcEndpoint:
         """Hand calls to `service` from now on; health turns SERVING."""
         self.servicer.service = service
         config = self.config
+        ring = None
         if config.ring_slots and rings_supported():
-            self.credentials.grantor = RingGrantor(service, config.ring_slots, config.ring_slot_bytes).grant
+            ring = RingGrantor(service, config.ring_slots, config.ring_slot_bytes).grant
             self.servicer.rings = True
         elif config.ring_slots:
             log.warning("no submission rings: this kernel cannot seal a memfd (saves and loads go by RPC)")
+        self.credentials.grantor = shared.grantor(service, ring)
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

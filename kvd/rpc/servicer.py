@@ -31,6 +31,7 @@ from kvd.types import (
     CudaLayer,
     CudaMemory,
     DaemonStages,
+    InStep,
     Notice,
     OpKind,
     PassedFds,
@@ -163,7 +164,9 @@ class KvdServicer(kvd_pb2_grpc.KvdServicer):
         stamps = DaemonStages(received_ns=time.monotonic_ns())  # the handler's first act: the stage "received"
         service, ref = self._svc(), _ref(request)
         service.heartbeat(ref)  # the session and its key before any per-block work
-        op = start_transfer(service, kind, ref, _blocks(request), request.ready_event, request.client_tag, stamps)
+        in_step = InStep(request.in_step.slot, request.in_step.base) if request.HasField("in_step") else None
+        blocks = _blocks(request)
+        op = start_transfer(service, kind, ref, blocks, request.ready_event, request.client_tag, stamps, in_step)
         return kvd_pb2.TransferAccepted(operation_id=op)
 
     async def Watch(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from kvd_client.layout import Namespace
 
 from kvd.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from kvd.types import BlockKey, PeerIdentity
+from kvd.types import BlockKey, PeerIdentity, namespace_key
 
 MAX_HASH_BYTES = 64
 
@@ -67,12 +67,6 @@ def _digest(text: str) -> bytes:
 
 def block_keys(namespace_key: str, hashes: Sequence[bytes]) -> list[BlockKey]:
     return [(namespace_key, h) for h in hashes]
-
-
-def namespace_key(tenant: str, namespace: Namespace) -> str:
-    """Where a namespace's blocks live: inside the tenant of the peer that registered it. Two peers share blocks
-    iff they have the same tenant and the same namespace; a client cannot name another tenant."""
-    return f"{tenant}|{namespace.key}"
 
 
 def rank_namespace_key(tenant: str, namespace: Namespace, rank: int) -> str:

@@ -15,6 +15,7 @@ from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, TransferError
 from kvd.logs import Throttled
+from kvd.memory.progress import LayerProgress
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
 from kvd.types import BlockBatch, BlockHash, BlockKey, DaemonStages
@@ -58,6 +59,7 @@ class Operation:
     ready_event: bytes
     what: str  # "save 3 of session 1a2b...", for the log
     stamps: DaemonStages  # stamped here: planned, submitted, resumed (the transport stamps its own stages)
+    progress: LayerProgress | None = None  # an in-step load: layer by layer, reported in the progress page
 
     def memory(self) -> Attachment:
         if self.attachment is None:
@@ -105,13 +107,21 @@ async def run_load(op: Operation) -> Outcome:
         if present:
             memory, addresses = op.memory(), [e.address for e in entries if e is not None]
             stamps.submitted_ns = time.monotonic_ns()
-            outcome.done_event = await memory.load([indices[i] for i in present], addresses, op.ready_event, stamps)
+            targets, progress = [indices[i] for i in present], op.progress
+            if progress is None:
+                outcome.done_event = await memory.load(targets, addresses, op.ready_event, stamps)
+            else:
+                on_layer, layers = progress.layer_done, progress.layers
+                load = memory.load_layers(targets, addresses, op.ready_event, on_layer, layers, stamps)
+                outcome.done_event = await load
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:
         outcome.fail([hashes[i] for i in present], failure_of(exc, op.what))
     finally:
         store.complete_load(entries)
+        if op.progress is not None:  # status, then the final counter: no wait on it outlives this load
+            op.progress.finish(not outcome.failed)
     return outcome
 
 

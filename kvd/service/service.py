@@ -45,14 +45,16 @@ from kvd.service.checks import (
     rank_namespace_key,
 )
 from kvd.service.operations import Operation, Outcome, run_load, run_save, start_task
+from kvd.service.published import in_step_progress, publish_namespace
 from kvd.service.reports import stats_snapshot, update_session_gauges
-from kvd.service.sessions import Session, SessionTable
+from kvd.service.sessions import Session, SessionTable, watch_exit
 from kvd.tiers.store import BlockStore
 from kvd.transports.base import Attachment
 from kvd.transports.router import TransportRouter
 from kvd.types import (
     BlockBatch,
     DaemonStages,
+    InStep,
     LookupResult,
     Notice,
     OpKind,
@@ -65,6 +67,8 @@ from kvd.types import (
 )
 
 if TYPE_CHECKING:
+    from kvd.memory.index_registry import IndexRegistry
+    from kvd.memory.progress import LayerProgress
     from kvd.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,7 @@ class KvdService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.counters = ServiceCounters()
+        self.indexes: IndexRegistry | None = None  # the published indexes (set by the daemon)
         self._warn = Throttled(log)
         self._eager = config.runtime.eager_operations
 
@@ -127,6 +132,7 @@ class KvdService:
             raise AlreadyExists(f"pid {peer.pid} already has a live {kind} session for namespace {ns_key!r}")
         canonical = self._canonical_layout(registration, ns_key)
         attachment = await self._attach(registration, ns_key, canonical) if canonical is not None else None
+        publish_namespace(self.indexes, self.store, registration, ns_key)
         session = self.sessions.new(registration, attachment, config.lease_ms / 1000)
         self._watch_process(session)
         log.info(
@@ -244,14 +250,16 @@ class KvdService:
         return op_id
 
     def load(
-        self, ref: SessionRef, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None
-    ) -> int:
+        self, ref: SessionRef, blocks: BlockBatch, ready_event: bytes, client_tag: int, stamps: Stamps = None,
+        in_step: InStep | None = None,  # an in-step load's progress entry (kvd_client.progress)
+    ) -> int:  # fmt: skip
         session, layout = self._begin_transfer(ref, blocks, ready_event)
         if len(set(blocks.indices)) != len(blocks):
             raise InvalidArgument("a load writes each destination block index at most once")
+        progress = in_step_progress(session, layout, in_step)
         op_id = session.begin_operation()
         session.loads += 1
-        run = self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps)
+        run = self._run(OpKind.LOAD, session, layout, op_id, blocks, ready_event, client_tag, stamps, progress)
         self._spawn(run, eager=self._eager)
         return op_id
 
@@ -265,13 +273,14 @@ class KvdService:
         ready_event: bytes,
         client_tag: int,
         stamps: Stamps,
+        progress: LayerProgress | None = None,
     ) -> None:
         start = time.monotonic()
         stamps = stamps or DaemonStages(received_ns=time.monotonic_ns())
         keys = block_keys(session.namespace_key, blocks.hashes)
         what = f"{kind} {op_id} of session {session.label}"
-        run = run_save if kind is OpKind.SAVE else run_load
-        outcome = await run(Operation(self.store, session.attachment, layout, blocks, keys, ready_event, what, stamps))
+        run, memory = (run_save if kind is OpKind.SAVE else run_load), session.attachment
+        outcome = await run(Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress))
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit
@@ -353,17 +362,7 @@ class KvdService:
 
     def _watch_process(self, session: Session) -> None:
         """Close the session the moment its worker exits (pidfd turns readable), not only when the lease ends."""
-        fd = session.registration.peer.process.pidfd
-        if fd is None:
-            return
-        session.watching_exit = True
-        loop = asyncio.get_running_loop()
-
-        def exited() -> None:
-            loop.remove_reader(fd)
-            self._spawn(self._close_session(session, "worker process exited"))
-
-        loop.add_reader(fd, exited)
+        watch_exit(session, lambda: self._spawn(self._close_session(session, "worker process exited")))
 
     async def _close_session(self, session: Session, why: str) -> None:
         if session.closing:

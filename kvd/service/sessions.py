@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from kvd_client.types import session_label
 
 from kvd.errors import PermissionDenied, SessionNotFound
+from kvd.memory.progress import ProgressWriter
 from kvd.service.checks import namespace_key
 from kvd.transports.base import Attachment
-from kvd.types import Notice, PeerIdentity, Registration, SessionRef
+from kvd.types import Notice, PeerIdentity, Registration, SessionRef, SessionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Session:
     _notices: asyncio.Queue[Notice | object] = field(default_factory=asyncio.Queue)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _watchers: int = 0
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once closed (leases held on it drop)
+    progress: ProgressWriter | None = None  # its in-step loads' progress page, once its process asked for it
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -121,8 +124,26 @@ class Session:
             if isinstance(item, Notice):
                 yield item
 
+    def snapshot(self) -> SessionSnapshot:
+        reg = self.registration
+        return SessionSnapshot(
+            label=self.label,
+            tenant=reg.peer.tenant,
+            worker_name=reg.worker_name,
+            namespace=reg.namespace,
+            pid=reg.peer.pid,
+            transport=self.transport,
+            saves=self.saves,
+            loads=self.loads,
+            in_flight=self.in_flight,
+        )
+
     def end_notices(self) -> None:
+        """The session is closed: its Watch stream ends, and so do leases held on it (kvd.rpc.shared)."""
         self._notices.put_nowait(_CLOSED)
+        self.ended.set()
+        if self.progress is not None:
+            self.progress.close()  # the worker's mapping stays valid; nothing writes it any more
 
 
 class SessionTable:
@@ -186,3 +207,18 @@ class SessionTable:
             ):
                 return session
         return None
+
+
+def watch_exit(session: Session, exited: Callable[[], None]) -> None:
+    """Call `exited` (once, on the event loop) when the session's worker process exits: its pidfd turns readable."""
+    fd = session.registration.peer.process.pidfd
+    if fd is None:
+        return
+    session.watching_exit = True
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        loop.remove_reader(fd)
+        exited()
+
+    loop.add_reader(fd, readable)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import xxhash
 
+from kvd.memory.index_registry import BlockListener
 from kvd.types import BlockKey, Tier, TierSnapshot
 
 Buffer = bytes | bytearray | memoryview
@@ -155,6 +156,14 @@ class StorageBackend(abc.ABC):
 
     async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [size is not None for size in await self.sizes(keys)]
+
+    def publish_to(self, listener: BlockListener) -> bool:
+        """Report blocks in and out to the published index from now on; False: not a local tier (not published)."""
+        return False
+
+    def resident(self, namespace_key: str) -> list[bytes]:
+        """The hashes of `namespace_key`'s blocks held here, for a local tier that publishes (else none)."""
+        return []
 
     @property
     def healthy(self) -> bool:

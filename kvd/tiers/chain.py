@@ -30,6 +30,8 @@ from kvd.config import TiersConfig, TierWritePolicy
 from kvd.errors import InvalidArgument, ResourceExhausted
 from kvd.logs import Throttled
 from kvd.memory.host_pool import Entry
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers.admission import CostModel
 from kvd.tiers.base import Buffer, StorageBackend, stop_task
 from kvd.tiers.store import BlockStore, HostStore, SavePlan
@@ -313,8 +315,8 @@ class TieredBlockStore(BlockStore):
         for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
             if payload is None:
                 continue
-            entry = self.pool.get(key)
-            if entry is not None:  # saved meanwhile
+            entry = self.pool.get(key) or self.pool.reclaim(key)
+            if entry is not None:  # saved meanwhile, or retired but not reused
                 results[i] = entry
                 continue
             writing = self.l1.pending_write(key)
@@ -357,6 +359,19 @@ class TieredBlockStore(BlockStore):
             for slot, _ in jobs:
                 slot.release()
 
+    def publish_to(self, listener: BlockListener) -> None:
+        self.l1.publish_to(listener)
+        self.writeback.listener = listener
+        for backend in self.backends:
+            backend.publish_to(listener)
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        out = self.l1.resident(namespace_key)
+        out += [(key[1], Source.QUEUED) for key in self.writeback.pending if key[0] == namespace_key]
+        for backend in self.backends:
+            out += [(h, Source.DISK) for h in backend.resident(namespace_key)]
+        return out
+
     # -- stats ---------------------------------------------------------------------------------------------------
 
     def snapshots(self) -> tuple[TierSnapshot, ...]:
@@ -366,6 +381,7 @@ class TieredBlockStore(BlockStore):
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
+        out.update(self.l1.counters())
         out.update(self.writeback.stats())
         for backend in self.backends:
             c = backend.counters

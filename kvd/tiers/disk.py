@@ -25,6 +25,8 @@ from typing import ClassVar, TypeVar
 
 from kvd.config import DiskTierConfig, human_bytes
 from kvd.logs import Throttled
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers import disk_files
 from kvd.tiers.base import HEADER_BYTES, Buffer, StorageBackend, namespace_digest, stop_task
 from kvd.tiers.disk_files import IndexKey
@@ -53,6 +55,8 @@ class DiskBackend(StorageBackend):
         self._gone: set[IndexKey] = set()  # removed before the scan ended: not to be indexed from its listing
         self._scan: asyncio.Task[None] | None = None
         self.indexed = asyncio.Event()
+        self.listener: BlockListener | None = None  # the published index: told of each block in and out
+        self._namespaces: dict[str, str] = {}  # namespace digest hex -> namespace key, for the listener
         self.room = Room(self.root, config.capacity_bytes, config.reserve_bytes)
         self.writability = Writability(name, self.root, config.retry_ms / 1000, self._run)
         self.dropped = {"too_big": 0, "degraded": 0, "failed": 0}
@@ -92,6 +96,9 @@ class DiskBackend(StorageBackend):
         self._index.update(fresh)
         self._gone.clear()
         self.indexed.set()
+        for ikey in self._index:
+            if ikey not in fresh:
+                self._tell(ikey, stored=True)  # found by the scan, of a namespace already published
         log.info(
             "disk tier %s: %d blocks, %s indexed in %.2f s",
             self.name,
@@ -127,6 +134,8 @@ class DiskBackend(StorageBackend):
         self._index[ikey] = written
         self._stored += written
         self._gone.discard(ikey)
+        self._namespaces[ikey[0]] = key[0]
+        self._tell(ikey, stored=True)
         self.counters.puts += 1
         self.counters.bytes_written += written
         return True
@@ -191,6 +200,7 @@ class DiskBackend(StorageBackend):
             size = HEADER_BYTES + len(key[1]) + len(payload)
             self._index[ikey] = size
             self._stored += size
+            self._tell(ikey, stored=True)
         self._index.move_to_end(ikey)
         self.counters.get_hits += 1
         self.counters.bytes_read += len(payload)
@@ -212,6 +222,16 @@ class DiskBackend(StorageBackend):
 
     def used(self) -> tuple[int, int]:
         return self._stored, len(self._index)
+
+    def publish_to(self, listener: BlockListener) -> bool:
+        self.listener = listener
+        return True
+
+    def resident(self, namespace_key: str) -> list[bytes]:
+        """The hashes of `namespace_key`'s blocks indexed here; from now on the listener hears of this namespace."""
+        digest = namespace_digest(namespace_key).hex()
+        self._namespaces[digest] = namespace_key
+        return [bytes.fromhex(hash_hex) for ns_hex, hash_hex in self._index if ns_hex == digest]
 
     def extra_counters(self) -> dict[str, int]:
         out = {f"dropped_{reason}": n for reason, n in self.dropped.items()}
@@ -237,8 +257,20 @@ class DiskBackend(StorageBackend):
         size = self._index.pop(ikey, None)
         if size is not None:
             self._stored -= size
+            self._tell(ikey, stored=False)
         if not self.indexed.is_set():
             self._gone.add(ikey)
+
+    def _tell(self, ikey: IndexKey, *, stored: bool) -> None:
+        """Report a block entering or leaving this tier (before its file is removed) to the published index."""
+        namespace = self._namespaces.get(ikey[0])
+        if self.listener is None or namespace is None:
+            return
+        key = (namespace, bytes.fromhex(ikey[1]))
+        if stored:
+            self.listener.stored(key, Source.DISK)
+        else:
+            self.listener.dropped(key, Source.DISK)
 
     async def _delete_one(self, ikey: IndexKey) -> None:
         self._forget(ikey)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvd.memory.host_pool import Entry, HostPool
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.types import BlockKey, Tier, TierSnapshot
 
 
@@ -108,6 +110,15 @@ class BlockStore(abc.ABC):
     def snapshots(self) -> tuple[TierSnapshot, ...]:
         """One snapshot per tier, fastest first."""
 
+    def publish_to(self, listener: BlockListener) -> None:  # noqa: B027 - optional hook
+        """Report every block that enters or leaves a local tier (host pool, write-down queue, disk) to `listener`
+        from now on: the published index."""
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        """What the local tiers hold of `namespace_key` now (hash, where), to publish a namespace's blocks when its
+        index starts covering it."""
+        return []
+
     def counters(self) -> dict[str, int]:
         """Counters beyond TierSnapshot (write-downs, prefetches, admission), flat, for stats and metrics."""
         return {}
@@ -156,7 +167,7 @@ class HostStore(BlockStore):
             if key in seen:
                 continue
             seen.add(key)
-            if pool.get(key) is not None:
+            if pool.get(key) is not None or pool.reclaim(key) is not None:  # stored (retired: bytes still there)
                 continue
             pending = writing.get(key)
             if pending is not None:
@@ -203,7 +214,7 @@ class HostStore(BlockStore):
 
     def pin(self, key: BlockKey) -> Entry | None:
         """The stored entry for `key`, pinned for reading and marked used; None where it is not in L1."""
-        entry = self.pool.get(key)
+        entry = self.pool.get(key) or self.pool.reclaim(key)  # a retired block is loadable until its slot is reused
         if entry is not None:
             self.pool.pin(entry)
             self.pool.touch(entry)
@@ -213,6 +224,18 @@ class HostStore(BlockStore):
         for entry in entries:
             if entry is not None:
                 self.pool.unpin(entry)
+
+    # -- the published index -------------------------------------------------------------------------------------
+
+    def publish_to(self, listener: BlockListener) -> None:
+        self.pool.listener = listener
+
+    def resident(self, namespace_key: str) -> list[tuple[bytes, Source]]:
+        return [(h, Source.HOST) for h in self.pool.resident(namespace_key)]
+
+    def counters(self) -> dict[str, int]:
+        """Slots reused before their block's grace period was over (kvd.memory.retire)."""
+        return {"host_grace_cut": self.pool.grace_cut}
 
     # -- stats ---------------------------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from kvd.config import DiskAdmission
 from kvd.logs import Throttled
 from kvd.memory.host_pool import Entry, HostPool
+from kvd.memory.index_registry import BlockListener
+from kvd.memory.shm_index import Source
 from kvd.tiers.base import Buffer, StorageBackend
 from kvd.tiers.reuse import ReuseFilter
 from kvd.types import BlockKey, Tier
@@ -72,6 +74,7 @@ class WriteBack:
         self.reuse = ReuseFilter()
         self.backed: set[BlockKey] = set()  # L1 blocks known to be stored below too
         self.pending: dict[BlockKey, WriteDown] = {}  # evicted from L1, copied out, not written down yet
+        self.listener: BlockListener | None = None  # the published index (pending blocks stay loadable)
         self.counters = dict.fromkeys(
             ("tier_write_down_blocks", "tier_write_through_deferred_blocks", "tier_write_down_waits",
              "tier_write_down_wait_timeouts", "tier_disk_not_admitted_blocks"),
@@ -160,6 +163,8 @@ class WriteBack:
         else:
             item = WriteDown(key, bytes(view), None, targets)
             self.pending[key] = item
+            if self.listener is not None:  # before the pool drops it from the index: published throughout
+                self.listener.stored(key, Source.QUEUED)
             self._enqueue(item)
 
     def _targets(self, key: BlockKey) -> tuple[StorageBackend, ...]:
@@ -220,6 +225,8 @@ class WriteBack:
                 self.pool.unpin(item.entry)
             if self.pending.get(item.key) is item:
                 del self.pending[item.key]
+                if self.listener is not None:  # after the tier below published it, if it took it
+                    self.listener.dropped(item.key, Source.QUEUED)
         self._drained.set()
 
     async def _write_batch(self, batch: list[WriteDown]) -> None:

@@ -10,7 +10,7 @@ own memory against the layout once, in `attach`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvd_client.layout import KvLayout
 
@@ -35,6 +35,17 @@ class Attachment(abc.ABC):
     ) -> bytes:
         """Copy the slots at `addresses` into worker blocks, after `ready_event`; returns the event the worker must
         wait on (or b""). Stamps `stamps` as save does."""
+
+    async def load_layers(
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
+        on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
+    ) -> bytes:  # fmt: skip
+        """A load in layer order (an in-step load): `on_layer(i)` once layer i of every block is in place, from any
+        thread. This default copies everything, then reports every layer: correct, without the overlap."""
+        event = await self.load(block_indices, addresses, ready_event, stamps)
+        for layer in range(layers):
+            on_layer(layer)
+        return event
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """PermissionDenied if this session may not copy any more (its process changed); checked as every save or

@@ -122,12 +122,13 @@ class Daemon:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kvd", "serve", "--socket", str(self.socket), "--capacity", "256MiB"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -367,16 +368,17 @@ def test_lookup_pending_returns_none_then_the_hit(vllm_config: Any, fake_clients
     root = root_hash(conn.fingerprint)
     assert hashes == block_hashes(tokens[: 5 * BLOCK], BLOCK, root)
 
-    fut.set_result(LookupResult(hit_blocks=3, tiers=(Tier.HOST_MEMORY,) * 3))
-    # A local hit of one block: kvd supplies blocks 1 and 2, loaded asynchronously.
+    fut.set_result(LookupResult(hit_blocks=3, tiers=(Tier.DISK,) * 3))
+    # A local hit of one block: kvd supplies blocks 1 and 2, from disk: loaded asynchronously.
     assert conn.get_num_new_matched_tokens(req, BLOCK) == (2 * BLOCK, True)
     conn.update_state_after_alloc(req, _Blocks([10, 11, 12, 13, 14, 15]), 2 * BLOCK)
-    assert conn.get_external_cache_hit_sources(req, 2 * BLOCK) == {"host": 2 * BLOCK}
+    assert conn.get_external_cache_hit_sources(req, 2 * BLOCK) == {"disk": 2 * BLOCK}
 
     meta = conn.build_connector_meta(_scheduler_output([]))
     assert isinstance(meta, KvdConnectorMetadata)
     (load,) = meta.loads
     assert load.req_id == "r1" and load.block_ids == (11, 12) and load.block_hashes == tuple(hashes[1:3])
+    assert not load.in_step
     assert pickle.loads(pickle.dumps(meta)) == meta
 
     # After the load, the request is scheduled: the blocks kvd lacks (3, 4) are saved once they are computed.
@@ -467,15 +469,13 @@ def test_worker_reports_completions_and_exact_load_errors(vllm_config: Any, fake
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
-def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -> None:
-    """A lookup the daemon has not answered (it is SIGSTOPped) makes the connector say "ask again" at once, every
-    time; once the daemon runs again the same call returns the stored prefix."""
+def _scheduler_with_three_stored_blocks(tiny_model: Path, daemon: Daemon) -> tuple[Any, list[int]]:
+    """A scheduler-side connector, and a request whose first three blocks a worker-like client stored."""
     import torch
     from kvd_client import KvdClient
     from kvd_client.vllm_connector import KvdConnector, layout_facts
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    daemon.start()
     config = _vllm_config(tiny_model, str(daemon.socket))
     tokens = list(range(5, 5 + 4 * BLOCK + 3))
     # A worker-like client stores the first three blocks under the connector's keys; then it goes away.
@@ -492,13 +492,43 @@ def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -
         assert done and done[0].ok, done
     finally:
         saver.close()
-
     conn = KvdConnector(config, KVConnectorRole.SCHEDULER, _kv_cache_config())
     assert conn.fingerprint == fingerprint
+    return conn, tokens
+
+
+def test_real_daemon_lookup_is_answered_at_once_from_the_index(tiny_model: Path, daemon: Daemon) -> None:
+    """With the daemon's shared index mapped, the connector's first call returns the stored prefix: no RPC, no
+    "ask again", even while the daemon cannot answer anything (SIGSTOPped)."""
+    daemon.start()
+    conn, tokens = _scheduler_with_three_stored_blocks(tiny_model, daemon)
+    try:
+        client = conn._client
+        assert client is not None
+        assert _wait_for(lambda: client.ready and client.index.mapped, 30)
+        daemon.pause()
+        try:
+            req = _request("r", tokens)
+            conn.on_new_request(req)
+            assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)  # in host memory: in-step
+        finally:
+            daemon.resume()
+        stats = conn._scheduler.stats.stats.data
+        assert stats["lookups_local"] == 1 and stats["lookup_not_ready"] == 0
+    finally:
+        conn.shutdown()
+
+
+def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -> None:
+    """Without a shared index (turned off), a lookup the daemon has not answered (it is SIGSTOPped) makes the
+    connector say "ask again" at once, every time; once the daemon runs again the same call returns the prefix."""
+    daemon.start(env={"KVD_INDEX__ENABLED": "false"})
+    conn, tokens = _scheduler_with_three_stored_blocks(tiny_model, daemon)
     try:
         client = conn._client
         assert client is not None
         assert _wait_for(lambda: client.ready, 30)
+        assert not client.index.mapped
         daemon.pause()
         try:
             req = _request("r", tokens)
@@ -508,6 +538,7 @@ def test_real_daemon_lookup_is_never_awaited(tiny_model: Path, daemon: Daemon) -
             daemon.resume()
         answer = _wait_for(lambda: conn.get_num_new_matched_tokens(req, 0)[0], 30)
         assert answer == 3 * BLOCK
+        assert conn._scheduler.stats.stats.data["lookup_not_ready_local"] >= 2
     finally:
         conn.shutdown()
 
@@ -650,9 +681,13 @@ def test_lookup_starts_when_the_request_arrives(vllm_config: Any, fake_clients: 
     conn.on_new_request(req)
     assert len(client.lookups) == 1
     client.lookups[0][1].set_result(LookupResult(hit_blocks=3, tiers=(Tier.HOST_MEMORY,) * 3))
-    # Answered before the scheduler first asks: no "ask again" round, and no second lookup.
-    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
+    # Answered before the scheduler first asks: no "ask again" round, and no second lookup. Every block is in the
+    # daemon's host memory: loaded inside the step that schedules the request (False: not asynchronously).
+    assert conn.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, False)
     assert len(client.lookups) == 1
+    conn.update_state_after_alloc(req, _Blocks([20, 21, 22, 23]), 3 * BLOCK)
+    (load,) = conn.build_connector_meta(_scheduler_output([])).loads
+    assert load.in_step and load.block_ids == (20, 21, 22)
 
 
 @pytest.mark.vllm
@@ -708,11 +743,15 @@ def test_may_load_async_follows_the_lookup(vllm_config: Any, fake_clients: list[
     first = _request("first", tokens)
     conn.on_new_request(first)
     assert not conn.may_load_async(first)  # pending, and no lookup has hit yet
-    client.lookups[0][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY,) * 2))
-    assert conn.may_load_async(first)  # answered: a hit
+    client.lookups[0][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY, Tier.DISK)))
+    assert conn.may_load_async(first)  # answered: a hit, partly on disk
     assert conn.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, True)
+    host = _request("host", [t + 2 for t in tokens])
+    conn.on_new_request(host)
+    client.lookups[1][1].set_result(LookupResult(hit_blocks=2, tiers=(Tier.HOST_MEMORY,) * 2))
+    assert not conn.may_load_async(host)  # a hit in host memory loads inside the step, not asynchronously
     miss = _request("miss", [t + 1 for t in tokens])
     conn.on_new_request(miss)
-    client.lookups[1][1].set_result(LookupResult(hit_blocks=0, tiers=()))
+    client.lookups[2][1].set_result(LookupResult(hit_blocks=0, tiers=()))
     assert not conn.may_load_async(miss)
     assert not conn.may_load_async(_request("unknown", tokens))  # never seen: no lookup to go by

@@ -231,14 +231,20 @@ class Engine:
         self.worker.handle_preemptions(meta)
         self.worker.bind_connector_metadata(meta)
         self.worker.start_load_kv(None)  # type: ignore[arg-type]
+        for layer_name in self.model.caches:  # each attention layer waits for its in-step loads' layer first
+            self.worker.wait_for_layer_load(layer_name)
         req_ids, sampled = self._forward(out)
         self.worker.wait_for_save()
         sending, recving = self.worker.get_finished(set(out.finished_req_ids))
         invalid = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
         for op in getattr(meta, "loads", ()):
-            self.loads[op.req_id] = list(op.block_ids)
             self.loaded_blocks += len(op.block_ids)
+            if getattr(op, "in_step", False):  # loaded inside this step: in place now, unless reported failed
+                self.loads[op.req_id] = list(op.block_ids)
+                self._loads_done({op.req_id}, invalid)
+            else:
+                self.loads[op.req_id] = list(op.block_ids)
         self._loads_done(recving, invalid)
         kv_output = KVConnectorOutput(finished_sending=sending, finished_recving=recving, invalid_block_ids=invalid)
         self.scheduler.update_from_output(out, runner_output(req_ids, sampled, kv_output))

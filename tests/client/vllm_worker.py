@@ -5,6 +5,12 @@ hits kvd proves the keys survive a process boundary (and a different PYTHONHASHS
 
     python tests/client/vllm_worker.py make-model DIR
     python tests/client/vllm_worker.py run --model DIR --prompts FILE [--socket PATH] ...
+    python tests/client/vllm_worker.py serve --model DIR [--socket PATH] ...
+
+`serve` keeps one engine and answers requests one at a time, so a benchmark can alternate between two engines
+request by request: each stdin line is a JSON object {"prompt": [token ids]} (the local prefix cache is reset first,
+so a hit can only come from kvd), or {"stats": true}; each answer is one stdout line `KVD-REPLY {json}` with the
+request's time to first token (max_tokens=1), its tokens and the external-hit counter. `KVD-READY` comes first.
 
 `--prompts` is a JSON file: a list of phases, each a list of prompts (lists of token ids). Between phases the
 worker can hand control to the caller: with `--pause-file F` it creates `F.<i>` after phase i and waits for
@@ -60,11 +66,9 @@ def _counter(metrics: list[Any], name: str) -> float:
     return total
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def make_llm(args: argparse.Namespace) -> Any:
+    from vllm import LLM
 
-    phases: list[list[list[int]]] = json.loads(Path(args.prompts).read_text())
     kwargs: dict[str, Any] = {}
     if args.socket:
         extra: dict[str, Any] = {"socket": args.socket}
@@ -77,8 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": extra,
         }
-    t0 = time.monotonic()
-    llm = LLM(
+    return LLM(
         model=args.model,
         skip_tokenizer_init=True,
         dtype="bfloat16",
@@ -92,6 +95,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=0,
         **kwargs,
     )
+
+
+def serve(args: argparse.Namespace) -> None:
+    """One engine, one request per stdin line, one `KVD-REPLY` line per request (see the module docstring)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = make_llm(args)
+    params = SamplingParams(temperature=0, max_tokens=1, detokenize=False, ignore_eos=True)
+    print("KVD-READY", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply: dict[str, Any] = {}
+        if "prompt" in request:
+            llm.reset_prefix_cache()
+            t = time.perf_counter()
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=request["prompt"])], params, use_tqdm=False)
+            reply = {"ttft_s": time.perf_counter() - t, "tokens": list(out.outputs[0].token_ids)}
+        metrics = llm.get_metrics()
+        reply["external_hits"] = _counter(metrics, "vllm:external_prefix_cache_hits")
+        if request.get("stats"):  # the connector's own counters (vllm:kvd_*), summed over engines
+            reply["connector"] = {
+                m.name.removeprefix("vllm:kvd_"): _counter(metrics, m.name)
+                for m in metrics
+                if m.name.startswith("vllm:kvd_")
+            }
+        print("KVD-REPLY " + json.dumps(reply), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    phases: list[list[list[int]]] = json.loads(Path(args.prompts).read_text())
+    t0 = time.monotonic()
+    llm = make_llm(args)
     startup_s = time.monotonic() - t0
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, detokenize=False, ignore_eos=True)
     outputs: list[list[list[int]]] = []
@@ -148,10 +188,12 @@ def main() -> None:
     mk = sub.add_parser("make-model")
     mk.add_argument("dir", type=Path)
     rn = sub.add_parser("run")
-    rn.add_argument("--model", required=True)
     rn.add_argument("--prompts", required=True)
-    rn.add_argument("--socket", default="")
-    rn.add_argument("--extra", default="", help="JSON merged into kv_connector_extra_config")
+    sv = sub.add_parser("serve")
+    for p in (rn, sv):
+        p.add_argument("--model", required=True)
+        p.add_argument("--socket", default="")
+        p.add_argument("--extra", default="", help="JSON merged into kv_connector_extra_config")
     rn.add_argument("--max-tokens", type=int, default=8)
     rn.add_argument("--pause-file", default="")
     rn.add_argument("--repeat-until-hit", type=int, default=0)
@@ -161,6 +203,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "make-model":
         make_model(args.dir)
+        return
+    if args.cmd == "serve":
+        serve(args)
         return
     report = run(args)
     text = json.dumps(report)

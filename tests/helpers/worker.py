@@ -9,6 +9,11 @@ from stdin. Block lists travel as `[[block_index, "hash hex"], ...]`.
     verify {blocks}                    {mismatched: [hash hex]} against the deterministic contents
     nonzero {exclude}                  {indices: [...]}: blocks holding anything but zeros
     lookup {hashes}                    {hit_blocks} or {error, message}
+    churn {tag, seconds, batch,        save fresh blocks (hashes of `tag`) back to back, `pause_s` apart, until
+           pause_s, stop}              `seconds` pass or the file `stop` exists: {saves, saved_blocks}
+    probe_load {tag, trials, seconds,  save a fresh `length`-block sequence, then 8 times look an older one up and
+                length}                at once load what the lookup found, verify it; until `trials` or `seconds`:
+                                       {trials, hit_blocks, failed_blocks, unreported, wrong_bytes, foreign}
     info / wait_ready {timeout_s}      {ready, session_id, boot_id, registrations, pid, block_bytes, has_ring, rings,
                                        by_ring, by_rpc}
     exit                               close the client (unregisters) and exit 0
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import random
 import subprocess
 import sys
 import threading
@@ -48,6 +54,21 @@ def _pairs(blocks: Pairs) -> list[tuple[int, bytes]]:
 
 # -- child side -------------------------------------------------------------------------------------------------
 
+TALLY = ("trials", "hit_blocks", "failed_blocks", "unreported", "wrong_bytes", "foreign")
+PROBES_PER_SAVE = 8
+
+
+def _tally_load(tally: dict[str, int], result: dict[str, Any], requested: list[bytes]) -> set[bytes]:
+    """Count a load that followed a lookup: the blocks it failed (each must be one it was asked for, else
+    `foreign`; a load without a completion counts all as `unreported`). Returns them."""
+    failed = {bytes.fromhex(h) for h in result.get("failed", [])}
+    if result.get("timeout"):
+        tally["unreported"] += len(requested)
+        failed = set(requested)
+    tally["failed_blocks"] += len(failed)
+    tally["foreign"] += len(failed - set(requested))
+    return failed
+
 
 def _child_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
@@ -71,7 +92,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
 
     from kvd_client import KvdClient
 
-    from tests.helpers.kvdata import BLOCK_DIM, fill, make_caches, mismatches, nonzero_blocks
+    from tests.helpers.kvdata import BLOCK_DIM, block_hash, fill, make_caches, mismatches, nonzero_blocks
 
     spec = CacheSpec(args.num_layers, args.num_blocks, args.block_size, args.kv_heads, args.head_dim)
     caches = make_caches(spec)
@@ -99,6 +120,9 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "registrations": client.registrations,
             "pid": os.getpid(),
             "block_bytes": client.block_bytes,
+            "session_key": client._session.key.hex(),  # tests of who may use the session
+            "index_mapped": client.index.mapped,
+            "index_answered": client.index.answered,
             "has_ring": client.submissions.has_ring,
             "rings": client.submissions.rings,  # rings granted, one per session that got one
             "by_ring": client.submissions.ring_count,
@@ -128,6 +152,38 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             "stages": c.stages.as_dict() if c.stages is not None else None,
         }
 
+    def churn(tag: str, seconds: float, batch: int, pause_s: float, stop: str) -> dict[str, Any]:
+        deadline, saves, n = time.monotonic() + seconds, 0, 0
+        while time.monotonic() < deadline and not (stop and os.path.exists(stop)):
+            blocks = [[i, block_hash(n + i, tag).hex()] for i in range(batch)]
+            fill(caches, spec, content_pairs(blocks))
+            run("save", blocks, 30.0)
+            saves, n = saves + 1, n + batch
+            time.sleep(pause_s)
+        return {"saves": saves, "saved_blocks": n}
+
+    def probe_load(tag: str, trials: int, seconds: float, length: int) -> dict[str, Any]:
+        """Lookups followed at once by loads, on sequences of varying age under a churning pool."""
+        rng, tally = random.Random(os.getpid()), dict.fromkeys(TALLY, 0)
+        deadline, k, scratch = time.monotonic() + seconds, 0, spec.num_blocks - length
+        while tally["trials"] < trials and time.monotonic() < deadline:
+            seq = [[i, block_hash(k * length + i, tag).hex()] for i in range(length)]
+            fill(caches, spec, content_pairs(seq))
+            run("save", seq, 30.0)
+            for _ in range(PROBES_PER_SAVE):
+                old = rng.randrange(max(0, k - 64), k + 1)
+                hashes = [block_hash(old * length + i, tag) for i in range(length)]
+                hit = client.lookup(hashes).result(timeout=10).hit_blocks
+                if hit:
+                    loaded = [[scratch + i, hashes[i].hex()] for i in range(hit)]
+                    failed = _tally_load(tally, run("load", loaded, 30.0), hashes[:hit])
+                    wrong = {h[: len(h) - len(salt)] for h in mismatches(caches, spec, content_pairs(loaded))}
+                    tally["wrong_bytes"] += len(wrong - failed)  # a block not reported failed must be right
+                tally["trials"] += 1
+                tally["hit_blocks"] += hit
+            k += 1
+        return tally
+
     reply({"event": "ready" if client.wait_ready(args.ready_timeout) else "not_ready", **info()})
     for line in sys.stdin:
         msg = json.loads(line)
@@ -148,6 +204,10 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
                 reply({"hit_blocks": result.hit_blocks})
             except Exception as exc:
                 reply({"error": type(exc).__name__, "message": str(exc)})
+        elif cmd == "churn":
+            reply(churn(msg["tag"], msg["seconds"], msg["batch"], msg.get("pause_s", 0.0), msg.get("stop", "")))
+        elif cmd == "probe_load":
+            reply(probe_load(msg["tag"], msg["trials"], msg["seconds"], msg["length"]))
         elif cmd == "info":
             reply(info())
         elif cmd == "wait_ready":

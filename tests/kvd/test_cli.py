@@ -78,6 +78,7 @@ def test_nested_flag_overrides_merge_with_env_and_file(
         "pin": True,  # default
         "populate_threads": 3,  # env
         "numa_node": -1,  # default
+        "reuse_grace_ms": 200,  # default
     }
     assert shown["log"] == {"level": "DEBUG", "json_format": True}
 

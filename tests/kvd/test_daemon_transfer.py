@@ -82,8 +82,9 @@ def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon, worker_fac
 
 
 def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory) -> None:
-    # 4 slabs of 1 MiB, 64 KiB blocks: exactly 64 blocks fit.
-    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB)
+    # 4 slabs of 1 MiB, 64 KiB blocks: exactly 64 blocks fit. Plain LRU: slots reused the moment their block is
+    # evicted (no grace period, which would retire a few blocks ahead of need).
+    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB, env={"KVD_HOST_POOL__REUSE_GRACE_MS": "0"})
     spec = CacheSpec(num_layers=2, num_blocks=128, block_size=16, kv_heads=8, head_dim=64)
     assert spec.block_bytes == 64 * 1024
     caches = make_caches(spec)
@@ -103,7 +104,10 @@ def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory) -> None:
             save(range(start, start + 16))
         assert daemon.host_tier().blocks == 64
         assert daemon.host_tier().evictions == 0
-        assert client.lookup(hashes[:8]).result(5).hit_blocks == 8  # a hit makes h0..h7 the most recent
+        assert client.lookup(hashes[:8]).result(5).hit_blocks == 8
+        # A use makes h0..h7 the most recent: a load (lookups answered from the shared index are invisible to the
+        # daemon; the load that follows a hit is what refreshes the LRU order).
+        assert done.wait(client.load([(100 + i, hashes[i]) for i in range(8)])).ok
 
         save(range(64, 96))  # 32 more: the 32 least recently used (h8..h39) must go
 

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvd.cli import main as kvd_main
 from tests.helpers.daemon import Daemon
 from tests.helpers.kvdata import CacheSpec, block_hash
+from tests.helpers.rpc import fingerprint, lookup_hits
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -83,7 +84,9 @@ def test_metrics_match_real_traffic(worker_factory, spec: CacheSpec) -> None:  #
         missing = [(10, block_hash(99, "never")), (11, block_hash(98, "never"))]
         result = worker.load([(20, stored[0][1]), (21, stored[1][1]), *missing])
         assert not result["ok"]
-        assert worker.lookup([h for _, h in stored] + [h for _, h in missing])["hit_blocks"] == 4
+        looked_up = [h for _, h in stored] + [h for _, h in missing]
+        assert worker.lookup(looked_up)["hit_blocks"] == 4  # answered from the shared index: no RPC, no metric
+        assert lookup_hits(daemon.stub(), daemon.socket, "metrics-model", fingerprint(spec), looked_up) == 4  # the RPC
 
         m = _scrape(port)
         assert m[("kvd_operations_total", (("kind", "save"), ("result", "ok")))] == 1

@@ -78,6 +78,12 @@ def _warm_grpc() -> None:
     with contextlib.suppress(grpc.RpcError):
         list(stream(b"", timeout=0.05))
     channel.close()
+    # The shared-memory command's modules (and numpy, which the index reader uses), likewise.
+    import kvd_client.credentials
+    import kvd_client.index  # noqa: F401
+    import numpy  # noqa: F401
+
+    import tests.helpers.index_attack  # noqa: F401
 
 
 def credential_reply(cred_path: str, timeout_s: float = 5.0) -> bytes:
@@ -176,6 +182,8 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             elif cmd == "drop":
                 drop_privileges(int(msg["uid"]), int(msg["gid"]))
                 reply({"ids": [os.getresuid(), os.getresgid()]})
+            elif cmd == "shared":
+                reply(_shared(msg))
             elif cmd == "exec":
                 sys.stdout.flush()
                 os.execv(msg["argv"][0], msg["argv"])
@@ -187,6 +195,44 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             reply({"error": f"{type(exc).__name__}: {exc}"})
     return 0
+
+
+def _shared(msg: dict[str, Any]) -> dict[str, Any]:
+    """As this process: ask for a session's shared memory; probe its index for `hashes`, try every way to write
+    it (tests.helpers.index_attack), and try to open the `foreign` paths (another process's descriptors)."""
+    from kvd_client.credentials import fetch_grant
+    from kvd_client.errors import KvdError
+    from kvd_client.fdpass import GRANT_INDEX, GRANT_SHARED
+    from kvd_client.index import IndexReader
+
+    from tests.helpers.index_attack import attempts
+
+    foreign = {}
+    for path in msg.get("foreign", []):
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+            foreign[path] = "ALLOWED"
+        except OSError as exc:
+            foreign[path] = f"refused: {exc}"
+    try:
+        grant = fetch_grant(Path(msg["socket"]), msg["session"], bytes.fromhex(msg["key"]), GRANT_SHARED, 10.0)
+    except (OSError, KvdError) as exc:  # GrantRefused is an OSError
+        return {"refused": str(exc), "foreign": foreign}
+    fd = grant.take(GRANT_INDEX)
+    grant.close()
+    if fd < 0:
+        return {"index": False, "foreign": foreign}
+    reader = IndexReader(fd)
+    hits = reader.probe([bytes.fromhex(h) for h in msg["hashes"]])
+    writes = {}
+    for name, attempt in attempts(fd, os.fstat(fd).st_size).items():
+        try:
+            attempt()
+            writes[name] = "ALLOWED"
+        except OSError as exc:
+            writes[name] = f"refused: {exc}"
+    os.close(fd)
+    return {"hits": hits, "label": reader.header.label.hex(), "writes": writes, "foreign": foreign}
 
 
 # -- parent side ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ is published first: vLLM initialises the KV caches before it builds the schedule
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,7 +35,9 @@ class ClientLike(Protocol):
 
     def save(self, blocks: Sequence[tuple[int, bytes]], *, ready_event: bytes = b"") -> int: ...
 
-    def load(self, blocks: Sequence[tuple[int, bytes]]) -> int: ...
+    def load(self, blocks: Sequence[tuple[int, bytes]], *, in_step: Any = None) -> int: ...
+
+    def wait(self, op_ids: Iterable[int], timeout_s: float) -> list[Completion]: ...
 
     def poll_finished(self) -> list[Completion]: ...
 

@@ -37,6 +37,29 @@ class MemoryAccess(enum.StrEnum):
             raise InvalidArgument(message) from None
 
 
+class RemoteLookups(enum.StrEnum):
+    """What a lookup does about a remote tier, which the daemon's shared index does not cover (docs/vllm.md).
+
+    PREFETCH: answer from the index at once; where a remote tier might add blocks past the local hit, also send the
+    lookup RPC without waiting for it (the daemon starts copying remote hits up, so later requests find them local).
+    WAIT: where a remote tier might add blocks, answer "ask again" until the RPC returns (one scheduler step per such
+    request, for the longer hit). OFF: local tiers only.
+    """
+
+    PREFETCH = "prefetch"
+    WAIT = "wait"
+    OFF = "off"
+
+
+def _choice(enum_type: type[enum.StrEnum], extra: Mapping[str, Any], key: str, default: str) -> Any:
+    value = str(extra.get(key) or default).lower()
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_type)
+        raise InvalidArgument(f"kv_connector_extra_config {key}={value!r}: use one of {choices}") from None
+
+
 def extra_config(kv_transfer_config: Any) -> dict[str, Any]:
     return dict(getattr(kv_transfer_config, "kv_connector_extra_config", None) or {})
 
@@ -58,6 +81,8 @@ class ConnectorConfig:
     loads: bool  # kv_role is a consumer and "load" is not off
     saves: bool  # kv_role is a producer and "save" is not off
     memory_access: MemoryAccess
+    remote_lookups: RemoteLookups = RemoteLookups.PREFETCH
+    in_step_loads: bool = True  # hits all in the daemon's host memory load inside the step (kvd_client.vllm.in_step)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorConfig:
@@ -80,4 +105,6 @@ class ConnectorConfig:
             loads=bool(transfer is not None and transfer.is_kv_consumer) and _flag(extra, "load", True),
             saves=bool(transfer is not None and transfer.is_kv_producer) and _flag(extra, "save", True),
             memory_access=MemoryAccess.parse(extra.get("kv_cache_access")),
+            remote_lookups=_choice(RemoteLookups, extra, "remote_lookups", "prefetch"),
+            in_step_loads=_flag(extra, "in_step_loads", True),
         )

@@ -31,7 +31,7 @@ from kvd_client.vllm.clients import ClientSpec
 from kvd_client.vllm.config import ConnectorConfig, MemoryAccess, extra_config
 from kvd_client.vllm.fingerprint import fingerprint
 from kvd_client.vllm.scheduler import KvdScheduler
-from kvd_client.vllm.stats import KvdConnectorStats
+from kvd_client.vllm.stats import KvdConnectorStats, KvdPromMetrics
 from kvd_client.vllm.worker import KvdWorker
 
 if TYPE_CHECKING:
@@ -144,6 +144,12 @@ class KvdConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KvdConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine_labelvalues: dict[int, Any]
+    ) -> KvdPromMetrics:
+        return KvdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     # -- scheduler side ------------------------------------------------------------------------------------------
 
     def on_new_request(self, request: Request) -> None:
@@ -191,7 +197,9 @@ class KvdConnector(KVConnectorBase_V1):
         self._work().start_load_kv(self._connector_metadata)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are asynchronous: vLLM waits for them through finished_recving
+        # In-step loads only (hits in the daemon's host memory, kvd_client.vllm.in_step): this layer's bytes. The
+        # others are asynchronous: vLLM waits for them through finished_recving.
+        self._work().wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any

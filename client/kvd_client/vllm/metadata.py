@@ -14,6 +14,7 @@ class BlockOp:
     req_id: str
     block_ids: tuple[int, ...]
     block_hashes: tuple[bytes, ...]
+    in_step: bool = False  # a load inside this step (vllm.in_step), not one vLLM waits a step for
 
     def pairs(self) -> list[tuple[int, bytes]]:
         return list(zip(self.block_ids, self.block_hashes, strict=True))

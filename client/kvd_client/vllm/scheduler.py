@@ -1,8 +1,10 @@
 """The scheduler side (EngineCore process): one kvd lookup per request, admission, and each step's plan.
 
-A lookup is a future: `get_num_new_matched_tokens` answers "ask again" (None) until it is done and never waits.
-Hits are loaded asynchronously and block-aligned; every block a step's forward makes full is saved, unless kvd
-already holds it. Every decision travels to the workers in `KvdConnectorMetadata`.
+A lookup is answered from the daemon's shared index in this thread when it is mapped (microseconds, local tiers), so
+`get_num_new_matched_tokens` answers at once; only without an index, or for what a remote tier may add
+(`remote_lookups`), is it a future, answered "ask again" (None) until done, never waited for. Hits are loaded
+asynchronously and block-aligned; every block a step's forward makes full is saved, unless kvd already holds it.
+Every decision travels to the workers in `KvdConnectorMetadata`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvd_client.hashing import BlockHasher, root_hash
 from kvd_client.vllm import compat
 from kvd_client.vllm.clients import ClientLike
-from kvd_client.vllm.config import ConnectorConfig
+from kvd_client.vllm.config import ConnectorConfig, RemoteLookups
 from kvd_client.vllm.metadata import BlockOp, KvdConnectorMetadata
 from kvd_client.vllm.stats import StatsOwner
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_HOST = 1  # kvd.v1.Tier HOST_MEMORY
 _TIER_SOURCE = {1: CacheHitSource.HOST, 2: CacheHitSource.DISK}  # kvd.v1.Tier -> vLLM's label; remote is unlabelled
 _MAX_ROOTS = 4096  # distinct (LoRA, cache salt) roots remembered
 _HIT_RATE_DECAY = 0.9  # weight of the past in the running share of lookups that hit (may_load_async)
@@ -46,6 +49,7 @@ class _ReqState:
     # The answer (hit blocks, tier of each), kept until admission consumes it; (0, ()) after a failed lookup.
     result: tuple[int, tuple[int, ...]] | None = None
     hit_blocks: int = 0  # blocks granted by the last get_num_new_matched_tokens
+    in_step: bool = False  # ... to be loaded inside the step that schedules the request
     hit_sources: dict[CacheHitSource, int] = field(default_factory=dict)
     block_ids: list[int] = field(default_factory=list)
     saved_blocks: int = 0  # blocks [0, saved_blocks) are in kvd or have a save planned
@@ -124,14 +128,33 @@ class KvdScheduler:
     # -- lookups -------------------------------------------------------------------------------------------------
 
     def _start_lookup(self, st: _ReqState, client: ClientLike) -> bool:
-        """Send the lookup for every loadable block of the request; False when kvd is not there right now."""
+        """Look up every loadable block of the request: from the shared index at once when it is mapped, else (and
+        for what a remote tier may add, per `remote_lookups`) by RPC; False when kvd is not there right now."""
         if not client.ready:
             return False
-        hashes = self._hashes(st, self._max_blocks(st.request) * self._block_size)
-        st.lookup = client.lookup(list(hashes))
+        hashes = list(self._hashes(st, self._max_blocks(st.request) * self._block_size))
         st.lookup_blocks = len(hashes)
         self.stats.stats.add("lookups")
+        index: Any = getattr(client, "index", None)  # kvd_client.lookups.LocalIndex (absent in fakes)
+        local = index.probe(hashes) if index is not None else None
+        if local is None:
+            st.lookup = client.lookup(hashes)  # no index mapped: the RPC answers for every tier
+            return True
+        self.stats.stats.add("lookups_local")
+        mode = self._config.remote_lookups
+        if local.hit_blocks < len(hashes) and mode is not RemoteLookups.OFF and index.remote_tier:
+            self.stats.stats.add("lookups_remote")
+            remote = client.lookup(hashes)  # past the local hit: the RPC (KvdClient sends it for a partial hit)
+            if mode is RemoteLookups.WAIT:
+                st.lookup = remote
+                return True
+        self._settle(st, (local.hit_blocks, tuple(int(t) for t in local.tiers)))
         return True
+
+    def _settle(self, st: _ReqState, result: tuple[int, tuple[int, ...]]) -> None:
+        st.result, st.lookup = result, None
+        hit = 1.0 if result[0] > 0 else 0.0
+        self._hit_rate = _HIT_RATE_DECAY * self._hit_rate + (1 - _HIT_RATE_DECAY) * hit
 
     def on_new_request(self, request: Request) -> None:
         # Start the lookup when the request arrives, so its answer is usually there by the time the scheduler asks
@@ -149,14 +172,12 @@ class KvdScheduler:
             return
         try:
             answer = lookup.result()
-            st.result = (int(answer.hit_blocks), tuple(int(t) for t in answer.tiers))
+            result = (int(answer.hit_blocks), tuple(int(t) for t in answer.tiers))
         except Exception as e:  # any failure is a miss; vLLM computes the prefix itself
             log.debug("kvd lookup for %s failed: %s", request.request_id, e)
             self.stats.stats.add("lookup_errors")
-            st.result = (0, ())
-        st.lookup = None
-        hit = 1.0 if st.result[0] > 0 else 0.0
-        self._hit_rate = _HIT_RATE_DECAY * self._hit_rate + (1 - _HIT_RATE_DECAY) * hit
+            result = (0, ())
+        self._settle(st, result)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         client = self.client
@@ -174,13 +195,24 @@ class KvdScheduler:
                 return 0, False
             if st.lookup is not None and not st.lookup.done():
                 self.stats.stats.add("lookup_not_ready")
+                waits_for = "remote" if getattr(getattr(client, "index", None), "mapped", False) else "local"
+                self.stats.stats.add(f"lookup_not_ready_{waits_for}")
                 return None, False
             self._take_answer(st, request)
             if st.result is None:
                 return 0, False
         st.hit_blocks = min(st.result[0], st.lookup_blocks, max_blocks)
         external = st.hit_blocks * self._block_size - num_computed_tokens
-        return (external, True) if external > 0 else (0, False)
+        if external <= 0:
+            return 0, False
+        # Hits all in host memory: loaded inside this step, layer by layer (the request is scheduled now). Else an
+        # asynchronous load, which the request waits for in WAITING_FOR_REMOTE_KVS.
+        st.in_step = self._in_step(st.result[1][num_computed_tokens // self._block_size : st.hit_blocks])
+        return external, not st.in_step
+
+    def _in_step(self, tiers: Sequence[int]) -> bool:
+        """Load inside the step: every block in the daemon's host memory (and in-step loads on)."""
+        return self._config.in_step_loads and all(t == _HOST for t in tiers)
 
     def may_load_async(self, request: Request) -> bool:
         """vLLM 0.34+: may this request's KV arrive by an async load (it then waits in a queue that can start
@@ -192,8 +224,9 @@ class KvdScheduler:
             return False
         if st.result is None and st.lookup is not None and st.lookup.done():
             self._take_answer(st, request)
-        if st.result is not None:
-            return min(st.result[0], st.lookup_blocks, self._max_blocks(request)) > 0
+        if st.result is not None:  # a hit, and not one loaded inside the step (those are not async loads)
+            hit = min(st.result[0], st.lookup_blocks, self._max_blocks(request))
+            return hit > 0 and not self._in_step(st.result[1][:hit])
         return st.lookup is not None and self._hit_rate >= 0.5
 
     # -- admission -----------------------------------------------------------------------------------------------
@@ -215,7 +248,8 @@ class KvdScheduler:
         start = max(0, (st.hit_blocks * bs - num_external_tokens) // bs)
         hashes = self._hashes(st, end * bs)
         # Always one op per async load, even an empty one: the request waits for its finished_recving.
-        self._pending_loads.append(BlockOp(request.request_id, tuple(block_ids[start:end]), tuple(hashes[start:end])))
+        op = BlockOp(request.request_id, tuple(block_ids[start:end]), tuple(hashes[start:end]), st.in_step)
+        self._pending_loads.append(op)
         self.stats.stats.add("query_tokens", request.num_tokens)
         self.stats.stats.add("hit_tokens", num_external_tokens)
         for tier in tiers[start:end]:

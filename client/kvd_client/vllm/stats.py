@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 COUNTERS = (
     "lookups",
     "lookup_errors",
-    "lookup_not_ready",  # get_num_new_matched_tokens answered "ask again"
+    "lookup_not_ready",  # get_num_new_matched_tokens answered "ask again" (None), for any reason
+    "lookup_not_ready_local",  # ... while waiting for a lookup of the local tiers (no shared index mapped)
+    "lookup_not_ready_remote",  # ... while waiting only for the remote tier (remote_lookups="wait")
+    "lookups_local",  # answered from the shared index, in the scheduler's thread
+    "lookups_remote",  # lookup RPCs sent for what only a remote tier may add
     "query_tokens",
     "hit_tokens",
     "loads",
+    "in_step_loads",  # loads inside the step that scheduled the request (hits in the daemon's host memory)
     "load_blocks",
     "load_failed_blocks",
     "load_bytes",
@@ -69,3 +75,26 @@ class StatsOwner:
             return None
         stats, self.stats = self.stats, KvdConnectorStats()
         return stats
+
+
+class KvdPromMetrics(KVConnectorPromMetrics):
+    """The counters as Prometheus counters, `vllm:kvd_<name>` per engine (what LLM.get_metrics() and /metrics show)."""
+
+    def __init__(self, vllm_config: Any, metric_types: Any, labelnames: list[str], per_engine: dict[int, Any]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine)
+        counter: Any = self._counter_cls
+        self._counters: dict[str, Any] = {
+            name: counter(name=f"vllm:kvd_{name}", documentation=f"KvdConnector: {name}", labelnames=labelnames)
+            for name in COUNTERS
+        }
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            if name not in self._counters or not isinstance(value, int | float) or value <= 0:
+                continue
+            child = self._children.get((engine_idx, name))
+            if child is None:
+                child = self._counters[name].labels(*self.per_engine_labelvalues[engine_idx])
+                self._children[(engine_idx, name)] = child
+            child.inc(value)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from kvd_client.errors import InvalidArgument
 from kvd_client.vllm import clients
 from kvd_client.vllm.clients import ClientLike, ClientSpec
-from kvd_client.vllm.metadata import KvdConnectorMetadata
+from kvd_client.vllm.in_step import InStepLoads
+from kvd_client.vllm.metadata import BlockOp, KvdConnectorMetadata
 from kvd_client.vllm.stats import StatsOwner
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class KvdWorker:
         self._finishing: set[str] = set()  # finished requests waiting for their saves to complete
         self._done_recving: set[str] = set()
         self._load_errors: set[int] = set()
+        self._in_step: InStepLoads | None = None
 
     # -- registration and sleep ----------------------------------------------------------------------------------
 
@@ -59,6 +61,8 @@ class KvdWorker:
         if not kv_caches:
             return
         self._views, self._block_dim = physical_views(kv_caches, self._num_blocks)
+        cuda = any(getattr(t, "is_cuda", False) for t in kv_caches.values())
+        self._in_step = InStepLoads(list(self._views), self._timeout_s, cuda)  # layers in the layout's order
         spec = self._make_spec(_tp_rank())
         client = clients.client_factory(spec)
         client.register_kv_caches(self._views, block_dim=self._block_dim, block_size_tokens=self._block_size)
@@ -116,14 +120,28 @@ class KvdWorker:
         if not isinstance(meta, KvdConnectorMetadata):
             return
         for op in meta.loads:
-            self._inflight_loads[op.req_id] = self._inflight_loads.get(op.req_id, 0) + 1
             self.stats.stats.add("loads")
             self.stats.stats.add("load_blocks", len(op.block_ids))
+            if op.in_step:
+                self._start_in_step(op)
+                continue
+            self._inflight_loads[op.req_id] = self._inflight_loads.get(op.req_id, 0) + 1
             if self.client is None or self._asleep or not op.block_ids:
                 self._finish_load(op.req_id, set(op.block_ids))
                 continue
             op_id = self.client.load(op.pairs())
             self._ops[op_id] = (op.req_id, True, dict(zip(op.block_hashes, op.block_ids, strict=True)))
+
+    def _start_in_step(self, op: BlockOp) -> None:
+        self.stats.stats.add("in_step_loads")
+        if self.client is None or self._asleep or self._in_step is None:
+            self._load_errors.update(op.block_ids)  # this step's forward must not read them: vLLM recomputes them
+            return
+        self._in_step.start(self.client, op)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._in_step is not None and self.client is not None:
+            self._in_step.wait_layer(self.client, layer_name)
 
     def wait_for_save(self, meta: Any) -> None:
         if not isinstance(meta, KvdConnectorMetadata) or not meta.saves:
@@ -196,7 +214,12 @@ class KvdWorker:
         return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        # Called right after get_transfer_results in the same step, so errors arrive no later than finished_recving.
+        # Called right after get_transfer_results in the same step, so errors arrive no later than finished_recving;
+        # in-step loads end here, so theirs come in the step whose forward read the blocks.
+        if self._in_step is not None and self.client is not None:
+            failed, _ = self._in_step.settle(self.client)
+            self._load_errors |= failed
+            self.stats.stats.add("load_failed_blocks", len(failed))
         errors, self._load_errors = self._load_errors, set()
         return errors
 

@@ -55,8 +55,10 @@ def redis_cluster(_cluster_servers: RedisClusterServers) -> RedisClusterServers:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[HostPool]:
-    """4 MiB of 64 KiB slabs: small enough that a test fills it."""
-    host = HostPool(HostPoolConfig(capacity_bytes=4 * MiB, slab_bytes=64 * KiB, pin=False, populate_threads=1))
+    """4 MiB of 64 KiB slabs: small enough that a test fills it. Plain LRU (a slot is reused the moment its block
+    is evicted): these tests count evictions and write-downs exactly; the grace period has its own tests."""
+    config = HostPoolConfig(capacity_bytes=4 * MiB, slab_bytes=64 * KiB, pin=False, populate_threads=1)
+    host = HostPool(config.model_copy(update={"reuse_grace_ms": 0}))
     yield host
     with contextlib.suppress(BufferError):
         host.close()

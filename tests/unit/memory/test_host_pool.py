@@ -3,6 +3,8 @@ two kinds of slot that are never evicted (being written, being read)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kvd.config import HostPoolConfig
@@ -19,9 +21,16 @@ def key(i: int) -> BlockKey:
     return ("ns", i.to_bytes(4, "big"))
 
 
+def make_pool(grace_ms: int) -> HostPool:
+    return HostPool(
+        HostPoolConfig(capacity_bytes=4 * SLAB, slab_bytes=SLAB, populate_threads=1, reuse_grace_ms=grace_ms)
+    )
+
+
 @pytest.fixture
 def pool() -> HostPool:
-    made = HostPool(HostPoolConfig(capacity_bytes=4 * SLAB, slab_bytes=SLAB, populate_threads=1))
+    """Plain LRU: a slot is reused the moment its block is evicted (the grace period has its own tests below)."""
+    made = make_pool(grace_ms=0)
     yield made
     made.close()
 
@@ -118,3 +127,61 @@ def test_an_emptied_slab_serves_another_block_size(pool: HostPool) -> None:
         pool.discard(entry)
     big = stored(pool, 10, SLAB)
     assert big.slab == entries[0].slab and pool.evictions == 0
+
+
+class Listener:
+    """Records what the pool tells the published index."""
+
+    def __init__(self) -> None:
+        self.published: set[BlockKey] = set()
+
+    def stored(self, key: BlockKey, source: object) -> None:
+        self.published.add(key)
+
+    def dropped(self, key: BlockKey, source: object) -> None:
+        self.published.discard(key)
+
+
+def test_an_evicted_block_leaves_the_index_but_stays_loadable_for_the_grace_period() -> None:
+    pool = make_pool(grace_ms=60_000)
+    listener = Listener()
+    pool.listener = listener
+    try:
+        per_pool = 4 * (SLAB // SMALL)
+        entries = [stored(pool, i, SMALL) for i in range(per_pool)]
+        for i, entry in enumerate(entries):
+            pool.slot_view(entry)[:4] = i.to_bytes(4, "big")
+        # Full now: the least recently used retired ahead already (a quarter at most), the rest in the index.
+        assert 0 < sum(e.state is SlotState.RETIRED for e in entries) <= per_pool // 4
+        assert listener.published == {e.key for e in entries if e.state is SlotState.READY}
+        extra = [stored(pool, 1000 + i, SMALL) for i in range(8)]  # full: each takes the slot of an LRU block
+        assert pool.grace_cut == 8, "every slot taken was a retired block within its grace"
+        retired = [e for e in entries if e.state is SlotState.RETIRED]
+        assert retired, "a full pool under reserves keeps blocks retired ahead"
+        for entry in retired:
+            assert entry.key not in pool and entry.key not in listener.published  # gone from lookups and the index
+        # A load of a retired block takes it back, bytes intact: the lookup that found it was right.
+        back = pool.reclaim(retired[0].key)
+        assert back is retired[0] and back.state is SlotState.READY and back.key in listener.published
+        assert bytes(pool.slot_view(back)[:4]) == entries.index(back).to_bytes(4, "big")
+        assert all(e.key in pool for e in extra)
+    finally:
+        pool.close()
+
+
+def test_a_retired_slot_is_reused_only_after_its_grace() -> None:
+    pool = make_pool(grace_ms=50)
+    try:
+        per_pool = 4 * (SLAB // SMALL)
+        for i in range(per_pool):
+            stored(pool, i, SMALL)
+        stored(pool, 1000, SMALL)  # cuts the grace of the one it needs; retires one more ahead
+        cut = pool.grace_cut
+        time.sleep(0.1)
+        stored(pool, 1001, SMALL)  # the one retired ahead has had its grace: no cut
+        assert pool.grace_cut == cut
+        retired = pool.reserve(key(5000), SMALL)
+        pool.commit(retired)
+        assert pool.evictions >= 3
+    finally:
+        pool.close()

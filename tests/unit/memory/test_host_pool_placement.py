@@ -27,7 +27,9 @@ def key(tag: str, i: int) -> BlockKey:
 
 @pytest.fixture
 def pool() -> HostPool:
-    made = HostPool(HostPoolConfig(capacity_bytes=SLABS * SLAB, slab_bytes=SLAB, populate_threads=1))
+    # Plain LRU (slots reused the moment their block is evicted): placement is what these tests look at.
+    config = HostPoolConfig(capacity_bytes=SLABS * SLAB, slab_bytes=SLAB, populate_threads=1, reuse_grace_ms=0)
+    made = HostPool(config)
     yield made
     made.close()
 

@@ -672,6 +672,7 @@ class TransferRequest(_message.Message):
     BLOCK_INDICES_FIELD_NUMBER: _builtins.int
     BLOCK_HASHES_FIELD_NUMBER: _builtins.int
     SESSION_KEY_FIELD_NUMBER: _builtins.int
+    IN_STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     ready_event: _builtins.bytes
     """CUDA transport only: an interprocess cudaEvent (cudaIpcEventHandle_t, 64 bytes) recorded on the model's stream
@@ -693,6 +694,14 @@ class TransferRequest(_message.Message):
     def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """block_hashes[i] is the key of block block_indices[i]"""
 
+    @_builtins.property
+    def in_step(self) -> Global___InStepLoad:
+        """Load only, CPU transport: an in-step load. The daemon copies layer by layer in the order of the layout's
+        layers and, after each, stores base + layers done into the session's progress page (kvd_client.progress) at
+        this entry; at the end, the status, then base + layers, whatever the outcome. Numbered apart from the fields
+        above so that additions elsewhere never collide with it.
+        """
+
     def __init__(
         self,
         *,
@@ -703,14 +712,39 @@ class TransferRequest(_message.Message):
         block_indices: _abc.Iterable[_builtins.int] | None = ...,
         block_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
         session_key: _builtins.bytes = ...,
+        in_step: Global___InStepLoad | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["in_step", b"in_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "ready_event", b"ready_event", "session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "block_indices", b"block_indices", "blocks", b"blocks", "client_tag", b"client_tag", "in_step", b"in_step", "ready_event", b"ready_event", "session_id", b"session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransferRequest: _TypeAlias = TransferRequest  # noqa: Y015
+
+@_typing.final
+class InStepLoad(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    """the entry in the session's progress page"""
+    base: _builtins.int
+    """the entry's counter value before this load"""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        base: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InStepLoad: _TypeAlias = InStepLoad  # noqa: Y015
 
 @_typing.final
 class TransferAccepted(_message.Message):

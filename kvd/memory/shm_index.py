@@ -1,0 +1,397 @@
+"""The daemon's side of the published block index: a sealed memfd that clients map read-only and probe in-process.
+
+The layout and the reader live in kvd_client.index (clients need them without the daemon). Here: creating and
+sealing the file, and keeping it equal to the store's contents. The store calls `add` once a rank's copy of a block
+is complete in a local tier (before the save's completion notice goes out: read-your-writes) and `discard` before
+the copy's slot may be reused. A block is published once every tensor-parallel rank has it in some local tier.
+
+One writer: every mutation takes `_lock`, and only this object writes the mapping. Slot words and flags are written
+with single stores; relocations (cuckoo kicks) are bracketed by the `relocations` header counter so readers retry.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import fcntl
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from kvd_client.index import (
+    FLAG_HOST,
+    HEADER_BYTES,
+    MAX_TP_WORLD_SIZE,
+    STASH_SLOTS,
+    STASH_USED,
+    STATE_LIVE,
+    STATE_RETIRED,
+    W_COLD,
+    W_DAEMON_FLAGS,
+    W_ENTRIES,
+    W_GENERATION,
+    W_MAX_LOOKUP,
+    W_OVERFLOWS,
+    W_RELOCATIONS,
+    W_STASHED,
+    W_STATE,
+    IndexHeader,
+    digest_words,
+    index_digest,
+    label_of,
+    layout_for,
+    stash_entry_offset,
+)
+
+from kvd.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Linux 5.1+: no new writable mapping and no write() on the file, while mappings made before the seal keep working.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+SLOTS_PER_BLOCK = 4  # load factor 1/4: two-choice cuckoo placement almost never needs a kick at this load
+MIN_SLOTS = 64
+MAX_PATH_VISITS = 512  # breadth-first search for a free slot through kicks; beyond it a block stays unpublished
+DEFAULT_MAX_BYTES = 256 << 20
+RETRY_UNPLACED = 8  # unpublished blocks tried for each slot that frees up
+
+
+def slots_for(capacity_blocks: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Slots for an index of up to `capacity_blocks` blocks: a power of two at least 4 per block, but no file over
+    `max_bytes` (then the index holds fewer blocks than the tiers: the rest read as absent)."""
+    want = max(MIN_SLOTS, capacity_blocks * SLOTS_PER_BLOCK)
+    slots = 1 << (want - 1).bit_length()
+    while slots > MIN_SLOTS and layout_for(slots)[2] > max_bytes:
+        slots >>= 1
+    return slots
+
+
+class Source(enum.IntEnum):
+    """Where a rank's copy of a block is held locally (each may hold one; any of them makes it loadable)."""
+
+    HOST = 0  # the host pool (L1): loadable without a fetch, the only source in-step loads read
+    QUEUED = 1  # evicted from L1 and queued for a lower tier, bytes still in the daemon's memory
+    DISK = 2  # the disk tier
+
+
+@dataclass(slots=True)
+class _Block:
+    masks: list[int] = field(default_factory=lambda: [0, 0, 0])  # per Source: bit r = rank r's copy is there
+    slot: int = -1  # published in this table slot; -1: not in the table
+    stash: int = -1  # published in this stash entry; -1: not in the stash
+
+    @property
+    def published(self) -> bool:
+        return self.slot >= 0 or self.stash >= 0
+
+
+def create_sealed_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
+    """A memfd of `nbytes`, its writable shared mapping, then sealed: nobody (us included) can map it writable
+    again, write it, grow, shrink or punch it, or change the seals; the mapping returned keeps writing."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+        os.fchmod(fd, 0o400)  # reopening through /proc/<pid>/fd needs the owner's uid (or CAP_DAC_OVERRIDE)
+        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        except OSError:
+            mapping.close()
+            raise
+    except OSError as exc:
+        os.close(fd)
+        raise Unavailable(f"cannot create a sealed shared-memory index (Linux 5.1+ memfd seals): {exc}") from exc
+    return fd, mapping
+
+
+class ShmIndex:
+    """One namespace group's published index."""
+
+    def __init__(
+        self,
+        *,
+        capacity_blocks: int,
+        tp_world_size: int,
+        boot_id: str,
+        group_key: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        daemon_flags: int = 0,
+        max_lookup_blocks: int = 1 << 16,
+    ) -> None:
+        if not 1 <= tp_world_size <= MAX_TP_WORLD_SIZE:
+            raise InvalidArgument(f"an index covers 1..{MAX_TP_WORLD_SIZE} tensor-parallel ranks, not {tp_world_size}")
+        self.slots = slots_for(capacity_blocks, max_bytes)
+        words_offset, flags_offset, total = layout_for(self.slots)
+        self.header = IndexHeader(self.slots, words_offset, flags_offset, tp_world_size, boot_id, label_of(group_key))
+        self.group_key = group_key
+        self._fd, self._map = create_sealed_memfd("kvd-index", total)
+        packed = self.header.pack()
+        self._map[: len(packed)] = packed
+        view = memoryview(self._map)
+        self._hdr = view[:HEADER_BYTES].cast("Q")
+        self._words = view[words_offset : words_offset + 8 * self.slots].cast("Q")
+        self._flags = view[flags_offset : flags_offset + self.slots]
+        self._view = view
+        self._hdr[W_DAEMON_FLAGS] = daemon_flags
+        self._hdr[W_MAX_LOOKUP] = max_lookup_blocks
+        self._hdr[W_STATE] = STATE_LIVE
+        self._mask = self.slots - 1
+        self._full = (1 << tp_world_size) - 1
+        self._blocks: dict[bytes, _Block] = {}
+        self._owner: dict[int, bytes] = {}  # slot -> digest published there
+        self._stashed: dict[int, bytes] = {}  # stash entry -> digest published there
+        self._unplaced: set[bytes] = set()  # complete blocks that found no slot (published once one frees up)
+        self._lock = threading.Lock()
+        self._closed = False
+        if capacity_blocks * SLOTS_PER_BLOCK > self.slots:
+            log.warning(
+                "index %r: %d slots for up to %d blocks (capped at %d bytes)",
+                group_key,
+                self.slots,
+                capacity_blocks,
+                max_bytes,
+            )
+
+    # -- for clients -----------------------------------------------------------------------------------------------
+
+    def open_reader_fd(self) -> int:
+        """A new fd on the index to pass to a client (SCM_RIGHTS). Opened read-only where /proc allows; the seals
+        keep the file read-only for every other holder either way. The caller closes it once sent."""
+        if self._closed:
+            raise Unavailable("index is closed")
+        try:
+            return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return os.dup(self._fd)
+
+    # -- the store's notices ---------------------------------------------------------------------------------------
+
+    def add(self, block_hash: bytes, rank: int, source: Source) -> None:
+        """Rank `rank`'s copy of the block is complete in `source`."""
+        self.add_many((block_hash,), rank, source)
+
+    def discard(self, block_hash: bytes, rank: int, source: Source) -> None:
+        """Rank `rank`'s copy of the block leaves `source` (call before its slot may be reused)."""
+        self.discard_many((block_hash,), rank, source)
+
+    def add_many(self, block_hashes: Iterable[bytes], rank: int, source: Source) -> None:
+        self._update(block_hashes, rank, source, present=True)
+
+    def discard_many(self, block_hashes: Iterable[bytes], rank: int, source: Source) -> None:
+        self._update(block_hashes, rank, source, present=False)
+
+    def _update(self, block_hashes: Iterable[bytes], rank: int, source: Source, *, present: bool) -> None:
+        bit = self._rank_bit(rank)
+        with self._lock:
+            for block_hash in block_hashes:
+                digest = index_digest(block_hash)
+                block = self._blocks.get(digest)
+                if block is None:
+                    if not present:
+                        continue
+                    block = self._blocks[digest] = _Block()
+                masks = block.masks
+                was_cold = self._cold(block)
+                masks[source] = masks[source] | bit if present else masks[source] & ~bit
+                self._publish(digest, block)
+                self._hdr[W_COLD] += self._cold(block) - was_cold
+                if not any(masks):
+                    del self._blocks[digest]
+
+    def _cold(self, block: _Block) -> int:
+        """1 if the block is published with some rank's copy outside host memory."""
+        return int(block.published and block.masks[Source.HOST] != self._full)
+
+    # -- lifecycle and stats ---------------------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Tell every mapped reader to stop answering from this index (they ask the daemon again)."""
+        with self._lock:
+            if not self._closed:
+                self._hdr[W_STATE] = STATE_RETIRED
+
+    def close(self) -> None:
+        """Retire, unmap and close. Readers keep their (retired) mappings until they drop them."""
+        self.retire()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for view in (self._hdr, self._words, self._flags, self._view):
+                view.release()
+            self._map.close()
+            os.close(self._fd)
+
+    @property
+    def entries(self) -> int:
+        return len(self._owner) + len(self._stashed)
+
+    @property
+    def unplaced(self) -> int:
+        return len(self._unplaced)
+
+    def counters(self) -> dict[str, int]:
+        if self._closed:
+            return {}
+        return {
+            "entries": self.entries,
+            "stashed": len(self._stashed),
+            "unplaced": len(self._unplaced),
+            "overflows": int(self._hdr[W_OVERFLOWS]),
+            "relocations": int(self._hdr[W_RELOCATIONS]) // 2,
+            "generation": int(self._hdr[W_GENERATION]),
+        }
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _rank_bit(self, rank: int) -> int:
+        if not 0 <= rank < self.header.tp_world_size:
+            raise InvalidArgument(f"rank {rank} outside the index's {self.header.tp_world_size} ranks")
+        if self._closed:
+            raise Unavailable("index is closed")
+        return 1 << rank
+
+    def _publish(self, digest: bytes, block: _Block) -> None:
+        """Bring the mapping in line with `block`: published iff every rank has it in some local tier."""
+        masks = block.masks
+        present = (masks[0] | masks[1] | masks[2]) == self._full
+        if present and not block.published:
+            self._place(digest, block)
+        elif not present and block.published:
+            self._unpublish(block)
+            self._refill()
+        elif block.slot >= 0:
+            self._flags[block.slot] = self._flag(block)
+        elif block.stash >= 0:
+            self._hdr[self._stash_state_word(block.stash)] = STASH_USED | self._flag(block)
+        elif not present:
+            self._unplaced.discard(digest)
+
+    def _flag(self, block: _Block) -> int:
+        return FLAG_HOST if block.masks[Source.HOST] == self._full else 0
+
+    def _place(self, digest: bytes, block: _Block) -> bool:
+        """Publish a block in the table (kicking others along a path to a free slot), else in the stash."""
+        path = self._find_path(digest)
+        if path is not None:
+            self._insert_along(path, digest, block)
+        elif len(self._stashed) < STASH_SLOTS:
+            self._stash(digest, block)
+        elif digest not in self._unplaced:
+            self._unplaced.add(digest)
+            self._hdr[W_OVERFLOWS] += 1
+            return False
+        else:
+            return False
+        self._unplaced.discard(digest)
+        return True
+
+    @contextlib.contextmanager
+    def _relocating(self, moving: bool = True) -> Iterator[None]:
+        """Odd relocation counter while blocks move or the stash changes: readers retry probes that overlap."""
+        if moving:
+            self._hdr[W_RELOCATIONS] += 1
+        try:
+            yield
+        finally:
+            if moving:
+                self._hdr[W_RELOCATIONS] += 1
+
+    def _find_path(self, digest: bytes) -> list[int] | None:
+        """Slots [s0, ..., sk]: s0 is one of the block's two homes, sk is free, and the block in each s_i (i < k)
+        may move to s_{i+1}, its other home. Breadth-first, so the fewest kicks."""
+        first, tag, second = digest_words(digest)
+        if tag == 0:
+            return None  # tag 0 marks an empty slot: such a block (2^-64 of them) goes to the stash
+        starts = [first & self._mask, second & self._mask]
+        parent: dict[int, int | None] = dict.fromkeys(starts)
+        queue = collections.deque(dict.fromkeys(starts))
+        while queue and len(parent) <= MAX_PATH_VISITS:
+            slot = queue.popleft()
+            owner = self._owner.get(slot)
+            if owner is None:
+                path = [slot]
+                while (previous := parent[path[-1]]) is not None:
+                    path.append(previous)
+                return path[::-1]
+            home_a, _, home_b = digest_words(owner)
+            other = (home_b if home_a & self._mask == slot else home_a) & self._mask
+            if other not in parent:
+                parent[other] = slot
+                queue.append(other)
+        return None
+
+    def _insert_along(self, path: list[int], digest: bytes, block: _Block) -> None:
+        with self._relocating(len(path) > 1):
+            for i in range(len(path) - 2, -1, -1):
+                self._move(path[i], path[i + 1])
+        self._write(path[0], digest, block)
+
+    def _move(self, src: int, dst: int) -> None:
+        """Copy the block in `src` to `dst` (its other home); `src` keeps it until the next write overwrites it, so
+        a reader always finds it in one of the two."""
+        digest = self._owner[src]
+        self._flags[dst] = self._flags[src]
+        self._words[dst] = self._words[src]
+        self._owner[dst] = digest
+        self._blocks[digest].slot = dst
+
+    def _write(self, slot: int, digest: bytes, block: _Block) -> None:
+        self._flags[slot] = self._flag(block)
+        self._words[slot] = digest_words(digest)[1]
+        self._owner[slot] = digest
+        block.slot = slot
+        self._changed()
+
+    def _stash(self, digest: bytes, block: _Block) -> None:
+        entry = next(i for i in range(STASH_SLOTS) if i not in self._stashed)
+        offset = stash_entry_offset(entry)
+        with self._relocating():
+            self._view[offset : offset + len(digest)] = digest
+            self._hdr[self._stash_state_word(entry)] = STASH_USED | self._flag(block)
+        self._stashed[entry] = digest
+        block.stash = entry
+        self._changed()
+
+    def _unpublish(self, block: _Block) -> None:
+        if block.slot >= 0:
+            self._words[block.slot] = 0
+            self._flags[block.slot] = 0
+            del self._owner[block.slot]
+            block.slot = -1
+        else:
+            with self._relocating():
+                self._hdr[self._stash_state_word(block.stash)] = 0
+            del self._stashed[block.stash]
+            block.stash = -1
+        self._changed()
+
+    def _refill(self) -> None:
+        """A slot freed: move stashed blocks into the table, then publish blocks that found no place at all."""
+        for entry, digest in list(self._stashed.items()):
+            path = self._find_path(digest)
+            if path is None:
+                continue
+            block = self._blocks[digest]
+            self._insert_along(path, digest, block)  # in the table first, then out of the stash: never absent
+            with self._relocating():
+                self._hdr[self._stash_state_word(entry)] = 0
+            del self._stashed[entry]
+            block.stash = -1
+            self._changed()
+        for digest in list(self._unplaced)[:RETRY_UNPLACED]:
+            self._place(digest, self._blocks[digest])
+
+    @staticmethod
+    def _stash_state_word(entry: int) -> int:
+        return (stash_entry_offset(entry) + 32) // 8
+
+    def _changed(self) -> None:
+        self._hdr[W_ENTRIES] = len(self._owner) + len(self._stashed)
+        self._hdr[W_STASHED] = len(self._stashed)
+        self._hdr[W_GENERATION] += 1
