@@ -23,9 +23,13 @@ export PYTHONUNBUFFERED=1
     python3 -c 'import torch, cupy, grpc, google.protobuf as p; print(torch.__version__, cupy.__version__, grpc.__version__, p.__version__)'
 } > "$out/env.txt" 2>&1
 if [[ "${KVD_SKIP_MAIN:-0}" != 1 ]]; then  # KVD_SKIP_MAIN=1: only the optional stages below
-    # Every test marked cuda: the IPC round trips, progress counters, in-step loads, the security limits on events.
-    timeout "${KVD_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --tb=short -m cuda \
-        tests/kvd tests/security 2>&1 | tee "$out/cuda_tests.log"
+    # Every test marked cuda (IPC round trips, progress counters, in-step loads, the cap on events), file by file:
+    # a hang costs one file, and faulthandler prints every thread's stack after 90 s in one test.
+    for file in $(grep -l "mark.cuda" tests/kvd/test_*.py tests/security/test_*.py); do
+        timeout "${KVD_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider --tb=short -rfE \
+            -o faulthandler_timeout=90 -m cuda "$file" 2>&1 | tee -a "$out/cuda_tests.log"
+        echo "$file rc ${PIPESTATUS[0]}" | tee -a "$out/cuda_tests.log"
+    done
     # The benchmark starts no configuration variant after --budget-s (120 s); the timeout leaves room for the last.
     timeout "${KVD_BENCH_TIMEOUT:-200}" python3 bench/gpu_transfer.py --trace-dir "$out/traces" "${@:2}" \
         > "$out/gpu_bench.json" 2> "$out/gpu_bench.err"
