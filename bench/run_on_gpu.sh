@@ -7,6 +7,8 @@
 #                   daemon configured so (OUTDIR/gpu_bench_compare.json)
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
 #                   racecheck; KVD_SANITIZE_TOOLS="memcheck" for one); logs in OUTDIR/sanitizer.txt
+#   KVD_IN_STEP=1   bench/gpu_in_step.py (OUTDIR/in_step.json, at most 90 s): TTFT on a hit with in-step vs async
+#                   loads vs recompute, model-like GPU loop (with KVD_SKIP_MAIN=1 it runs alone)
 #   KVD_PROFILE=1   the benchmark again (gpu_bench_profiled.json) with py-spy sampling the daemon and the benchmark process (collapsed
 #                   stacks per thread, idle included) into OUTDIR/pyspy_{daemon,bench}.txt
 set -uo pipefail
@@ -35,6 +37,13 @@ if [[ "${KVD_SKIP_MAIN:-0}" != 1 ]]; then  # KVD_SKIP_MAIN=1: only the optional 
         > "$out/gpu_bench.json" 2> "$out/gpu_bench.err"
     echo "bench rc $?"
     tail -40 "$out/gpu_bench.err"  # ends with the benchmark's summary table
+fi
+
+if [[ "${KVD_IN_STEP:-0}" == 1 ]]; then
+    timeout 90 python3 bench/gpu_in_step.py --budget-s 45 > "$out/in_step.json" 2> "$out/in_step.err"
+    echo "in-step bench rc $?"
+    cat "$out/in_step.json"
+    tail -5 "$out/in_step.err"
 fi
 
 if [[ -n "${KVD_COMPARE:-}" ]]; then

@@ -8,6 +8,7 @@ daemon's mapping.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -41,6 +42,10 @@ class ProgressWriter:
             os.close(self._fd)
             raise
         self._view = memoryview(self._map)
+        # Where the page is mapped here (a CUDA transport registers it to store counters from its stream); the
+        # ctypes view is dropped at once so that close() can unmap.
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.nbytes = size
         write_header(self._view, slots)
         self._words = self._view.cast("I")
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -60,6 +65,11 @@ class ProgressWriter:
             return
         self._words[counter_word(slot)] = value & MASK32
         os.eventfd_write(self.wake_fd, 1)
+
+    def wake(self) -> None:
+        """Wake CPU waiters: a counter moved (stored by a GPU stream, which cannot write an eventfd)."""
+        if not self._closed:
+            os.eventfd_write(self.wake_fd, 1)
 
     def finish(self, slot: int, final: int, ok: bool) -> None:
         """The load ended: its status first, then its final counter, so a waiter never sees the end without it."""
@@ -92,7 +102,20 @@ class LayerProgress:
 
     def layer_done(self, layer: int) -> None:
         if layer + 1 < self.layers:  # the last layer's value is the final one: `finish` stores it, after the status
-            self.writer.layer_done(self.slot, self.base + layer + 1)
+            self.writer.layer_done(self.slot, self.target(layer))
+
+    def target(self, layer: int) -> int:
+        """The counter value that says layers 0..layer are in place."""
+        return (self.base + layer + 1) & MASK32
+
+    def wake(self) -> None:
+        """For a transport that stores `target(layer)` itself (from a GPU stream): wake CPU waiters after it."""
+        self.writer.wake()
+
+    @property
+    def counter_offset(self) -> int:
+        """Byte offset of this load's counter in the page (at writer.address; writer.nbytes long)."""
+        return 4 * counter_word(self.slot)
 
     def finish(self, ok: bool) -> None:
         self.writer.finish(self.slot, self.base + self.layers, ok)

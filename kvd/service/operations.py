@@ -111,8 +111,7 @@ async def run_load(op: Operation) -> Outcome:
             if progress is None:
                 outcome.done_event = await memory.load(targets, addresses, op.ready_event, stamps)
             else:
-                on_layer, layers = progress.layer_done, progress.layers
-                load = memory.load_layers(targets, addresses, op.ready_event, on_layer, layers, stamps)
+                load = memory.load_layers(targets, addresses, op.ready_event, progress, stamps)
                 outcome.done_event = await load
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(present) * op.layout.block_bytes

@@ -10,10 +10,11 @@ own memory against the layout once, in `attach`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from kvd_client.layout import KvLayout
 
+from kvd.memory.progress import LayerProgress
 from kvd.types import PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 
@@ -38,13 +39,15 @@ class Attachment(abc.ABC):
 
     async def load_layers(
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
-        on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
+        progress: LayerProgress, stamps: Stamps = None,
     ) -> bytes:  # fmt: skip
-        """A load in layer order (an in-step load): `on_layer(i)` once layer i of every block is in place, from any
-        thread. This default copies everything, then reports every layer: correct, without the overlap."""
+        """A load in layer order (an in-step load): `progress.layer_done(i)` once layer i of every block is in place,
+        from any thread, never earlier (a transport may store the counter itself, then it calls `progress.wake()`).
+        The caller stores the final counter (`progress.finish`) once this returned: every earlier store must have
+        landed by then. This default copies everything, then reports every layer: correct, without the overlap."""
         event = await self.load(block_indices, addresses, ready_event, stamps)
-        for layer in range(layers):
-            on_layer(layer)
+        for layer in range(progress.layers):
+            progress.layer_done(layer)
         return event
 
     def check(self) -> None:  # noqa: B027 - optional hook

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kvd_client.layout import KvLayout
 
 from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
+from kvd.memory.progress import LayerProgress
 from kvd.process import PeerProcess, no_more_privileged_than
 from kvd.transports.base import Attachment, Transport, block_segments
 from kvd.types import CpuMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
@@ -242,10 +243,11 @@ class CpuAttachment(Attachment):
 
     async def load_layers(
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
-        on_layer: Callable[[int], None], layers: int, stamps: Stamps = None,
+        progress: LayerProgress, stamps: Stamps = None,
     ) -> bytes:  # fmt: skip
         """Layer by layer, in one copy thread (no event-loop hop between layers), each layer's blocks in as few calls
-        as IOV_MAX allows, written as `load` writes; `on_layer` right after each layer's last call."""
+        as IOV_MAX allows, written as `load` writes; `progress.layer_done` right after each layer's last call."""
+        on_layer = progress.layer_done
         per_layer = [self._layer_calls(block_indices, addresses, segments) for segments in self._layer_segments]
         began = time.monotonic_ns()
         try:

@@ -1,6 +1,9 @@
 """In-step loads into a GPU cache through a real daemon: the worker's current stream waits on each layer's progress
 counter (never the host, never another stream), and what the stream reads after the last wait is the stored bytes;
-a missing block fails exactly that block. Needs a CUDA GPU (run on the device); skipped elsewhere."""
+a missing block fails exactly that block. The daemon copies layer by layer and its stream stores each layer's counter
+right after that layer's bytes: a large load releases layer 0 while later layers are still being copied, and what
+the stream reads right after each layer's wait is already that layer's stored bytes. Needs a CUDA GPU (run on the
+device); skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -83,3 +86,87 @@ def test_the_stream_waits_per_layer_and_reads_the_loaded_bytes(daemon: Daemon) -
         waits.close()
     finally:
         client.close()
+
+
+BIG = 128  # blocks of the large load: 8 MiB per layer, so layer 0 is in place well before the last one
+
+
+@pytest.fixture
+def gpu_worker(daemon: Daemon):
+    """A registered client on zeroed GPU caches, its progress page and the page's stream waits."""
+    caches, _backing = make_gpu_caches(offset_elements=4096)
+    client = KvdClient(daemon.socket, model_id="cuda-in-step-layers")
+    client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
+    client.start()
+    try:
+        assert client.wait_ready(30)
+        page = wait_for(lambda: client.index.page, 10, what="the progress page")
+        waits = StreamProgress(page, current_stream)
+        yield client, caches, page, waits
+        torch.cuda.synchronize()
+        waits.close()
+    finally:
+        client.close()
+
+
+def _save(client: KvdClient, caches: dict, tag: str, count: int) -> list[tuple[int, bytes]]:
+    saved = [(i, block_hash(i, tag)) for i in range(count)]
+    write_blocks(caches, saved)
+    torch.cuda.synchronize()
+    assert Completions(client).wait(client.save(saved), timeout=60).ok
+    return saved
+
+
+def test_layer_0_is_released_with_its_bytes_while_later_layers_are_still_copied(gpu_worker) -> None:
+    client, caches, page, waits = gpu_worker
+    saved = _save(client, caches, "cuda-in-step-big", BIG)
+    targets = [(BIG + k, h) for k, (_, h) in enumerate(saved)]
+    region = slice(BIG, 2 * BIG)
+    tensors = list(caches.values())
+    for tensor in tensors:
+        tensor[:, region].zero_()
+    load = page.begin(layers=SPEC.num_layers)
+    assert load is not None
+    op = client.load(targets, in_step=load)
+    early: list[torch.Tensor] = []
+    last_at_layer_0 = None
+    for layer, tensor in enumerate(tensors):
+        waits.wait(load, layer)
+        early.append(tensor[:, region].clone())  # this layer's attention reads it now: it must be in place
+        if layer == 0:
+            last_at_layer_0 = tensors[-1][:, region].clone()  # the last layer, as it is when layer 0 is released
+    torch.cuda.synchronize()
+    assert page.finished(load) and page.status(load) == STATUS_OK
+    assert mismatched_blocks(caches, targets) == []
+    for layer, tensor in enumerate(tensors):
+        assert torch.equal(early[layer], tensor[:, region]), f"layer {layer} was released before its bytes"
+    assert last_at_layer_0 is not None
+    assert not torch.equal(last_at_layer_0, tensors[-1][:, region]), (
+        "the last layer was already in place when layer 0 was released: the load is not layer by layer"
+    )
+    assert Completions(client).wait(op, timeout=30).ok
+    page.end(load)
+
+
+def test_a_missing_later_block_fails_alone_and_every_counter_is_stored(gpu_worker) -> None:
+    client, caches, page, waits = gpu_worker
+    saved = _save(client, caches, "cuda-in-step-gap", 64)
+    absent = block_hash(10_000, "cuda-in-step-gap")
+    present = [(100 + k, h) for k, (_, h) in enumerate(saved)]
+    for tensor in caches.values():
+        tensor[:, 100:165].zero_()
+    load = page.begin(layers=SPEC.num_layers)
+    assert load is not None
+    op = client.load([*present, (164, absent)], in_step=load)
+    for layer in range(SPEC.num_layers):
+        waits.wait(load, layer)  # none of these may hang: the final counter satisfies every one
+    torch.cuda.synchronize()
+    wait_for(lambda: page.finished(load), 30, what="the load's final counter")
+    assert page.counter(load) == load.final
+    assert page.status(load) == STATUS_FAILED
+    completion = Completions(client).wait(op, timeout=30)
+    assert not completion.ok and completion.failed_hashes == {absent}
+    assert mismatched_blocks(caches, present) == [], "the blocks that were stored must be loaded anyway"
+    for tensor in caches.values():
+        assert not tensor[:, 164].any(), "the missing block's place was written"
+    page.end(load)

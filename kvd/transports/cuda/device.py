@@ -214,14 +214,8 @@ class DeviceEngine:
         context = WaiterContext(self.ordinal, runtime, driver, gpu, events, poll, self._tracer)
         for stream, name in ((self.d2h_stream, "save"), (self.load_stream, "load")):
             self._waiters[stream] = CompletionWaiter(context, f"kvd-cuda{self.ordinal}-{name}-done")
-        log.info(
-            "GPU %d (%s): engine thread ready, %d+%d staging buffers of %d MiB",
-            self.ordinal,
-            self.uuid,
-            per_direction,
-            per_direction,
-            self.chunk_bytes >> 20,
-        )
+        ready = "GPU %d (%s): engine thread ready, %d+%d staging buffers of %d MiB"
+        log.info(ready, self.ordinal, self.uuid, per_direction, per_direction, self.chunk_bytes >> 20)
 
     def _quiesce(self) -> None:
         self._closing = True
@@ -323,14 +317,22 @@ class DeviceEngine:
         for mapped in mapping.vmm_ranges:
             self._started_part(self._vmm).close(mapped)
         mapping.vmm_ranges.clear()
-        mapping.tables = None
+        for host in mapping.progress_pages:  # registered by its in-step loads (layered.py)
+            runtime.hostUnregister(host)
+        mapping.progress_pages.clear()
+        mapping.tables = mapping.layer_parts = None
 
-    def _worker_event(self, mapping: WorkerMapping, handle: bytes) -> int:
+    def worker_event(self, mapping: WorkerMapping, handle: bytes) -> int:
         event = mapping.worker_events.get(handle)
         if event is None:
             event = self.runtime.ipcOpenEventHandle(handle)
             mapping.worker_events[handle] = event
         return event
+
+    def load_parts(self) -> tuple[StagingRing, DoneEvents, CompletionWaiter]:
+        """What a layer-ordered load (layered.py) shares with load_job: staging, done events, the load waiter."""
+        ring, events = self._started_part(self._load_ring), self._started_part(self._done_events)
+        return ring, events, self._waiters[self.load_stream]
 
     def save_job(
         self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
@@ -338,7 +340,7 @@ class DeviceEngine:
         gpu, ring, block_bytes = self.gpu, self._started_part(self._save_ring), mapping.block_bytes
         trace = self._trace("save")
         if ready_event:
-            gpu.wait(self.save_stream, self._worker_event(mapping, ready_event))
+            gpu.wait(self.save_stream, self.worker_event(mapping, ready_event))
         step = mapping.chunk_blocks
         for start in range(0, len(block_indices), step):
             chunk = block_indices[start : start + step]
@@ -362,7 +364,7 @@ class DeviceEngine:
         self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
     ) -> Pending:
         gpu, ring, block_bytes = self.gpu, self._started_part(self._load_ring), mapping.block_bytes
-        worker = self._worker_event(mapping, ready_event) if ready_event else 0
+        worker = self.worker_event(mapping, ready_event) if ready_event else 0
         trace = self._trace("load")
         step = mapping.chunk_blocks
         for start in range(0, len(block_indices), step):

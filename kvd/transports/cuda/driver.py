@@ -15,13 +15,34 @@ EVENT_BLOCKING_SYNC = 0x1
 EVENT_DISABLE_TIMING = 0x2
 EVENT_INTERPROCESS = 0x4
 HOST_REGISTER_PORTABLE = 0x1
+HOST_REGISTER_DEVICEMAP = 0x2
 HOST_ALLOC_MAPPED = 0x2
 SUCCESS = 0
 NOT_READY = 600
+MEMORY_HOST, MEMORY_DEVICE = 1, 2  # CUmemorytype
+WRITE_VALUE_DEFAULT = 0  # a memory fence before the store: everything the stream wrote before is visible first
 
 
 class CudaError(RuntimeError):
     """A CUDA call or a GPU copy failed, or the device's engine is not running."""
+
+
+class Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D: a strided copy (rows of `WidthInBytes`, `srcPitch` apart at the source)."""
+
+    _fields_ = [
+        (name, kind)
+        for side in ("src", "dst")
+        for name, kind in (
+            (f"{side}XInBytes", ctypes.c_size_t),
+            (f"{side}Y", ctypes.c_size_t),
+            (f"{side}MemoryType", ctypes.c_uint),
+            (f"{side}Host", ctypes.c_void_p),
+            (f"{side}Device", ctypes.c_uint64),
+            (f"{side}Array", ctypes.c_void_p),
+            (f"{side}Pitch", ctypes.c_size_t),
+        )
+    ] + [("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
 
 
 class Enqueue:
@@ -45,6 +66,11 @@ class Enqueue:
         self._h2d.argtypes = [u64, vp, ctypes.c_size_t, vp]
         self._launch = lib.cuLaunchKernel
         self._launch.argtypes = [vp, uint, uint, uint, uint, uint, uint, uint, vp, vp, vp]
+        self._copy2d = lib.cuMemcpy2DAsync_v2
+        self._copy2d.argtypes = [ctypes.POINTER(Memcpy2D), vp]
+        self._rows = Memcpy2D(srcMemoryType=MEMORY_HOST, dstMemoryType=MEMORY_DEVICE)  # engine thread only
+        self._write_value = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+        self._write_value.argtypes = [vp, u64, ctypes.c_uint32, uint]
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -66,6 +92,21 @@ class Enqueue:
 
     def h2d(self, device: int, host: int, nbytes: int, stream: int) -> None:
         self._check(self._h2d(device, host, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    def h2d_rows(self, device: int, host: int, width: int, pitch: int, rows: int, stream: int) -> None:
+        """`rows` rows of `width` bytes, `pitch` apart from `host`, packed at `device` (one DMA)."""
+        if rows == 1:
+            self.h2d(device, host, width, stream)
+            return
+        copy = self._rows
+        copy.srcHost, copy.srcPitch, copy.dstDevice, copy.dstPitch = host, pitch, device, width
+        copy.WidthInBytes, copy.Height = width, rows
+        self._check(self._copy2d(ctypes.byref(copy), stream), "cuMemcpy2DAsync")
+
+    def write_value(self, stream: int, address: int, value: int) -> None:
+        """Store `value` at device-visible `address` once the work queued before it on `stream` is done, after a
+        fence that makes that work's writes visible first."""
+        self._check(self._write_value(stream, address, value, WRITE_VALUE_DEFAULT), "cuStreamWriteValue32")
 
     def launch(self, function: int, grid: tuple[int, int], threads: int, stream: int, *args: Any) -> None:
         """Launch `function` (a CUfunction) with ctypes scalar `args`, in order."""

@@ -79,11 +79,17 @@ def load_kernels(cupy: Any) -> Kernels:
 
 
 class SegmentTables(Protocol):
-    """What a launch needs of a worker's mapping (mapping.WorkerMapping): its segment tables on the device."""
+    """What a launch needs of a worker's mapping (mapping.WorkerMapping) or of one layer of it
+    (layered.LayerPart): segment tables on the device, read-only here."""
 
-    tables: Any  # (segment bases, lengths, offsets in the stored block) as device arrays
-    nseg: int
-    vec16: int
+    @property
+    def tables(self) -> Any: ...  # (segment bases, lengths, offsets in the stored block) as device arrays
+
+    @property
+    def nseg(self) -> int: ...
+
+    @property
+    def vec16(self) -> int: ...
 
     @property
     def block_bytes(self) -> int: ...
@@ -112,24 +118,38 @@ def launch_chunk(
     """One gather/scatter kernel for a whole chunk: every block, every layer, K and V. Its block indices go through
     the index ring, guarded until the kernel has read them."""
     pointer, start, end = ring.put(block_indices)
+    launch_indexed(gpu, kernel, stream, mapping, pointer, len(block_indices), staging, max_ctas)
+    ring.guard(start, end, stream)
+
+
+def launch_indexed(
+    gpu: Enqueue,
+    kernel: int,
+    stream: int,
+    mapping: SegmentTables,
+    indices: int,
+    nblocks: int,
+    staging: int,
+    max_ctas: int = 0,
+) -> None:
+    """The kernel over `nblocks` block indices already in the index ring at device address `indices`."""
     bases, lengths, offsets = mapping.tables
     u64, u32 = ctypes.c_uint64, ctypes.c_uint32
     gpu.launch(
         kernel,
-        chunk_grid(mapping.nseg, len(block_indices), max_ctas),
+        chunk_grid(mapping.nseg, nblocks, max_ctas),
         THREADS_PER_BLOCK,
         stream,
         u64(bases.data.ptr),
         u64(lengths.data.ptr),
         u64(offsets.data.ptr),
-        u64(pointer),
+        u64(indices),
         u64(mapping.block_bytes),
         u64(staging),
         ctypes.c_int32(mapping.vec16),
         u32(mapping.nseg),
-        u32(len(block_indices)),
+        u32(nblocks),
     )
-    ring.guard(start, end, stream)
 
 
 def slot_runs(addresses: Sequence[int], block_bytes: int) -> list[tuple[int, int, int]]:

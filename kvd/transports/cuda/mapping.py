@@ -23,6 +23,8 @@ class WorkerMapping:
     vmm_ranges: list[VmmRange] = field(default_factory=list)  # its driver-mapped allocations, imported by fd
     worker_events: dict[bytes, int] = field(default_factory=dict)
     tables: Any = None  # (segment bases, lengths, offsets in the stored block) as device arrays
+    layer_parts: Any = None  # per layer, its slice of the tables (layered.py; built by the first in-step load)
+    progress_pages: dict[int, int] = field(default_factory=dict)  # registered progress pages: host -> device address
     nseg: int = 0
     vec16: int = 0
 

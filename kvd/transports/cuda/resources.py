@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ class Pending:
     recycle: bool  # the event is ours to reuse afterwards
     stages: DaemonStages | None = None  # the waiter stamps copy_done when the event completed
     trace: OpTrace | None = None  # the chunk trace (transports.cuda_trace_path), finished by the waiter
+    on_done: Callable[[], None] | None = None  # called by the waiter once the event completed (not on an error)
 
 
 @dataclass(slots=True)
@@ -269,6 +270,8 @@ class CompletionWaiter:
                 pending.stages.copy_done_ns = time.monotonic_ns()
             if pending.recycle:
                 events.give(pending.event)
+            if pending.on_done is not None and status == 0:
+                self._call(pending.on_done)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
                 if status == 0:
                     future.set_result(pending.value)
@@ -276,6 +279,14 @@ class CompletionWaiter:
                     future.set_exception(CudaError(f"GPU {context.ordinal}: copy failed with CUresult {status}"))
             if pending.trace is not None and context.tracer is not None and status == 0:
                 self._trace(context.tracer, pending.trace, pending.stages)  # after: it never delays the operation
+
+    @staticmethod
+    def _call(on_done: Callable[[], None]) -> None:
+        """A notification never stops the waiter (the operation's own future still resolves)."""
+        try:
+            on_done()
+        except Exception:
+            _throttled.exception("on-done", "completion callback")
 
     @staticmethod
     def _trace(tracer: Tracer, trace: OpTrace, stages: DaemonStages | None) -> None:

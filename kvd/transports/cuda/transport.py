@@ -9,6 +9,8 @@ before attention reads loaded blocks. The worker never creates, enters or sets a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,10 +19,12 @@ from kvd_client.layout import KvLayout
 
 from kvd.config import TransportsConfig, human_bytes
 from kvd.errors import FailureReason, InvalidArgument, TransferError
+from kvd.memory.progress import LayerProgress
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, Transport
 from kvd.transports.cuda.device import DeviceEngine
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
+from kvd.transports.cuda.layered import load_layers_job
 from kvd.transports.cuda.mapping import WorkerMapping
 from kvd.types import CudaMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
@@ -51,6 +55,26 @@ class CudaAttachment(Attachment):
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
         handle: bytes = await self._run(self._engine.load_job, stamps, block_indices, addresses, ready_event)
+        return handle
+
+    async def load_layers(
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes,
+        progress: LayerProgress, stamps: Stamps = None,
+    ) -> bytes:  # fmt: skip
+        """In layer order (layered.py): the load stream stores each layer's counter in the progress page itself, right
+        after that layer's last scatter, and the load waiter wakes CPU waiters after each."""
+        job = functools.partial(load_layers_job, self._engine)
+        future = self._engine.call(job, self._mapping, block_indices, addresses, ready_event, progress, stages=stamps)
+        try:
+            handle: bytes = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Its stream may still store layer counters; the caller's final store (LayerProgress.finish) must come
+            # after them, or a later layer's wait would never be satisfied.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wrap_future(future)
+            raise
+        except (CudaError, RuntimeError, ValueError) as exc:
+            raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
         return handle
 
     async def close(self) -> None:
