@@ -42,6 +42,7 @@ class StreamProgress:
         self._wait = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
         self._wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
         self._current = current_stream
+        self._pin = page.pin()  # the address stays the page's until close(), even past page.close()
         self._host = page.address
         self._size = page_bytes(page.slots)
         _check(self._register(self._host, self._size, HOST_REGISTER_PORTABLE | HOST_REGISTER_DEVICEMAP), "register")
@@ -61,6 +62,7 @@ class StreamProgress:
         if self._host:
             self._unregister(self._host)
             self._host = 0
+            self._pin = None
 
 
 def _check(status: int, what: str) -> None:

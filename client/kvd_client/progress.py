@@ -119,6 +119,14 @@ class ProgressPage:
 
         return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
+    def pin(self) -> object:
+        """A reference that keeps the page mapped at its address while it lives, close() or not: a GPU worker's
+        registration of the page (cuMemHostRegister) is for that address, and a page mapped there later could not
+        be registered."""
+        import ctypes
+
+        return ctypes.c_char.from_buffer(self._map)
+
     def begin(self, layers: int) -> StepLoad | None:
         """An entry for a load of `layers` layers, or None when all are in use (then load asynchronously)."""
         if not self._free or self.daemon_gone:
@@ -182,7 +190,8 @@ class ProgressPage:
     def close(self) -> None:
         self._words.release()
         self._view.release()
-        self._map.close()
+        with contextlib.suppress(BufferError):  # pinned (pin()): unmapped when the last pin goes
+            self._map.close()
         for fd in (self._wake_fd, self._lease_fd):
             if fd >= 0:
                 os.close(fd)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class _Active:
     op_id: int
     load: StepLoad | None  # None: no progress page (the load is waited for whole, before the first layer reads)
+    page: Any  # the progress page `load` is an entry of: a daemon restart brings a new page, never for this load
     block_of: dict[bytes, int]  # hash -> block id
     waited: bool = False
     completion: Completion | None = None
@@ -42,35 +43,36 @@ class InStepLoads:
         self._layers = len(layer_names)
         self._timeout_s = timeout_s
         self._cuda = cuda
-        self._stream: Any = None  # kvd_client.cuda_progress.StreamProgress, made on first use
+        # kvd_client.cuda_progress.StreamProgress per progress page (a daemon restart brings a new page). One of an
+        # old page stays registered: the GPU may still have to pass waits queued on it, and it is a few KiB.
+        self._streams: dict[int, tuple[Any, Any]] = {}
         self._active: list[_Active] = []
 
     def start(self, client: ClientLike, op: BlockOp) -> None:
         page = _page(client)
         load = page.begin(self._layers) if page is not None else None
         op_id = client.load(op.pairs(), in_step=load)
-        self._active.append(_Active(op_id, load, dict(zip(op.block_hashes, op.block_ids, strict=True))))
+        block_of = dict(zip(op.block_hashes, op.block_ids, strict=True))
+        self._active.append(_Active(op_id, load, page if load is not None else None, block_of))
 
     def wait_layer(self, client: ClientLike, layer_name: str) -> None:
         layer = self._layer_of.get(layer_name)
         if layer is None or not self._active:
             return
-        page = _page(client)
         for active in self._active:
-            if active.load is None or page is None:
+            if active.load is None:
                 self._wait_whole(client, active)
             elif self._cuda:
-                self._stream_waits(page).wait(active.load, layer)
+                self._stream_waits(active.page).wait(active.load, layer)
             else:
-                page.wait(active.load, layer, self._timeout_s)
+                active.page.wait(active.load, layer, self._timeout_s)
 
     def settle(self, client: ClientLike) -> tuple[set[int], int]:
         """End every in-step load of the step: (blocks that did not load, how many loads there were)."""
         failed: set[int] = set()
-        page = _page(client)
         for active in self._active:
-            load = active.load
-            if load is None or page is None:
+            load, page = active.load, active.page
+            if load is None:
                 failed |= self._failed_blocks(client, active, None)
                 continue
             ok = page.wait(load, self._layers - 1, self._timeout_s) and page.finished(load)
@@ -104,12 +106,13 @@ class InStepLoads:
         active.waited, active.completion = True, (got[0] if got else None)
 
     def _stream_waits(self, page: Any) -> Any:
-        if self._stream is None:
+        known = self._streams.get(id(page))  # the page is kept with it: its id cannot be reused while kept
+        if known is None:
             from kvd_client.cuda import current_stream
             from kvd_client.cuda_progress import StreamProgress
 
-            self._stream = StreamProgress(page, current_stream)
-        return self._stream
+            known = self._streams[id(page)] = (page, StreamProgress(page, current_stream))
+        return known[1]
 
 
 def _page(client: ClientLike) -> Any:
