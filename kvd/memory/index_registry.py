@@ -9,6 +9,7 @@ KV memory registers (its block size fixes the sizing); blocks of namespaces with
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from kvd_client.index import DAEMON_REMOTE_TIER, group_key
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 class BlockListener(Protocol):
     def stored(self, key: BlockKey, source: Source) -> None: ...
+
+    def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
 
     def dropped(self, key: BlockKey, source: Source) -> None: ...
 
@@ -78,6 +81,16 @@ class IndexRegistry:
         route = self._routes.get(key[0])
         if route is not None:
             route[0].add(key[1], route[1], source)
+
+    def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None:
+        """`stored` for a whole save: one index update per namespace, not one per block."""
+        by_namespace: dict[str, list[bytes]] = {}
+        for namespace, block_hash in keys:
+            by_namespace.setdefault(namespace, []).append(block_hash)
+        for namespace, hashes in by_namespace.items():
+            route = self._routes.get(namespace)
+            if route is not None:
+                route[0].add_many(hashes, route[1], source)
 
     def dropped(self, key: BlockKey, source: Source) -> None:
         route = self._routes.get(key[0])
