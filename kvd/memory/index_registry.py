@@ -27,6 +27,8 @@ class BlockListener(Protocol):
 
     def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
 
+    def dropped_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
+
     def dropped(self, key: BlockKey, source: Source) -> None: ...
 
 
@@ -84,13 +86,20 @@ class IndexRegistry:
 
     def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None:
         """`stored` for a whole save: one index update per namespace, not one per block."""
-        by_namespace: dict[str, list[bytes]] = {}
+        for (index, rank), hashes in self._by_index(keys).items():
+            index.add_many(hashes, rank, source)
+
+    def dropped_many(self, keys: Sequence[BlockKey], source: Source) -> None:
+        for (index, rank), hashes in self._by_index(keys).items():
+            index.discard_many(hashes, rank, source)
+
+    def _by_index(self, keys: Sequence[BlockKey]) -> dict[tuple[ShmIndex, int], list[bytes]]:
+        out: dict[tuple[ShmIndex, int], list[bytes]] = {}
         for namespace, block_hash in keys:
-            by_namespace.setdefault(namespace, []).append(block_hash)
-        for namespace, hashes in by_namespace.items():
             route = self._routes.get(namespace)
             if route is not None:
-                route[0].add_many(hashes, route[1], source)
+                out.setdefault(route, []).append(block_hash)
+        return out
 
     def dropped(self, key: BlockKey, source: Source) -> None:
         route = self._routes.get(key[0])
