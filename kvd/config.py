@@ -230,6 +230,10 @@ class KvdConfig(BaseSettings):
     # (one request each: a slot of 16 KiB holds 453 blocks with 32-byte hashes; larger requests go by RPC).
     ring_slots: int = Field(default=64, ge=0, le=4096)
     ring_slot_bytes: int = Field(default=16384, ge=512, le=1 << 20, multiple_of=64)
+    # Completion queues (kvd.memory.completions): a memory session's successful saves and loads reported through
+    # shared memory and a pipe instead of its Watch stream. Slots per session, 256 bytes each (0: no queues); more
+    # than the operations a worker keeps in flight, so a worker always finds a free one.
+    completion_slots: int = Field(default=1024, ge=0, le=65536)
     # One section per layer below.
     host_pool: HostPoolConfig = HostPoolConfig()  # kvd/memory
     index: IndexConfig = IndexConfig()

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from kvd_client import messages
+from kvd_client.delivery import Delivery
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
 from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
@@ -57,6 +58,7 @@ class KvdClient:
         worker_name: str = "",
         timeout_s: float = 5.0,
         submission_ring: bool = True,
+        completion_queue: bool = True,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.model_id = model_id
@@ -86,6 +88,8 @@ class KvdClient:
         self.index = LocalIndex(timeout_s)  # the daemon's published index, once mapped
         # Saves and loads go through the session's ring when it has one (kvd_client.submission), else by RPC.
         self.submissions = Submissions(lambda op: self._inbox.post(lambda: self._submit(op)), submission_ring)
+        # Successful ones come back through the session's completion queue when it has one (kvd_client.delivery).
+        self.delivery = Delivery(self._pending, self._finished, completion_queue)
 
     # -- set-up ----------------------------------------------------------------------------------------------------
 
@@ -173,6 +177,7 @@ class KvdClient:
 
     def poll_finished(self) -> list[Completion]:
         """Every operation finished since the last call (never blocks)."""
+        self.delivery.collect()  # records already in the queue, without waiting for the loop thread
         return self._finished.take_all()
 
     def wait(self, op_ids: Iterable[int], timeout_s: float) -> list[Completion]:
@@ -192,7 +197,8 @@ class KvdClient:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=self.timeout_s)
         self.submissions.detach()
-        self._fail_all("client closed")
+        self.delivery.detach()
+        self.delivery.fail_all("client closed")
         close_fds(self._kv.release())
         self._inbox.close()  # only now, long after _closed stopped new posts
         with self._lock:
@@ -213,10 +219,12 @@ class KvdClient:
     def _enqueue(
         self, kind: OpKind, blocks: Sequence[tuple[int, bytes]], ready_event: bytes, call_ns: int, step: Any = None
     ) -> int:
-        op = PendingOp(next(self._ids), kind, tuple(blocks), ready_event, call_ns, step and (step.slot, step.base))
+        op_id, free = self.delivery.claim(self._ids)  # an id whose completion slot is free, now held
+        op = PendingOp(op_id, kind, tuple(blocks), ready_event, call_ns, step and (step.slot, step.base))
         loop = self._loop
-        if not self.ready or loop is None or self._closed:
-            self._complete_failed(op, "kvd is not connected")
+        if not free or not self.ready or loop is None or self._closed:
+            self.delivery.release(op_id)
+            self.delivery.fail(op, "kvd is not connected" if free else "every completion slot is held")
             return op.op_id
         self._pending[op.op_id] = op  # no lock: one dict store, atomic (the loop thread may hold the lock for notices)
         self.submissions.submit(op)
@@ -226,19 +234,6 @@ class KvdClient:
         """End the session (the daemon unmaps its memory); the loop thread registers again with the memory now."""
         if self._loop is not None and not self._closed:
             run_on_loop(self._loop, self._end_session(), self.timeout_s if wait else None, "session renewal")
-
-    def _complete_failed(self, op: PendingOp, error: str) -> None:
-        self._finished.push(Completion(op.op_id, op.kind, False, frozenset(h for _, h in op.blocks), error=error))
-
-    def _fail_all(self, error: str) -> None:
-        ops = []
-        while self._pending:  # one atomic pop at a time: an operation added meanwhile is never lost
-            try:
-                ops.append(self._pending.popitem()[1])
-            except KeyError:
-                break
-        for op in ops:
-            self._complete_failed(op, error)
 
     # -- internals: background thread ----------------------------------------------------------------------------
 
@@ -272,10 +267,11 @@ class KvdClient:
                 self.index.drop()
                 self._ready.clear()
                 self.submissions.detach()  # its records would reach nobody now
+                self.delivery.detach()
                 self._session = messages.SessionRef()
                 self._stub = None
                 await channel.close(grace=None)
-            self._fail_all(reason)
+            self.delivery.fail_all(reason)
             if self._closed:
                 break
             log.debug("%s; retrying in %.1fs", reason, delay)
@@ -300,6 +296,7 @@ class KvdClient:
         self._lease_s = response.lease_ms / 1000
         if response.submission_ring and self.submissions.enabled:
             await self.submissions.open_ring(self.socket_path, self._session, self.timeout_s)
+        await self.delivery.open(self.socket_path, self._session, self.timeout_s, self._daemon_gone)
         self.registrations += 1
         log.info("kvd session %s (boot %s)", session_label(response.session_id), response.boot_id)
         await self.index.attach(self._session, self.boot_id, response.tenant)
@@ -329,13 +326,17 @@ class KvdClient:
     def _connection_lost(self, error: KvdError) -> None:
         """A call that finds the daemon unreachable ends the session now: new operations fail fast from here on."""
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self._ready.clear()
-            if self._broken is not None:
-                self._broken.set()
+            self._daemon_gone()
+
+    def _daemon_gone(self) -> None:
+        self._ready.clear()
+        if self._broken is not None:
+            self._broken.set()
 
     async def _watch(self, call: Any) -> None:
         async for notice in call:
             notice_ns = time.monotonic_ns()
+            self.delivery.release(notice.client_tag)  # a failure or refusal: no record comes for it
             op = self._pending.pop(notice.client_tag, None)
             if op is None:
                 continue
@@ -354,7 +355,7 @@ class KvdClient:
         op.loop_ns = time.monotonic_ns()
         stub = self._stub
         if stub is None:
-            self._fail_pending(op.op_id, "kvd is not connected")
+            self.delivery.fail_pending(op.op_id, "kvd is not connected")
             return
         request = messages.transfer_request(self._session, op, self._columnar)
         method = stub.Save if op.kind is OpKind.SAVE else stub.Load
@@ -365,12 +366,8 @@ class KvdClient:
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             self._connection_lost(error)
-            self._fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
-
-    def _fail_pending(self, op_id: int, error: str) -> None:
-        op = self._pending.pop(op_id, None)
-        if op is not None:
-            self._complete_failed(op, error)
+            self.delivery.rpc_failed(op.op_id, error.code)
+            self.delivery.fail_pending(op.op_id, f"{type(error).__name__}: {error.message}")
 
     async def _lookup(self, hashes: list[bytes]) -> LookupResult:
         try:

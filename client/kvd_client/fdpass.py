@@ -8,7 +8,8 @@ nothing to pass closes the connection after reading the token, as before, so old
 
 The other direction uses the same connection: after registering, a worker that wants descriptors *from* the daemon
 (its tenant's published index, kvd_client.lookups; its progress page for in-step loads, kvd_client.progress; its
-submission ring, kvd_client.ring) reads the token as always, then sends a grant request instead,
+submission ring, kvd_client.ring; its completion queue, kvd_client.completions) reads the token as always, then
+sends a grant request instead,
 
     request   b"KVGR", uint32 want (GRANT_* bits), uint16 id length, uint16 key length, session id, session key
     reply     b"KVGR", uint32 status (0: granted, else a gRPC status code), uint32 what (GRANT_* bits granted),
@@ -47,6 +48,9 @@ GRANT_WAKE = 1 << 2  # the eventfd the daemon writes after each layer of an in-s
 GRANT_SHARED = GRANT_INDEX | GRANT_PROGRESS | GRANT_WAKE  # granted together, with the lease
 GRANT_RING = 1 << 3  # the session's submission ring: a sealed memfd (kvd_client.ring)
 GRANT_DOORBELL = 1 << 4  # the ring's doorbell: the write end of a pipe
+GRANT_COMPLETIONS = 1 << 5  # the session's completion queue: a read-only sealed memfd (kvd_client.completions)
+GRANT_COMPLETION_WAKE = 1 << 6  # the read end of the pipe the daemon writes after each completion record
+GRANT_QUEUE = GRANT_COMPLETIONS | GRANT_COMPLETION_WAKE  # granted together
 MAX_GRANT_FDS = 8
 MAX_SESSION_ID = 256
 MAX_SESSION_KEY = 64

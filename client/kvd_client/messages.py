@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kvd_client.completions import Record
 from kvd_client.errors import InvalidArgument, KvdError, error_of
 from kvd_client.layout import KvLayout
 from kvd_client.types import DAEMON_STAGES, Completion, DaemonStages, LookupResult, OperationStages, OpKind, Tier
@@ -139,6 +140,28 @@ def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) 
         nbytes=notice.bytes_moved,
         duration_s=notice.duration_us / 1e6,
         done_event=notice.done_event,
+        stages=stages,
+    )
+
+
+def completion_of_record(op: PendingOp, record: Record, notice_ns: int) -> Completion:
+    """A successful operation's completion, from its completion-queue record (kvd_client.completions)."""
+    stages = OperationStages(
+        call_ns=op.call_ns,
+        loop_ns=op.loop_ns,
+        send_ns=op.send_ns,
+        accepted_ns=op.accepted_ns,
+        notice_ns=notice_ns,
+        daemon=DaemonStages(*record.stamps),
+    )
+    return Completion(
+        op_id=op.op_id,
+        kind=op.kind,
+        ok=True,
+        failed_hashes=frozenset(),
+        nbytes=record.nbytes,
+        duration_s=record.duration_us / 1e6,
+        done_event=record.done_event,
         stages=stages,
     )
 

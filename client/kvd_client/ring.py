@@ -6,8 +6,9 @@ passes the memfd and the pipe's write end. The caller's thread publishes a recor
 one byte to the doorbell, with the GIL held throughout (struct packing, slice writes, a ctypes.PyDLL write): no hop
 to the client's loop thread, no gRPC call. The daemon's event loop reads the doorbell, one byte per record
 published, copies that many records out of shared memory, checks every byte of the copies (the client may write the
-slots meanwhile) and submits each through the same entry point as the Save/Load RPCs. Completion notices come on the
-Watch stream as before; a record the daemon refuses gets a notice with the status the RPC would have answered.
+slots meanwhile) and submits each through the same entry point as the Save/Load RPCs. Successes are reported
+through the completion queue (kvd_client.completions), failures on the Watch stream; a record the daemon refuses
+gets a notice there with the status the RPC would have answered.
 
     page 0     b"KVDRING1", u32 version, u32 slot_bytes, u32 slots; u64 tail at TAIL_AT (the daemon's: records taken),
                u64 head at HEAD_AT (the client's: records published, for diagnostics; the daemon never reads it)

@@ -225,6 +225,16 @@ class HostPool(Retiring):
         if self.listener is not None:  # before the save's notice goes out: read-your-writes through the index
             self.listener.stored(entry.key, Source.HOST)
 
+    def commit_many(self, entries: Sequence[Entry]) -> None:
+        """`commit` for a whole save: one clock read, one index update."""
+        now = time.monotonic()
+        for entry in entries:
+            entry.state = SlotState.READY
+            entry.last_use = now
+            self._classes[entry.nbytes].lru[entry.key] = entry
+        if self.listener is not None and entries:  # before the save's notice goes out: read-your-writes
+            self.listener.stored_many([entry.key for entry in entries], Source.HOST)
+
     def discard(self, entry: Entry) -> None:
         """Forget an entry (an aborted save, a failed verification, an explicit delete) and free its slot."""
         if self._entries.get(entry.key) is not entry:

@@ -9,6 +9,7 @@ KV memory registers (its block size fixes the sizing); blocks of namespaces with
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from kvd_client.index import DAEMON_REMOTE_TIER, group_key
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 class BlockListener(Protocol):
     def stored(self, key: BlockKey, source: Source) -> None: ...
+
+    def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
+
+    def dropped_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
 
     def dropped(self, key: BlockKey, source: Source) -> None: ...
 
@@ -78,6 +83,23 @@ class IndexRegistry:
         route = self._routes.get(key[0])
         if route is not None:
             route[0].add(key[1], route[1], source)
+
+    def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None:
+        """`stored` for a whole save: one index update per namespace, not one per block."""
+        for (index, rank), hashes in self._by_index(keys).items():
+            index.add_many(hashes, rank, source)
+
+    def dropped_many(self, keys: Sequence[BlockKey], source: Source) -> None:
+        for (index, rank), hashes in self._by_index(keys).items():
+            index.discard_many(hashes, rank, source)
+
+    def _by_index(self, keys: Sequence[BlockKey]) -> dict[tuple[ShmIndex, int], list[bytes]]:
+        out: dict[tuple[ShmIndex, int], list[bytes]] = {}
+        for namespace, block_hash in keys:
+            route = self._routes.get(namespace)
+            if route is not None:
+                out.setdefault(route, []).append(block_hash)
+        return out
 
     def dropped(self, key: BlockKey, source: Source) -> None:
         route = self._routes.get(key[0])

@@ -10,6 +10,7 @@ block's grace is over cuts the grace of the oldest (counted: `grace_cut`).
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from kvd.memory.index_registry import BlockListener
@@ -73,8 +74,14 @@ class Retiring:
             reserves.popleft()
         full = not self._free_slabs and not size_class.open
         limit = min(len(reserves), max(1, len(size_class.lru) // RETIRED_AHEAD_DIVISOR))
-        while full and len(size_class.retired) < limit and self._retire_one(size_class):
-            pass
+        if not full or len(size_class.retired) >= limit:
+            return
+        wanted = limit - len(size_class.retired)
+        victims = list(itertools.islice((e for e in size_class.lru.values() if e.pins == 0), wanted))
+        if self.listener is not None and victims:  # out of the index first, all of them in one update
+            self.listener.dropped_many([entry.key for entry in victims], Source.HOST)
+        for entry in victims:
+            self._retire(entry, indexed=False)
 
     def _retire_one(self, size_class: SizeClass) -> bool:
         for entry in size_class.lru.values():
@@ -83,9 +90,10 @@ class Retiring:
                 return True
         return False
 
-    def _retire(self, entry: Entry) -> None:
-        """Out of lookups and the index, eviction hooks run (write-down copies it out); bytes kept for the grace."""
-        if self.listener is not None:
+    def _retire(self, entry: Entry, indexed: bool = True) -> None:
+        """Out of lookups and the index (`indexed`: still in it), eviction hooks run (write-down copies it out);
+        bytes kept for the grace."""
+        if self.listener is not None and indexed:
             self.listener.dropped(entry.key, Source.HOST)
         if self.evict_hooks:
             view = self.slot_view(entry)

@@ -14,9 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
-import fcntl
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -48,12 +46,10 @@ from kvd_client.index import (
 )
 
 from kvd.errors import InvalidArgument, Unavailable
+from kvd.memory.sealed import create_sealed_memfd
 
 log = logging.getLogger(__name__)
 
-# Linux 5.1+: no new writable mapping and no write() on the file, while mappings made before the seal keep working.
-F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 SLOTS_PER_BLOCK = 4  # load factor 1/4: two-choice cuckoo placement almost never needs a kick at this load
 MIN_SLOTS = 64
 MAX_PATH_VISITS = 512  # breadth-first search for a free slot through kicks; beyond it a block stays unpublished
@@ -88,25 +84,6 @@ class _Block:
     @property
     def published(self) -> bool:
         return self.slot >= 0 or self.stash >= 0
-
-
-def create_sealed_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
-    """A memfd of `nbytes`, its writable shared mapping, then sealed: nobody (us included) can map it writable
-    again, write it, grow, shrink or punch it, or change the seals; the mapping returned keeps writing."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, nbytes)
-        os.fchmod(fd, 0o400)  # reopening through /proc/<pid>/fd needs the owner's uid (or CAP_DAC_OVERRIDE)
-        mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        except OSError:
-            mapping.close()
-            raise
-    except OSError as exc:
-        os.close(fd)
-        raise Unavailable(f"cannot create a sealed shared-memory index (Linux 5.1+ memfd seals): {exc}") from exc
-    return fd, mapping
 
 
 class ShmIndex:
@@ -148,6 +125,7 @@ class ShmIndex:
         self._unplaced: set[bytes] = set()  # complete blocks that found no slot (published once one frees up)
         self._lock = threading.Lock()
         self._closed = False
+        self._changes = 0  # changes of the update under way, counted in the header once it is done
         if capacity_blocks * SLOTS_PER_BLOCK > self.slots:
             log.warning(
                 "index %r: %d slots for up to %d blocks (capped at %d bytes)",
@@ -199,9 +177,11 @@ class ShmIndex:
                 was_cold = self._cold(block)
                 masks[source] = masks[source] | bit if present else masks[source] & ~bit
                 self._publish(digest, block)
-                self._hdr[W_COLD] += self._cold(block) - was_cold
+                if (cold := self._cold(block)) != was_cold:  # a header store only when it changes
+                    self._hdr[W_COLD] += cold - was_cold
                 if not any(masks):
                     del self._blocks[digest]
+            self._count_changes()
 
     def _cold(self, block: _Block) -> int:
         """1 if the block is published with some rank's copy outside host memory."""
@@ -309,6 +289,9 @@ class ShmIndex:
         if tag == 0:
             return None  # tag 0 marks an empty slot: such a block (2^-64 of them) goes to the stash
         starts = [first & self._mask, second & self._mask]
+        for home in starts:  # most blocks find a home free: what the search below would return first
+            if home not in self._owner:
+                return [home]
         parent: dict[int, int | None] = dict.fromkeys(starts)
         queue = collections.deque(dict.fromkeys(starts))
         while queue and len(parent) <= MAX_PATH_VISITS:
@@ -327,9 +310,10 @@ class ShmIndex:
         return None
 
     def _insert_along(self, path: list[int], digest: bytes, block: _Block) -> None:
-        with self._relocating(len(path) > 1):
-            for i in range(len(path) - 2, -1, -1):
-                self._move(path[i], path[i + 1])
+        if len(path) > 1:  # most inserts find a home free: no relocation to announce
+            with self._relocating():
+                for i in range(len(path) - 2, -1, -1):
+                    self._move(path[i], path[i + 1])
         self._write(path[0], digest, block)
 
     def _move(self, src: int, dst: int) -> None:
@@ -392,6 +376,14 @@ class ShmIndex:
         return (stash_entry_offset(entry) + 32) // 8
 
     def _changed(self) -> None:
-        self._hdr[W_ENTRIES] = len(self._owner) + len(self._stashed)
-        self._hdr[W_STASHED] = len(self._stashed)
-        self._hdr[W_GENERATION] += 1
+        self._changes += 1
+
+    def _count_changes(self) -> None:
+        """The header's counts, once per update (a whole save's blocks), not once per block: they are statistics
+        and a hint (W_STASHED: whether probes look in the stash), and a block of an update under way is not
+        promised to anyone yet (its save's notice goes out after the update)."""
+        if self._changes:
+            self._hdr[W_ENTRIES] = len(self._owner) + len(self._stashed)
+            self._hdr[W_STASHED] = len(self._stashed)
+            self._hdr[W_GENERATION] += self._changes
+            self._changes = 0

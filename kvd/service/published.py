@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from kvd_client.fdpass import GRANT_INDEX, GRANT_PROGRESS, GRANT_WAKE
+from kvd_client.fdpass import GRANT_INDEX, GRANT_PROGRESS, GRANT_QUEUE, GRANT_WAKE
 from kvd_client.layout import KvLayout
 
 from kvd.errors import FailedPrecondition
+from kvd.memory.completions import CompletionWriter
 from kvd.memory.index_registry import IndexRegistry
 from kvd.memory.progress import LayerProgress, ProgressWriter
 from kvd.service.sessions import Session
@@ -42,6 +43,18 @@ def shared_grant(indexes: IndexRegistry | None, session: Session) -> SharedGrant
         what |= GRANT_PROGRESS | GRANT_WAKE
         fds += session.progress.client_fds()
     return SharedGrant(what, tuple(fds), session.ended)
+
+
+def completion_grant(session: Session, slots: int) -> tuple[int, tuple[int, ...]]:
+    """For the session's own process (checked by the caller, with its key): a new completion queue (a later grant
+    replaces the earlier one) and its wake, as (GRANT_* bits, descriptors). Raises OSError where the kernel cannot
+    make one (no sealed memfds)."""
+    if session.attachment is None:
+        raise FailedPrecondition("a lookup-only session neither saves nor loads: it has no completion queue")
+    old, session.completions = session.completions, CompletionWriter(slots)
+    if old is not None:
+        old.close()
+    return GRANT_QUEUE, session.completions.hand_over()
 
 
 def in_step_progress(session: Session, layout: KvLayout, in_step: InStep | None) -> LayerProgress | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from kvd_client.types import session_label
 
 from kvd.errors import PermissionDenied, SessionNotFound
+from kvd.memory.completions import CompletionWriter
 from kvd.memory.progress import ProgressWriter
 from kvd.service.checks import namespace_key
 from kvd.transports.base import Attachment
@@ -57,6 +58,7 @@ class Session:
     _watchers: int = 0
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once closed (leases held on it drop)
     progress: ProgressWriter | None = None  # its in-step loads' progress page, once its process asked for it
+    completions: CompletionWriter | None = None  # its completion queue, once its process asked for it
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -84,7 +86,16 @@ class Session:
         return next(self._ops)
 
     def end_operation(self, notice: Notice) -> None:
-        self._notices.put_nowait(notice)
+        """Deliver the operation's notice: one that went well through the completion queue where the session has
+        one (nothing to say but its tag and stages), anything else on the Watch stream (its block list, its reason)."""
+        queue = self.completions
+        if queue is None or not notice.ok or notice.refused_status:
+            self._notices.put_nowait(notice)
+        else:
+            if notice.stages is not None:
+                notice.stages.sent_ns = time.monotonic_ns()
+            if not queue.write(notice, notice.stages):
+                self._notices.put_nowait(notice)
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
@@ -144,6 +155,8 @@ class Session:
         self.ended.set()
         if self.progress is not None:
             self.progress.close()  # the worker's mapping stays valid; nothing writes it any more
+        if self.completions is not None:
+            self.completions.close()  # its wake pipe reads EOF: the worker's loop learns at once
 
 
 class SessionTable:

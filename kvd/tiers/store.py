@@ -198,10 +198,10 @@ class HostStore(BlockStore):
 
     def finish_writes(self, entries: Sequence[Entry], ok: bool) -> None:
         """Commit (bytes complete) or drop reserved slots, and wake saves waiting on them."""
+        if ok:
+            self.pool.commit_many(entries)
         for entry in entries:
-            if ok:
-                self.pool.commit(entry)
-            else:
+            if not ok:
                 self.pool.discard(entry)
             waiter = self._writing.pop(entry.key, None)
             if waiter is not None and not waiter.done():

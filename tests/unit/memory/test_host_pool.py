@@ -4,6 +4,7 @@ two kinds of slot that are never evicted (being written, being read)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -140,6 +141,12 @@ class Listener:
 
     def dropped(self, key: BlockKey, source: object) -> None:
         self.published.discard(key)
+
+    def stored_many(self, keys: Sequence[BlockKey], source: object) -> None:
+        self.published.update(keys)
+
+    def dropped_many(self, keys: Sequence[BlockKey], source: object) -> None:
+        self.published.difference_update(keys)
 
 
 def test_an_evicted_block_leaves_the_index_but_stays_loadable_for_the_grace_period() -> None:
