@@ -5,8 +5,10 @@ doorbell with any count."""
 from __future__ import annotations
 
 import array
+import fcntl
 import mmap
 import os
+import termios
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,6 +87,12 @@ class RawRing:
         at = self.slot(seq)
         data = data[: self.slot_bytes]
         self.map[at : at + len(data)] = data
+
+    def unread(self) -> int:
+        """Doorbell bytes the daemon has not read yet (FIONREAD answers on either end of a pipe)."""
+        count = array.array("i", [0])
+        fcntl.ioctl(self.doorbell, termios.FIONREAD, count, True)
+        return count[0]
 
     def ring(self, count: int = 1) -> None:
         """`count` doorbell bytes (the daemon takes one record per byte)."""

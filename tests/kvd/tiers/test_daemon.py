@@ -79,16 +79,14 @@ def test_l3_hit_on_a_second_node(
     a.fill(saved)
     assert a.save(saved)["ok"]
 
+    # Written through to Redis in the background. Node 2 is asked only once node 1 has stored all of them there: a
+    # lookup that found only the first few would start promoting those into node 2's L1 (promote_on_hit), and the
+    # full hit after it would rightly show them in host memory. The first lookup is the one to look at.
+    wait_for(
+        lambda: tier_stats(node1)[kvd_pb2.TIER_REMOTE].blocks >= len(hashes), 10, what="the write-through to Redis"
+    )
     scheduler = lookup_client(node2, lookups)
-
-    # Written through to Redis in the background: node 2 sees the blocks as soon as that is done.
-    # (The first full hit is the one to look at: it starts promoting the blocks into node 2's L1.)
-    def full_hit() -> tuple[Tier, ...] | None:
-        tiers = tiers_of(scheduler, hashes)
-        return tiers if len(tiers) == len(hashes) else None
-
-    tiers = wait_for(full_hit, 10, what="the L3 hit on node 2")
-    assert tiers == (Tier.REMOTE,) * len(hashes)
+    assert tiers_of(scheduler, hashes) == (Tier.REMOTE,) * len(hashes)
 
     loaded = [(40 + i, h) for i, h in enumerate(hashes)]
     result = b.load(loaded)
