@@ -121,6 +121,10 @@ class HostPool(Retiring):
             return None
         return entry
 
+    def holds_none(self, keys: Sequence[BlockKey]) -> bool:
+        """Whether none of `keys` has an entry in any state (one set operation for a whole request)."""
+        return self._entries.keys().isdisjoint(keys)
+
     def __contains__(self, key: BlockKey) -> bool:
         return self.get(key) is not None
 
@@ -198,7 +202,7 @@ class HostPool(Retiring):
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
         entries, slabs = self._entries, self._slabs
-        if not entries.keys().isdisjoint(keys):
+        if not self.holds_none(keys):
             self._release_retired(keys)
         if len(set(keys)) != len(keys):
             raise InvalidArgument("block is already stored or being stored")
@@ -250,11 +254,11 @@ class HostPool(Retiring):
 
     def commit_many(self, entries: Sequence[Entry]) -> None:
         """`commit` for a whole save: one clock read, one index update."""
-        now = time.monotonic()
+        now, ready, classes = time.monotonic(), SlotState.READY, self._classes
         for entry in entries:
-            entry.state = SlotState.READY
+            entry.state = ready
             entry.last_use = now
-            self._classes[entry.nbytes].lru[entry.key] = entry
+            classes[entry.nbytes].lru[entry.key] = entry
         if self.listener is not None and entries:  # before the save's notice goes out: read-your-writes
             self.listener.stored_many([entry.key for entry in entries], Source.HOST)
 
