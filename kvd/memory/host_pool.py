@@ -26,6 +26,7 @@ from pathlib import Path
 from kvd.config import HostPoolConfig, human_bytes
 from kvd.errors import InvalidArgument, ResourceExhausted, StartupError
 from kvd.memory.index_registry import BlockListener
+from kvd.memory.placement import Placer
 from kvd.memory.region import PinnedRegion, node_cpus
 from kvd.memory.retire import Retiring
 from kvd.memory.shm_index import Source
@@ -35,7 +36,6 @@ from kvd.types import BlockKey
 __all__ = ["Entry", "EvictHook", "HostPool", "SlotState"]
 
 log = logging.getLogger(__name__)
-
 
 
 class HostPool(Retiring):
@@ -62,6 +62,7 @@ class HostPool(Retiring):
         self._numa_node = config.numa_node
         self._slabs = [Slab(i) for i in range(self.num_slabs)]
         self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
+        self._placer = Placer(self._slabs, self._free_slabs, self.slab_bytes)
         self._classes: dict[int, SizeClass] = {}
         self._entries: dict[BlockKey, Entry] = {}
         self.used_bytes = 0
@@ -119,6 +120,10 @@ class HostPool(Retiring):
         if entry is None or entry.state is not SlotState.READY:
             return None
         return entry
+
+    def holds_none(self, keys: Sequence[BlockKey]) -> bool:
+        """Whether none of `keys` has an entry in any state (one set operation for a whole request)."""
+        return self._entries.keys().isdisjoint(keys)
 
     def __contains__(self, key: BlockKey) -> bool:
         return self.get(key) is not None
@@ -190,32 +195,54 @@ class HostPool(Retiring):
         return entries[0]
 
     def reserve_many(self, keys: Sequence[BlockKey], nbytes: int) -> list[Entry]:
-        """RESERVED slots for `keys` (none of them stored), in order, evicting LRU blocks as needed; fewer than
-        asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
-        One call per request, not per block: a large save reserves hundreds."""
+        """RESERVED slots for `keys` (distinct, none of them stored), in order, evicting LRU blocks as needed; fewer
+        than asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
+        One call per request, not per block: a large save reserves hundreds, as runs of consecutive slots where the
+        free space allows (kvd.memory.placement)."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
-        now = time.monotonic()
-        entries, slabs, out = self._entries, self._slabs, []
-        for key in keys:
-            old = entries.get(key)
-            if old is not None and old.state is SlotState.RETIRED and not old.pins:
-                self._release(old)  # new bytes for a retired block: its old slot is not needed
-            elif old is not None:
-                raise InvalidArgument("block is already stored or being stored")
-            try:
-                slab, slot = self._take_slot(nbytes)
-            except ResourceExhausted:
-                break
-            entry = Entry(key, slab, slot, self._slot_address(slab, slot, nbytes), nbytes, last_use=now)
-            entries[key] = entry
-            slabs[slab].entries += 1
-            slabs[slab].last_use = now
-            out.append(entry)
+        entries, slabs = self._entries, self._slabs
+        if not self.holds_none(keys):
+            self._release_retired(keys)
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("block is already stored or being stored")
+        size_class = self._classes.setdefault(nbytes, SizeClass(nbytes))
+        places = self._placer.take(size_class, self._make_room(size_class, len(keys)))
+        now, base, slab_bytes = time.monotonic(), self.base_address, self.slab_bytes
+        out = [
+            Entry(key, slab, slot, base + slab * slab_bytes + slot * nbytes, nbytes, last_use=now)
+            for key, (slab, slot) in zip(keys, places, strict=False)
+        ]
+        entries.update((entry.key, entry) for entry in out)
+        for slab_index, _ in places:
+            slab = slabs[slab_index]
+            slab.entries += 1
+            slab.last_use = now
         self.used_bytes += nbytes * len(out)
         if out:
-            self._retire_ahead(self._classes[nbytes], len(out))
+            self._retire_ahead(size_class, len(out))
         return out
+
+    def _release_retired(self, keys: Sequence[BlockKey]) -> None:
+        """New bytes for retired blocks: their old slots are not needed. A key stored or being stored is refused."""
+        for key in keys:
+            old = self._entries.get(key)
+            if old is None:
+                continue
+            if old.state is not SlotState.RETIRED or old.pins:
+                raise InvalidArgument("block is already stored or being stored")
+            self._release(old)
+
+    def _make_room(self, size_class: SizeClass, count: int) -> int:
+        """Free slots until `count` fit (retiring and reusing LRU blocks of this size, then emptying another size's
+        slab); how many fit."""
+        per_slab = self.slab_bytes // size_class.block_bytes
+        short = count - size_class.free - len(self._free_slabs) * per_slab
+        if short > 0:
+            short -= self._reuse_retired_many(size_class, short)
+        while short > 0 and self._evict_slab(exclude=size_class.block_bytes):
+            short -= per_slab
+        return count - max(short, 0)
 
     def commit(self, entry: Entry) -> None:
         """The slot's bytes are complete: make it visible to lookups."""
@@ -227,11 +254,11 @@ class HostPool(Retiring):
 
     def commit_many(self, entries: Sequence[Entry]) -> None:
         """`commit` for a whole save: one clock read, one index update."""
-        now = time.monotonic()
+        now, ready, classes = time.monotonic(), SlotState.READY, self._classes
         for entry in entries:
-            entry.state = SlotState.READY
+            entry.state = ready
             entry.last_use = now
-            self._classes[entry.nbytes].lru[entry.key] = entry
+            classes[entry.nbytes].lru[entry.key] = entry
         if self.listener is not None and entries:  # before the save's notice goes out: read-your-writes
             self.listener.stored_many([entry.key for entry in entries], Source.HOST)
 
@@ -263,43 +290,24 @@ class HostPool(Retiring):
         size_class.retired.pop(entry.key, None)
         entry.state = SlotState.FREED
         slab = self._slabs[entry.slab]
-        slab.free_slots.append(entry.slot)
+        free = slab.free_slots
+        if free and entry.slot > free[-1]:
+            slab.sorted = False
+        free.append(entry.slot)
         slab.entries -= 1
         self.used_bytes -= entry.nbytes
         if slab.entries == 0:
             # An empty slab goes back to the shared free list, so another block size can use it.
             size_class.slabs.discard(slab.index)
             size_class.open.pop(slab.index, None)
+            size_class.free -= len(free) - 1
             slab.block_bytes = 0
-            slab.free_slots.clear()
+            free.clear()
+            slab.sorted = True
             self._free_slabs.append(slab.index)
         else:
+            size_class.free += 1
             size_class.open[slab.index] = None
-
-    def _take_slot(self, nbytes: int) -> tuple[int, int]:
-        size_class = self._classes.setdefault(nbytes, SizeClass(nbytes))
-        for _ in range(2):
-            if size_class.open:
-                slab_index = next(iter(size_class.open))
-            elif self._free_slabs:
-                slab_index = self._free_slabs.pop()
-                slab = self._slabs[slab_index]
-                slab.block_bytes = nbytes
-                # Hand out low slots first: consecutive saves land in consecutive slots, so copies merge into runs.
-                slab.free_slots = list(range(self.slab_bytes // nbytes - 1, -1, -1))
-                size_class.slabs.add(slab_index)
-            elif not self._reuse_retired(size_class) and not self._evict_slab(exclude=nbytes):
-                break
-            else:
-                continue  # the eviction opened a slot
-            slab = self._slabs[slab_index]
-            slot = slab.free_slots.pop()
-            if slab.free_slots:
-                size_class.open[slab_index] = None
-            else:
-                size_class.open.pop(slab_index, None)
-            return slab_index, slot
-        raise ResourceExhausted("host pool is full and every block in it is in use")
 
     def _evict_slab(self, exclude: int) -> bool:
         """Empty the least-recently-used slab of another block size whose blocks are all evictable."""

@@ -15,7 +15,7 @@ import time
 
 from kvd.memory.index_registry import BlockListener
 from kvd.memory.shm_index import Source
-from kvd.memory.slots import Entry, EvictHook, SizeClass, SlotState
+from kvd.memory.slots import Entry, EvictHook, SizeClass, Slab, SlotState
 from kvd.types import BlockKey
 
 RETIRED_AHEAD_DIVISOR = 4  # at most this fraction (1/n) of a size class's blocks retired ahead of need
@@ -32,6 +32,8 @@ class Retiring:
     _classes: dict[int, SizeClass]
     _entries: dict[BlockKey, Entry]
     _free_slabs: list[int]
+    _slabs: list[Slab]
+    used_bytes: int
 
     def commit(self, entry: Entry) -> None:
         raise NotImplementedError
@@ -53,15 +55,44 @@ class Retiring:
         self.commit(entry)
         return entry
 
-    def _reuse_retired(self, size_class: SizeClass) -> bool:
-        """Free the slot of the oldest retired block (retiring the least recently used one first if none is)."""
-        if not size_class.retired and not self._retire_one(size_class):
-            return False
-        entry = next(iter(size_class.retired.values()))
-        if time.monotonic() - entry.last_use < self.grace_s:
-            self.grace_cut += 1
-        self._release(entry)
-        return True
+    def _reuse_retired_many(self, size_class: SizeClass, count: int) -> int:
+        """Free the slots of up to `count` of the oldest retired blocks (retiring least recently used ones first
+        where too few are retired); how many were freed."""
+        retired = size_class.retired
+        if len(retired) < count:
+            self._retire_many(size_class, count - len(retired))
+        victims = list(itertools.islice(retired.values(), count))
+        cut = time.monotonic() - self.grace_s
+        self.grace_cut += sum(1 for entry in victims if entry.last_use > cut)
+        self._free_retired(size_class, victims)
+        return len(victims)
+
+    def _free_retired(self, size_class: SizeClass, victims: list[Entry]) -> None:
+        """Give retired blocks' slots back (they left the index when they retired): one pass, slabs settled once."""
+        entries, slabs, retired, freed = self._entries, self._slabs, size_class.retired, SlotState.FREED
+        touched: dict[int, Slab] = {}
+        for entry in victims:
+            del entries[entry.key]
+            del retired[entry.key]
+            entry.state = freed
+            slab = touched[entry.slab] = slabs[entry.slab]
+            slab.free_slots.append(entry.slot)
+            slab.entries -= 1
+        self.used_bytes -= size_class.block_bytes * len(victims)
+        size_class.free += len(victims)
+        for index, slab in touched.items():
+            slab.sorted = False
+            if slab.entries:
+                size_class.open[index] = None
+                continue
+            # An empty slab goes back to the shared free list, so another block size can use it.
+            size_class.slabs.discard(index)
+            size_class.open.pop(index, None)
+            size_class.free -= len(slab.free_slots)
+            slab.block_bytes = 0
+            slab.free_slots.clear()
+            slab.sorted = True
+            self._free_slabs.append(index)
 
     def _retire_ahead(self, size_class: SizeClass, reserved: int) -> None:
         """While the size class is full, keep one grace period's worth of its reserves retired ahead of need."""
@@ -74,21 +105,25 @@ class Retiring:
             reserves.popleft()
         full = not self._free_slabs and not size_class.open
         limit = min(len(reserves), max(1, len(size_class.lru) // RETIRED_AHEAD_DIVISOR))
-        if not full or len(size_class.retired) >= limit:
-            return
-        wanted = limit - len(size_class.retired)
+        if full and len(size_class.retired) < limit:
+            self._retire_many(size_class, limit - len(size_class.retired))
+
+    def _retire_many(self, size_class: SizeClass, wanted: int) -> None:
+        """Retire up to `wanted` of the least recently used blocks nobody reads, out of the index in one update."""
         victims = list(itertools.islice((e for e in size_class.lru.values() if e.pins == 0), wanted))
         if self.listener is not None and victims:  # out of the index first, all of them in one update
             self.listener.dropped_many([entry.key for entry in victims], Source.HOST)
-        for entry in victims:
-            self._retire(entry, indexed=False)
-
-    def _retire_one(self, size_class: SizeClass) -> bool:
-        for entry in size_class.lru.values():
-            if entry.pins == 0:
-                self._retire(entry)
-                return True
-        return False
+        if self.evict_hooks:
+            for entry in victims:
+                self._retire(entry, indexed=False)
+            return
+        now, lru, retired, state = time.monotonic(), size_class.lru, size_class.retired, SlotState.RETIRED
+        for entry in victims:  # `_retire` without hooks, inlined: a large save retires hundreds
+            del lru[entry.key]
+            entry.state = state
+            entry.last_use = now
+            retired[entry.key] = entry
+        self.evictions += len(victims)
 
     def _retire(self, entry: Entry, indexed: bool = True) -> None:
         """Out of lookups and the index (`indexed`: still in it), eviction hooks run (write-down copies it out);

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
 import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from kvd_client.index import (
+    DIGEST_BYTES,
     FLAG_HOST,
     HEADER_BYTES,
     MAX_TP_WORLD_SIZE,
@@ -46,44 +45,16 @@ from kvd_client.index import (
 )
 
 from kvd.errors import InvalidArgument, Unavailable
+from kvd.memory.index_blocks import DEFAULT_MAX_BYTES, MIN_SLOTS, SLOTS_PER_BLOCK, Source, slots_for
+from kvd.memory.index_blocks import IndexBlock as _Block
 from kvd.memory.sealed import create_sealed_memfd
 
 log = logging.getLogger(__name__)
 
-SLOTS_PER_BLOCK = 4  # load factor 1/4: two-choice cuckoo placement almost never needs a kick at this load
-MIN_SLOTS = 64
 MAX_PATH_VISITS = 512  # breadth-first search for a free slot through kicks; beyond it a block stays unpublished
-DEFAULT_MAX_BYTES = 256 << 20
 RETRY_UNPLACED = 8  # unpublished blocks tried for each slot that frees up
 
-
-def slots_for(capacity_blocks: int, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
-    """Slots for an index of up to `capacity_blocks` blocks: a power of two at least 4 per block, but no file over
-    `max_bytes` (then the index holds fewer blocks than the tiers: the rest read as absent)."""
-    want = max(MIN_SLOTS, capacity_blocks * SLOTS_PER_BLOCK)
-    slots = 1 << (want - 1).bit_length()
-    while slots > MIN_SLOTS and layout_for(slots)[2] > max_bytes:
-        slots >>= 1
-    return slots
-
-
-class Source(enum.IntEnum):
-    """Where a rank's copy of a block is held locally (each may hold one; any of them makes it loadable)."""
-
-    HOST = 0  # the host pool (L1): loadable without a fetch, the only source in-step loads read
-    QUEUED = 1  # evicted from L1 and queued for a lower tier, bytes still in the daemon's memory
-    DISK = 2  # the disk tier
-
-
-@dataclass(slots=True)
-class _Block:
-    masks: list[int] = field(default_factory=lambda: [0, 0, 0])  # per Source: bit r = rank r's copy is there
-    slot: int = -1  # published in this table slot; -1: not in the table
-    stash: int = -1  # published in this stash entry; -1: not in the stash
-
-    @property
-    def published(self) -> bool:
-        return self.slot >= 0 or self.stash >= 0
+__all__ = ["DEFAULT_MAX_BYTES", "MIN_SLOTS", "ShmIndex", "Source", "slots_for"]
 
 
 class ShmIndex:
@@ -165,14 +136,18 @@ class ShmIndex:
 
     def _update(self, block_hashes: Iterable[bytes], rank: int, source: Source, *, present: bool) -> None:
         bit = self._rank_bit(rank)
+        simple = bit == self._full and source is Source.HOST  # one rank's host copies: the common case, inlined
+        blocks = self._blocks
         with self._lock:
             for block_hash in block_hashes:
-                digest = index_digest(block_hash)
-                block = self._blocks.get(digest)
+                digest = block_hash if len(block_hash) == DIGEST_BYTES else index_digest(block_hash)
+                block = blocks.get(digest)
+                if simple and (self._added(digest, block, bit) if present else self._dropped(digest, block, bit)):
+                    continue
                 if block is None:
                     if not present:
                         continue
-                    block = self._blocks[digest] = _Block()
+                    block = blocks[digest] = _Block([0, 0, 0])
                 masks = block.masks
                 was_cold = self._cold(block)
                 masks[source] = masks[source] | bit if present else masks[source] & ~bit
@@ -180,8 +155,42 @@ class ShmIndex:
                 if (cold := self._cold(block)) != was_cold:  # a header store only when it changes
                     self._hdr[W_COLD] += cold - was_cold
                 if not any(masks):
-                    del self._blocks[digest]
+                    del blocks[digest]
             self._count_changes()
+
+    def _added(self, digest: bytes, block: _Block | None, bit: int) -> bool:
+        """A new block in host memory whose home slot is free, published at once; False: not that case."""
+        if block is not None:
+            return False
+        first, tag, second = digest_words(digest)
+        owner, mask = self._owner, self._mask
+        slot = first & mask
+        if slot in owner:
+            slot = second & mask
+            if slot in owner or not tag:
+                return False
+        elif not tag:
+            return False
+        block = self._blocks[digest] = _Block([bit, 0, 0], slot)
+        self._flags[slot] = FLAG_HOST
+        self._words[slot] = tag
+        owner[slot] = digest
+        self._changes += 1
+        return True
+
+    def _dropped(self, digest: bytes, block: _Block | None, bit: int) -> bool:
+        """A block held only in host memory leaves it, unpublished from its table slot; False: not that case."""
+        if block is None or block.slot < 0 or block.masks != [bit, 0, 0]:
+            return False
+        slot = block.slot
+        self._words[slot] = 0
+        self._flags[slot] = 0
+        del self._owner[slot]
+        del self._blocks[digest]
+        self._changes += 1
+        if self._stashed or self._unplaced:
+            self._refill()
+        return True
 
     def _cold(self, block: _Block) -> int:
         """1 if the block is published with some rank's copy outside host memory."""

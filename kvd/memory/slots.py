@@ -36,7 +36,8 @@ class Entry:
 class Slab:
     index: int
     block_bytes: int = 0  # 0: free slab
-    free_slots: list[int] = field(default_factory=list)
+    free_slots: list[int] = field(default_factory=list)  # descending when `sorted`: the lowest is taken first
+    sorted: bool = True
     entries: int = 0
     last_use: float = 0.0
 
@@ -49,6 +50,7 @@ class SizeClass:
     # instead of scanning every slab of the size (a 512-block save into a full 4 GiB pool scanned 64 slabs per block,
     # twice, milliseconds per request).
     open: dict[int, None] = field(default_factory=dict)
+    free: int = 0  # free slots in its slabs (those in `open`): whether a request fits without evicting
     lru: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # READY entries, oldest first
     retired: OrderedDict[BlockKey, Entry] = field(default_factory=OrderedDict)  # oldest retirement first
     reserves: deque[float] = field(default_factory=deque)  # recent reserve times (how many to retire ahead)

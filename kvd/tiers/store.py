@@ -159,6 +159,16 @@ class HostStore(BlockStore):
     # -- saves ---------------------------------------------------------------------------------------------------
 
     def prepare_save(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
+        pool, writing = self.pool, self._writing
+        if pool.holds_none(keys) and writing.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            # Every block new (the common save): set operations at C speed instead of four lookups a block.
+            entries = pool.reserve_many(keys, nbytes)
+            writing.update(dict.fromkeys(keys[: len(entries)], asyncio.get_running_loop().create_future()))
+            return SavePlan(to_write=list(enumerate(entries)), no_room=list(range(len(entries), len(keys))))
+        return self._prepare_mixed(keys, nbytes)
+
+    def _prepare_mixed(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
+        """prepare_save where some keys are stored, being written, or repeated."""
         plan = SavePlan()
         seen: set[BlockKey] = set()
         fresh: list[int] = []
@@ -200,10 +210,11 @@ class HostStore(BlockStore):
         """Commit (bytes complete) or drop reserved slots, and wake saves waiting on them."""
         if ok:
             self.pool.commit_many(entries)
-        for entry in entries:
-            if not ok:
+        else:
+            for entry in entries:
                 self.pool.discard(entry)
-            waiter = self._writing.pop(entry.key, None)
+        writing = self._writing
+        for waiter in {writing.pop(entry.key, None) for entry in entries}:  # a save's blocks share one future
             if waiter is not None and not waiter.done():
                 waiter.set_result(ok)
 
