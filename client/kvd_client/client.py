@@ -31,7 +31,7 @@ from kvd_client.delivery import Delivery
 from kvd_client.errors import InvalidArgument, KvdError, Unavailable, from_rpc_error
 from kvd_client.fdpass import close_fds
 from kvd_client.handoff import Finished, Inbox, run_on_loop, settle_when_done
-from kvd_client.lookups import LocalIndex, resolved, rpc_lookup
+from kvd_client.lookups import LocalIndex, Resolved, rpc_lookup
 from kvd_client.memory import KvMemory
 from kvd_client.messages import PendingOp
 from kvd_client.progress import StepLoad
@@ -146,7 +146,7 @@ class KvdClient:
             failed.set_exception(Unavailable("kvd is not connected"))
             return failed
         if (local := self.index.lookup(block_hashes)) is not None:
-            return resolved(local)  # from the mapped index, in this thread: no round trip
+            return Resolved(local)  # from the mapped index, in this thread: no round trip
         future: concurrent.futures.Future[LookupResult] = concurrent.futures.Future()
         with self._lock:
             self._lookups.add(future)

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 from kvd_client.errors import InvalidArgument
+from kvd_client.index import HashRun
 
 KEY_BYTES = 32  # within the wire's 1..64-byte limit; 256 bits keeps accidental collisions out of the question
 _VERSION = b"kvd-block-v1"
@@ -87,7 +88,7 @@ def block_hashes(
 class BlockHasher:
     """Chained keys of a growing token sequence: `extend` hashes only the blocks that became full since last time."""
 
-    __slots__ = ("_block_size", "_hashes", "_root")
+    __slots__ = ("_block_size", "_hashes", "_joined", "_root", "_snapshot")
 
     def __init__(self, root: bytes, block_size: int) -> None:
         if block_size <= 0:
@@ -97,6 +98,8 @@ class BlockHasher:
         self._root = root
         self._block_size = block_size
         self._hashes: list[bytes] = []
+        self._joined = bytearray()  # the same hashes back to back: the index probes them without a join
+        self._snapshot = b""  # an immutable copy of _joined for runs handed out (a bytearray cannot grow while viewed)
 
     @property
     def hashes(self) -> Sequence[bytes]:
@@ -114,4 +117,12 @@ class BlockHasher:
             parent = self._hashes[i - 1] if i else self._root
             extra = extras[i] if i < len(extras) else b""
             self._hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs], extra))
+            self._joined += self._hashes[-1]
         return self._hashes
+
+    def run(self, n: int) -> HashRun:
+        """The first `n` hashes (at most those computed) as one buffer, for kvd_client.index's probe: copying the
+        buffer once per extension costs far less than joining 1,000 hashes per lookup (6 us)."""
+        if len(self._snapshot) != len(self._joined):
+            self._snapshot = bytes(self._joined)
+        return HashRun(memoryview(self._snapshot)[: max(0, min(n, len(self._hashes))) * KEY_BYTES])

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from kvd_client import index as index_mod
-from kvd_client.index import STASH_SLOTS, IndexReader, IndexUnavailable, layout_for
+from kvd_client.hashing import BlockHasher
+from kvd_client.index import STASH_SLOTS, HashRun, IndexReader, IndexUnavailable, layout_for
 
 from kvd.memory.shm_index import MIN_SLOTS, ShmIndex, Source, slots_for
 
@@ -101,8 +102,10 @@ def test_matches_a_reference_under_random_changes(index: ShmIndex) -> None:
         for _ in range(20):
             hashes = rng.sample(members, rng.randrange(1, min(300, len(members)))) + rng.sample(universe, 3)
             expected = prefix(stored, hashes)
-            assert numpy_reader.probe(hashes) == expected
-            assert python_reader.probe(hashes) == expected
+            run = HashRun(b"".join(hashes))  # the connector's form: one buffer, probed without a join
+            for reader in (numpy_reader, python_reader):
+                assert reader.probe(hashes) == expected
+                assert reader.probe_tiers(run) == (expected, expected)
     assert index.counters()["overflows"] == 0, "a block went unpublished below the capacity the index was sized for"
     assert index.counters()["relocations"] > 0, "the test did not exercise relocations"
 
@@ -114,6 +117,22 @@ def test_hashes_of_other_lengths(index: ShmIndex) -> None:
         assert reader.probe(hashes) == 100
         assert reader.probe(hashes[:3]) == 3
         assert reader.probe([b"x", *hashes]) == 0
+
+
+def test_a_hash_run_is_its_hashes() -> None:
+    """BlockHasher.run: the hashes it computed, as one buffer that reads back as the same sequence of bytes."""
+    hasher = BlockHasher(key("root", 0), 4)
+    hasher.extend(list(range(4 * 40 + 3)))
+    hashes = list(hasher.hashes)
+    run = hasher.run(100)
+    assert len(run) == 40 and list(run) == hashes and run[-1] == hashes[-1] and run[5] == hashes[5]
+    assert list(run[3:7]) == hashes[3:7] and len(run[7:3]) == 0 and list(hasher.run(2)) == hashes[:2]
+    hasher.extend(list(range(4 * 41)))  # a run handed out earlier keeps its hashes while the hasher grows
+    assert list(run) == hashes and len(hasher.run(100)) == 41
+    with pytest.raises(IndexError):
+        run[40]
+    with pytest.raises(ValueError):
+        HashRun(b"x" * 33)
 
 
 def test_never_stored_blocks_are_never_reported(index: ShmIndex) -> None:

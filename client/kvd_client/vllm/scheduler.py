@@ -132,7 +132,9 @@ class KvdScheduler:
         for what a remote tier may add, per `remote_lookups`) by RPC; False when kvd is not there right now."""
         if not client.ready:
             return False
-        hashes = list(self._hashes(st, self._max_blocks(st.request) * self._block_size))
+        blocks = self._max_blocks(st.request)
+        self._hashes(st, blocks * self._block_size)
+        hashes = st.hasher.run(blocks)  # one buffer: the index probes it without joining the hashes
         st.lookup_blocks = len(hashes)
         self.stats.stats.add("lookups")
         index: Any = getattr(client, "index", None)  # kvd_client.lookups.LocalIndex (absent in fakes)
