@@ -19,8 +19,10 @@ import logging
 import mmap
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 
 from kvd.config import HostPoolConfig, human_bytes
@@ -214,9 +216,9 @@ class HostPool(Retiring):
             for key, (slab, slot) in zip(keys, places, strict=False)
         ]
         entries.update((entry.key, entry) for entry in out)
-        for slab_index, _ in places:
+        for slab_index, taken in Counter(map(itemgetter(0), places)).items():  # per slab, not per block
             slab = slabs[slab_index]
-            slab.entries += 1
+            slab.entries += taken
             slab.last_use = now
         self.used_bytes += nbytes * len(out)
         if out:
