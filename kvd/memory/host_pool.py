@@ -196,18 +196,20 @@ class HostPool(Retiring):
             raise ResourceExhausted("host pool is full and every block in it is in use")
         return entries[0]
 
-    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int) -> list[Entry]:
+    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int, *, checked: bool = False) -> list[Entry]:
         """RESERVED slots for `keys` (distinct, none of them stored), in order, evicting LRU blocks as needed; fewer
         than asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
         One call per request, not per block: a large save reserves hundreds, as runs of consecutive slots where the
-        free space allows (kvd.memory.placement)."""
+        free space allows (kvd.memory.placement). `checked`: the caller found the keys distinct and none of them
+        held (HostStore.prepare_save's fast path), so they are not checked twice."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
         entries, slabs = self._entries, self._slabs
-        if not self.holds_none(keys):
-            self._release_retired(keys)
-        if len(set(keys)) != len(keys):
-            raise InvalidArgument("block is already stored or being stored")
+        if not checked:
+            if not self.holds_none(keys):
+                self._release_retired(keys)
+            if len(set(keys)) != len(keys):
+                raise InvalidArgument("block is already stored or being stored")
         size_class = self._classes.setdefault(nbytes, SizeClass(nbytes))
         places = self._placer.take(size_class, self._make_room(size_class, len(keys)))
         now, base, slab_bytes = time.monotonic(), self.base_address, self.slab_bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-from kvd_client.index import DIGEST_BYTES, digest_words, index_digest
+from kvd_client.index import DIGEST_BYTES, digest_words, index_digest, stash_entry_offset
 
 MAX_PATH_VISITS = 512  # breadth-first search for a free slot through kicks; beyond it a block stays unpublished
 
@@ -41,7 +41,7 @@ class DigestMemo:
     def leaving(self, hashes: Sequence[bytes]) -> list[bytes]:
         """The keys of blocks a copy of which leaves (forgotten: another copy's drop hashes again, rarely)."""
         pop = self._memo.pop
-        return [pop(block_hash, None) or index_digest(block_hash) for block_hash in hashes]
+        return [pop(block_hash, b"") or index_digest(block_hash) for block_hash in hashes]
 
     def __len__(self) -> int:
         return len(self._memo)
@@ -73,3 +73,8 @@ def find_path(digest: bytes, owner: dict[int, bytes], mask: int) -> list[int] | 
             parent[other] = slot
             queue.append(other)
     return None
+
+
+def stash_state_word(entry: int) -> int:
+    """The header word (8-byte units) holding stash entry `entry`'s state, after its digest."""
+    return (stash_entry_offset(entry) + DIGEST_BYTES) // 8

@@ -45,7 +45,7 @@ from kvd_client.index import (
 from kvd.errors import InvalidArgument, Unavailable
 from kvd.memory.index_blocks import DEFAULT_MAX_BYTES, MIN_SLOTS, SLOTS_PER_BLOCK, Source, slots_for
 from kvd.memory.index_blocks import IndexBlock as _Block
-from kvd.memory.index_keys import DigestMemo, find_path
+from kvd.memory.index_keys import DigestMemo, find_path, stash_state_word
 from kvd.memory.sealed import create_sealed_memfd
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class ShmIndex:
         self._hdr[W_STATE] = STATE_LIVE
         self._mask = self.slots - 1
         self._full = (1 << tp_world_size) - 1
-        self._blocks: dict[bytes, _Block] = {}
+        # digest -> its record; a bare int for the common block (every rank's copy in host memory only, published in
+        # that table slot): no record object to build and free per block of a large save
+        self._blocks: dict[bytes, _Block | int] = {}
         self._owner: dict[int, bytes] = {}  # slot -> digest published there
         self._stashed: dict[int, bytes] = {}  # stash entry -> digest published there
         self._unplaced: set[bytes] = set()  # complete blocks that found no slot (published once one frees up)
@@ -151,6 +153,8 @@ class ShmIndex:
             if not present:
                 return
             block = blocks[digest] = _Block([0, 0, 0])
+        elif isinstance(block, int):
+            block = blocks[digest] = _Block([self._full, 0, 0], block)
         masks = block.masks
         was_cold = self._cold(block)
         masks[source] = masks[source] | bit if present else masks[source] & ~bit
@@ -176,7 +180,7 @@ class ShmIndex:
             if not tag or digest in blocks:
                 rest.append(digest)
                 continue
-            blocks[digest] = _Block([bit, 0, 0], slot)
+            blocks[digest] = slot
             flags[slot] = FLAG_HOST
             words[slot] = tag
             owner[slot] = digest
@@ -189,13 +193,16 @@ class ShmIndex:
         blocks, owner, flags, words = self._blocks, self._owner, self._flags, self._words
         rest = []
         for digest in digests:
-            block = blocks.get(digest)
-            if block is None:
+            held = blocks.get(digest)
+            if held is None:
                 continue  # not held anywhere: nothing to drop (the general path would do the same)
-            masks, slot = block.masks, block.slot
-            if slot < 0 or masks[0] != bit or masks[1] or masks[2]:
+            if isinstance(held, int):
+                slot = held
+            elif held.slot < 0 or held.masks[0] != bit or held.masks[1] or held.masks[2]:
                 rest.append(digest)
                 continue
+            else:
+                slot = held.slot
             words[slot] = 0
             flags[slot] = 0
             del owner[slot]
@@ -270,7 +277,7 @@ class ShmIndex:
         elif block.slot >= 0:
             self._flags[block.slot] = self._flag(block)
         elif block.stash >= 0:
-            self._hdr[self._stash_state_word(block.stash)] = STASH_USED | self._flag(block)
+            self._hdr[stash_state_word(block.stash)] = STASH_USED | self._flag(block)
         elif not present:
             self._unplaced.discard(digest)
 
@@ -318,7 +325,11 @@ class ShmIndex:
         self._flags[dst] = self._flags[src]
         self._words[dst] = self._words[src]
         self._owner[dst] = digest
-        self._blocks[digest].slot = dst
+        block = self._blocks[digest]
+        if isinstance(block, int):
+            self._blocks[digest] = dst
+        else:
+            block.slot = dst
 
     def _write(self, slot: int, digest: bytes, block: _Block) -> None:
         self._flags[slot] = self._flag(block)
@@ -332,7 +343,7 @@ class ShmIndex:
         offset = stash_entry_offset(entry)
         with self._relocating():
             self._view[offset : offset + len(digest)] = digest
-            self._hdr[self._stash_state_word(entry)] = STASH_USED | self._flag(block)
+            self._hdr[stash_state_word(entry)] = STASH_USED | self._flag(block)
         self._stashed[entry] = digest
         block.stash = entry
         self._changed()
@@ -345,7 +356,7 @@ class ShmIndex:
             block.slot = -1
         else:
             with self._relocating():
-                self._hdr[self._stash_state_word(block.stash)] = 0
+                self._hdr[stash_state_word(block.stash)] = 0
             del self._stashed[block.stash]
             block.stash = -1
         self._changed()
@@ -356,19 +367,22 @@ class ShmIndex:
             path = find_path(digest, self._owner, self._mask)
             if path is None:
                 continue
-            block = self._blocks[digest]
+            block = self._record(digest)
             self._insert_along(path, digest, block)  # in the table first, then out of the stash: never absent
             with self._relocating():
-                self._hdr[self._stash_state_word(entry)] = 0
+                self._hdr[stash_state_word(entry)] = 0
             del self._stashed[entry]
             block.stash = -1
             self._changed()
         for digest in list(self._unplaced)[:RETRY_UNPLACED]:
-            self._place(digest, self._blocks[digest])
+            self._place(digest, self._record(digest))
 
-    @staticmethod
-    def _stash_state_word(entry: int) -> int:
-        return (stash_entry_offset(entry) + 32) // 8
+    def _record(self, digest: bytes) -> _Block:
+        """The block's full record (a stashed or unplaced block has one already; a bare slot becomes one)."""
+        block = self._blocks[digest]
+        if isinstance(block, int):
+            block = self._blocks[digest] = _Block([self._full, 0, 0], block)
+        return block
 
     def _changed(self) -> None:
         self._changes += 1
