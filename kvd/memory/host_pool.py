@@ -19,8 +19,10 @@ import logging
 import mmap
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 
 from kvd.config import HostPoolConfig, human_bytes
@@ -194,29 +196,31 @@ class HostPool(Retiring):
             raise ResourceExhausted("host pool is full and every block in it is in use")
         return entries[0]
 
-    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int) -> list[Entry]:
+    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int, *, checked: bool = False) -> list[Entry]:
         """RESERVED slots for `keys` (distinct, none of them stored), in order, evicting LRU blocks as needed; fewer
         than asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
         One call per request, not per block: a large save reserves hundreds, as runs of consecutive slots where the
-        free space allows (kvd.memory.placement)."""
+        free space allows (kvd.memory.placement). `checked`: the caller found the keys distinct and none of them
+        held (HostStore.prepare_save's fast path), so they are not checked twice."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
         entries, slabs = self._entries, self._slabs
-        if not self.holds_none(keys):
-            self._release_retired(keys)
-        if len(set(keys)) != len(keys):
-            raise InvalidArgument("block is already stored or being stored")
+        if not checked:
+            if not self.holds_none(keys):
+                self._release_retired(keys)
+            if len(set(keys)) != len(keys):
+                raise InvalidArgument("block is already stored or being stored")
         size_class = self._classes.setdefault(nbytes, SizeClass(nbytes))
         places = self._placer.take(size_class, self._make_room(size_class, len(keys)))
-        now, base, slab_bytes = time.monotonic(), self.base_address, self.slab_bytes
-        out = [
-            Entry(key, slab, slot, base + slab * slab_bytes + slot * nbytes, nbytes, last_use=now)
+        now, base, slab_bytes, reserved = time.monotonic(), self.base_address, self.slab_bytes, SlotState.RESERVED
+        out = [  # Entry's fields positionally: a third cheaper than by keyword, for hundreds of blocks
+            Entry(key, slab, slot, base + slab * slab_bytes + slot * nbytes, nbytes, reserved, 0, now)
             for key, (slab, slot) in zip(keys, places, strict=False)
         ]
         entries.update((entry.key, entry) for entry in out)
-        for slab_index, _ in places:
+        for slab_index, taken in Counter(map(itemgetter(0), places)).items():  # per slab, not per block
             slab = slabs[slab_index]
-            slab.entries += 1
+            slab.entries += taken
             slab.last_use = now
         self.used_bytes += nbytes * len(out)
         if out:

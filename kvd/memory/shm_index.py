@@ -11,15 +11,14 @@ with single stores; relocations (cuckoo kicks) are bracketed by the `relocations
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
+import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from kvd_client.index import (
-    DIGEST_BYTES,
     FLAG_HOST,
     HEADER_BYTES,
     MAX_TP_WORLD_SIZE,
@@ -38,7 +37,6 @@ from kvd_client.index import (
     W_STATE,
     IndexHeader,
     digest_words,
-    index_digest,
     label_of,
     layout_for,
     stash_entry_offset,
@@ -47,11 +45,11 @@ from kvd_client.index import (
 from kvd.errors import InvalidArgument, Unavailable
 from kvd.memory.index_blocks import DEFAULT_MAX_BYTES, MIN_SLOTS, SLOTS_PER_BLOCK, Source, slots_for
 from kvd.memory.index_blocks import IndexBlock as _Block
+from kvd.memory.index_keys import DigestMemo, find_path, stash_state_word
 from kvd.memory.sealed import create_sealed_memfd
 
 log = logging.getLogger(__name__)
 
-MAX_PATH_VISITS = 512  # breadth-first search for a free slot through kicks; beyond it a block stays unpublished
 RETRY_UNPLACED = 8  # unpublished blocks tried for each slot that frees up
 
 __all__ = ["DEFAULT_MAX_BYTES", "MIN_SLOTS", "ShmIndex", "Source", "slots_for"]
@@ -90,10 +88,13 @@ class ShmIndex:
         self._hdr[W_STATE] = STATE_LIVE
         self._mask = self.slots - 1
         self._full = (1 << tp_world_size) - 1
-        self._blocks: dict[bytes, _Block] = {}
+        # digest -> its record; a bare int for the common block (every rank's copy in host memory only, published in
+        # that table slot): no record object to build and free per block of a large save
+        self._blocks: dict[bytes, _Block | int] = {}
         self._owner: dict[int, bytes] = {}  # slot -> digest published there
         self._stashed: dict[int, bytes] = {}  # stash entry -> digest published there
         self._unplaced: set[bytes] = set()  # complete blocks that found no slot (published once one frees up)
+        self._digests = DigestMemo(limit=2 * self.slots)
         self._lock = threading.Lock()
         self._closed = False
         self._changes = 0  # changes of the update under way, counted in the header once it is done
@@ -136,61 +137,80 @@ class ShmIndex:
 
     def _update(self, block_hashes: Iterable[bytes], rank: int, source: Source, *, present: bool) -> None:
         bit = self._rank_bit(rank)
-        simple = bit == self._full and source is Source.HOST  # one rank's host copies: the common case, inlined
-        blocks = self._blocks
+        hashes = block_hashes if isinstance(block_hashes, Sequence) else list(block_hashes)
         with self._lock:
-            for block_hash in block_hashes:
-                digest = block_hash if len(block_hash) == DIGEST_BYTES else index_digest(block_hash)
-                block = blocks.get(digest)
-                if simple and (self._added(digest, block, bit) if present else self._dropped(digest, block, bit)):
-                    continue
-                if block is None:
-                    if not present:
-                        continue
-                    block = blocks[digest] = _Block([0, 0, 0])
-                masks = block.masks
-                was_cold = self._cold(block)
-                masks[source] = masks[source] | bit if present else masks[source] & ~bit
-                self._publish(digest, block)
-                if (cold := self._cold(block)) != was_cold:  # a header store only when it changes
-                    self._hdr[W_COLD] += cold - was_cold
-                if not any(masks):
-                    del blocks[digest]
+            digests = self._digests.arriving(hashes) if present else self._digests.leaving(hashes)
+            if bit == self._full and source is Source.HOST:  # one rank's host copies: the common case, batched
+                digests = self._added(digests, bit) if present else self._dropped(digests, bit)
+            for digest in digests:
+                self._update_one(digest, bit, source, present)
             self._count_changes()
 
-    def _added(self, digest: bytes, block: _Block | None, bit: int) -> bool:
-        """A new block in host memory whose home slot is free, published at once; False: not that case."""
-        if block is not None:
-            return False
-        first, tag, second = digest_words(digest)
-        owner, mask = self._owner, self._mask
-        slot = first & mask
-        if slot in owner:
-            slot = second & mask
-            if slot in owner or not tag:
-                return False
-        elif not tag:
-            return False
-        block = self._blocks[digest] = _Block([bit, 0, 0], slot)
-        self._flags[slot] = FLAG_HOST
-        self._words[slot] = tag
-        owner[slot] = digest
-        self._changes += 1
-        return True
+    def _update_one(self, digest: bytes, bit: int, source: Source, present: bool) -> None:
+        blocks = self._blocks
+        block = blocks.get(digest)
+        if block is None:
+            if not present:
+                return
+            block = blocks[digest] = _Block([0, 0, 0])
+        elif isinstance(block, int):
+            block = blocks[digest] = _Block([self._full, 0, 0], block)
+        masks = block.masks
+        was_cold = self._cold(block)
+        masks[source] = masks[source] | bit if present else masks[source] & ~bit
+        self._publish(digest, block)
+        if (cold := self._cold(block)) != was_cold:  # a header store only when it changes
+            self._hdr[W_COLD] += cold - was_cold
+        if not any(masks):
+            del blocks[digest]
 
-    def _dropped(self, digest: bytes, block: _Block | None, bit: int) -> bool:
-        """A block held only in host memory leaves it, unpublished from its table slot; False: not that case."""
-        if block is None or block.slot < 0 or block.masks != [bit, 0, 0]:
-            return False
-        slot = block.slot
-        self._words[slot] = 0
-        self._flags[slot] = 0
-        del self._owner[slot]
-        del self._blocks[digest]
-        self._changes += 1
-        if self._stashed or self._unplaced:
-            self._refill()
-        return True
+    def _added(self, digests: list[bytes], bit: int) -> list[bytes]:
+        """New blocks in host memory whose home slot is free, published at once (the words of every key unpacked in
+        one call); the rest (known blocks, both homes taken) are returned for the general path."""
+        blocks, owner, mask, flags, words = self._blocks, self._owner, self._mask, self._flags, self._words
+        unpacked = struct.unpack(f"<{4 * len(digests)}Q", b"".join(digests))
+        rest = []
+        for digest, first, tag, second in zip(digests, unpacked[0::4], unpacked[1::4], unpacked[2::4], strict=True):
+            slot = first & mask
+            if slot in owner:
+                slot = second & mask
+                if slot in owner:
+                    rest.append(digest)
+                    continue
+            if not tag or digest in blocks:
+                rest.append(digest)
+                continue
+            blocks[digest] = slot
+            flags[slot] = FLAG_HOST
+            words[slot] = tag
+            owner[slot] = digest
+        self._changes += len(digests) - len(rest)
+        return rest
+
+    def _dropped(self, digests: list[bytes], bit: int) -> list[bytes]:
+        """Blocks held only in host memory leave it, unpublished from their table slots; the rest are returned for
+        the general path."""
+        blocks, owner, flags, words = self._blocks, self._owner, self._flags, self._words
+        rest = []
+        for digest in digests:
+            held = blocks.get(digest)
+            if held is None:
+                continue  # not held anywhere: nothing to drop (the general path would do the same)
+            if isinstance(held, int):
+                slot = held
+            elif held.slot < 0 or held.masks[0] != bit or held.masks[1] or held.masks[2]:
+                rest.append(digest)
+                continue
+            else:
+                slot = held.slot
+            words[slot] = 0
+            flags[slot] = 0
+            del owner[slot]
+            del blocks[digest]
+            self._changes += 1
+            if self._stashed or self._unplaced:
+                self._refill()
+        return rest
 
     def _cold(self, block: _Block) -> int:
         """1 if the block is published with some rank's copy outside host memory."""
@@ -257,7 +277,7 @@ class ShmIndex:
         elif block.slot >= 0:
             self._flags[block.slot] = self._flag(block)
         elif block.stash >= 0:
-            self._hdr[self._stash_state_word(block.stash)] = STASH_USED | self._flag(block)
+            self._hdr[stash_state_word(block.stash)] = STASH_USED | self._flag(block)
         elif not present:
             self._unplaced.discard(digest)
 
@@ -266,7 +286,7 @@ class ShmIndex:
 
     def _place(self, digest: bytes, block: _Block) -> bool:
         """Publish a block in the table (kicking others along a path to a free slot), else in the stash."""
-        path = self._find_path(digest)
+        path = find_path(digest, self._owner, self._mask)
         if path is not None:
             self._insert_along(path, digest, block)
         elif len(self._stashed) < STASH_SLOTS:
@@ -291,33 +311,6 @@ class ShmIndex:
             if moving:
                 self._hdr[W_RELOCATIONS] += 1
 
-    def _find_path(self, digest: bytes) -> list[int] | None:
-        """Slots [s0, ..., sk]: s0 is one of the block's two homes, sk is free, and the block in each s_i (i < k)
-        may move to s_{i+1}, its other home. Breadth-first, so the fewest kicks."""
-        first, tag, second = digest_words(digest)
-        if tag == 0:
-            return None  # tag 0 marks an empty slot: such a block (2^-64 of them) goes to the stash
-        starts = [first & self._mask, second & self._mask]
-        for home in starts:  # most blocks find a home free: what the search below would return first
-            if home not in self._owner:
-                return [home]
-        parent: dict[int, int | None] = dict.fromkeys(starts)
-        queue = collections.deque(dict.fromkeys(starts))
-        while queue and len(parent) <= MAX_PATH_VISITS:
-            slot = queue.popleft()
-            owner = self._owner.get(slot)
-            if owner is None:
-                path = [slot]
-                while (previous := parent[path[-1]]) is not None:
-                    path.append(previous)
-                return path[::-1]
-            home_a, _, home_b = digest_words(owner)
-            other = (home_b if home_a & self._mask == slot else home_a) & self._mask
-            if other not in parent:
-                parent[other] = slot
-                queue.append(other)
-        return None
-
     def _insert_along(self, path: list[int], digest: bytes, block: _Block) -> None:
         if len(path) > 1:  # most inserts find a home free: no relocation to announce
             with self._relocating():
@@ -332,7 +325,11 @@ class ShmIndex:
         self._flags[dst] = self._flags[src]
         self._words[dst] = self._words[src]
         self._owner[dst] = digest
-        self._blocks[digest].slot = dst
+        block = self._blocks[digest]
+        if isinstance(block, int):
+            self._blocks[digest] = dst
+        else:
+            block.slot = dst
 
     def _write(self, slot: int, digest: bytes, block: _Block) -> None:
         self._flags[slot] = self._flag(block)
@@ -346,7 +343,7 @@ class ShmIndex:
         offset = stash_entry_offset(entry)
         with self._relocating():
             self._view[offset : offset + len(digest)] = digest
-            self._hdr[self._stash_state_word(entry)] = STASH_USED | self._flag(block)
+            self._hdr[stash_state_word(entry)] = STASH_USED | self._flag(block)
         self._stashed[entry] = digest
         block.stash = entry
         self._changed()
@@ -359,7 +356,7 @@ class ShmIndex:
             block.slot = -1
         else:
             with self._relocating():
-                self._hdr[self._stash_state_word(block.stash)] = 0
+                self._hdr[stash_state_word(block.stash)] = 0
             del self._stashed[block.stash]
             block.stash = -1
         self._changed()
@@ -367,22 +364,25 @@ class ShmIndex:
     def _refill(self) -> None:
         """A slot freed: move stashed blocks into the table, then publish blocks that found no place at all."""
         for entry, digest in list(self._stashed.items()):
-            path = self._find_path(digest)
+            path = find_path(digest, self._owner, self._mask)
             if path is None:
                 continue
-            block = self._blocks[digest]
+            block = self._record(digest)
             self._insert_along(path, digest, block)  # in the table first, then out of the stash: never absent
             with self._relocating():
-                self._hdr[self._stash_state_word(entry)] = 0
+                self._hdr[stash_state_word(entry)] = 0
             del self._stashed[entry]
             block.stash = -1
             self._changed()
         for digest in list(self._unplaced)[:RETRY_UNPLACED]:
-            self._place(digest, self._blocks[digest])
+            self._place(digest, self._record(digest))
 
-    @staticmethod
-    def _stash_state_word(entry: int) -> int:
-        return (stash_entry_offset(entry) + 32) // 8
+    def _record(self, digest: bytes) -> _Block:
+        """The block's full record (a stashed or unplaced block has one already; a bare slot becomes one)."""
+        block = self._blocks[digest]
+        if isinstance(block, int):
+            block = self._blocks[digest] = _Block([self._full, 0, 0], block)
+        return block
 
     def _changed(self) -> None:
         self._changes += 1

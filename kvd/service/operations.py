@@ -81,13 +81,13 @@ async def run_save(op: Operation) -> Outcome:
         if entries:
             memory, addresses = op.memory(), [e.address for e in entries]  # one int per block, no object
             stamps.submitted_ns = time.monotonic_ns()
-            await memory.save([indices[i] for i, _ in plan.to_write], addresses, op.ready_event, stamps)
+            await memory.save([indices[i] for i in plan.positions], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved = len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)
-        outcome.fail([hashes[i] for i, _ in plan.to_write], failure_of(exc, op.what))
+        outcome.fail([hashes[i] for i in plan.positions], failure_of(exc, op.what))
     for i, waiter in plan.in_flight:
         if not await waiter:
             outcome.fail([hashes[i]], outcome.failure or CONCURRENT_SAVE)

@@ -27,16 +27,17 @@ from kvd.types import BlockKey, Tier, TierSnapshot
 
 @dataclass(slots=True)
 class SavePlan:
-    """What a save has to do, per position in its batch."""
+    """What a save has to do, per position in its batch. Columns, not a record per block: a large save has hundreds."""
 
-    to_write: list[tuple[int, Entry]] = field(default_factory=list)  # reserved slots this save fills
+    positions: list[int] = field(default_factory=list)  # batch positions of the reserved slots this save fills
+    entries: list[Entry] = field(default_factory=list)  # those slots, in the same order
     in_flight: list[tuple[int, asyncio.Future[bool]]] = field(default_factory=list)  # another save is writing it
     no_room: list[int] = field(default_factory=list)
 
     @property
-    def entries(self) -> list[Entry]:
-        """The reserved slots, in batch order."""
-        return [entry for _, entry in self.to_write]
+    def to_write(self) -> list[tuple[int, Entry]]:
+        """(batch position, reserved slot) pairs."""
+        return list(zip(self.positions, self.entries, strict=True))
 
 
 class BlockStore(abc.ABC):
@@ -162,9 +163,9 @@ class HostStore(BlockStore):
         pool, writing = self.pool, self._writing
         if pool.holds_none(keys) and writing.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             # Every block new (the common save): set operations at C speed instead of four lookups a block.
-            entries = pool.reserve_many(keys, nbytes)
+            entries = pool.reserve_many(keys, nbytes, checked=True)
             writing.update(dict.fromkeys(keys[: len(entries)], asyncio.get_running_loop().create_future()))
-            return SavePlan(to_write=list(enumerate(entries)), no_room=list(range(len(entries), len(keys))))
+            return SavePlan(list(range(len(entries))), entries, no_room=list(range(len(entries), len(keys))))
         return self._prepare_mixed(keys, nbytes)
 
     def _prepare_mixed(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
@@ -187,9 +188,9 @@ class HostStore(BlockStore):
         # One reservation call and one future for the whole save (finish_writes settles its blocks together).
         entries = pool.reserve_many([keys[i] for i in fresh], nbytes)
         done = asyncio.get_running_loop().create_future()
-        for i, entry in zip(fresh, entries, strict=False):
+        for entry in entries:
             writing[entry.key] = done
-            plan.to_write.append((i, entry))
+        plan.positions, plan.entries = fresh[: len(entries)], entries
         plan.no_room = fresh[len(entries) :]
         return plan
 
