@@ -188,6 +188,9 @@ class IndexReader:
             raise ValueError("numpy is not installed")
         self.retries = 0  # probes repeated because the daemon relocated blocks meanwhile
         self.unsettled = 0  # probes answered while relocations kept running (they may have missed a moving block)
+        # The stash's digest -> entry, as of (relocation counter, generation): a miss with a non-empty stash would
+        # otherwise read all of it on every probe. Its flags are read live (they change without a relocation).
+        self._stash_at: tuple[tuple[int, int], dict[bytes, int]] | None = None
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -265,24 +268,35 @@ class IndexReader:
         return hit, host
 
     def _read_stash(self) -> dict[bytes, int]:
-        """digest -> flags of the stashed blocks."""
+        """digest -> header word of its stash entry's state, for the stashed blocks. Kept while neither the
+        relocation counter (odd around every change of the stash's digests) nor the generation moved."""
+        hdr = self._hdr
+        if hdr is None:
+            return {}
+        at = (int(hdr[W_RELOCATIONS]), int(hdr[W_GENERATION]))
+        if self._stash_at is not None and self._stash_at[0] == at:
+            return self._stash_at[1]
         stash: dict[bytes, int] = {}
         for i in range(STASH_SLOTS):
             offset = stash_entry_offset(i)
-            state = self._hdr[(offset + DIGEST_BYTES) // 8] if self._hdr is not None else 0
-            if state:
-                stash[bytes(self._view[offset : offset + DIGEST_BYTES])] = state & 0xFF
+            word = (offset + DIGEST_BYTES) // 8
+            if hdr[word]:
+                stash[bytes(self._view[offset : offset + DIGEST_BYTES])] = word
+        if not at[0] & 1 and (int(hdr[W_RELOCATIONS]), int(hdr[W_GENERATION])) == at:
+            self._stash_at = (at, stash)
         return stash
 
     def _extend_with_stash(
         self, block_hashes: Sequence[bytes], hit: int, host: int, want_host: bool
     ) -> tuple[int, int]:
         """Continue a prefix the table ended at `hit`, looking in the stash as well as the table."""
-        stash = self._read_stash()
+        stash, hdr = self._read_stash(), self._hdr
         host_run = want_host and host == hit
         while hit < len(block_hashes):
             digest = index_digest(block_hashes[hit])
-            flags = stash.get(digest)
+            word = stash.get(digest)
+            state = hdr[word] if word is not None and hdr is not None else 0
+            flags = state & 0xFF if state else None
             if flags is None:
                 slot = self._slot_of(digest)
                 if slot < 0:

@@ -172,6 +172,31 @@ def test_sizing_overflow_and_late_publication() -> None:
         index.close()
 
 
+def test_a_reader_follows_the_stash_as_it_changes() -> None:
+    """A reader keeps what the stash holds between probes (a miss would otherwise read all of it each time): it
+    must still see a stashed block leave host memory (a flag change, no relocation) and the stash emptying."""
+    index = make_index(capacity=1)  # 64 slots and the stash's 16 entries
+    hashes = [key("follow", i) for i in range(80)]
+    try:
+        index.add_many(hashes, 0, HOST)
+        assert index.counters()["stashed"] > 0
+        kept = readers(index)
+        published = [h for h in hashes if kept[0].probe([h]) == 1]
+        absent = key("follow", 10_000)
+        for reader in kept:
+            assert reader.probe([absent]) == 0  # a miss with a non-empty stash: the stash is read and kept
+            assert reader.probe_tiers(published) == (len(published),) * 2
+        index.add_many(published, 0, DISK)
+        index.discard_many(published, 0, HOST)  # still on disk: published, no longer in host memory
+        for reader in kept:
+            assert reader.probe_tiers(published) == (len(published), 0), "a stashed block's host flag went stale"
+        index.discard_many(published, 0, DISK)
+        for reader in kept:
+            assert reader.probe(published) == 0, "a block that left the stash still reads as present"
+    finally:
+        index.close()
+
+
 def test_relocations_keep_every_block_findable() -> None:
     """At every step of a relocation chain each published block sits in one of its two slots, and the relocation
     counter is odd, so a reader whose probe spans the moves repeats it."""
