@@ -26,9 +26,11 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
+
+from kvd_client.hash_run import HASH_BYTES, HashRun
 
 _np: Any
 try:  # vLLM always has numpy; kvd-client itself does not depend on it
@@ -41,7 +43,7 @@ except ImportError:  # the pure-Python probe (tests run it through use_numpy=Fal
 MAGIC = b"KVDIDX\x00\x01"
 VERSION = 1
 HEADER_BYTES = 4096
-DIGEST_BYTES = 32
+DIGEST_BYTES = HASH_BYTES
 MAX_HASH_BYTES = 64  # the daemon refuses longer (and empty) hashes; so does the index
 MAX_TP_WORLD_SIZE = 32  # one bit per rank in the daemon's bookkeeping
 FLAG_HOST = 1
@@ -358,42 +360,6 @@ class IndexReader:
         host = self._np_flags[slots] & FLAG_HOST
         first_cold = int(host.argmin())
         return hit, (hit if host[first_cold] else first_cold)
-
-
-class HashRun(Sequence[bytes]):
-    """Block hashes of 32 bytes held as one buffer (kvd_client.hashing.BlockHasher keeps them so): a Sequence[bytes]
-    that the index probes without joining its items. `buffer` must not change while the run is used (bytes, or a
-    memoryview of bytes)."""
-
-    __slots__ = ("buffer",)
-
-    def __init__(self, buffer: bytes | memoryview) -> None:
-        if len(buffer) % DIGEST_BYTES:
-            raise ValueError(f"a hash run is a whole number of {DIGEST_BYTES}-byte hashes, got {len(buffer)} bytes")
-        self.buffer = buffer
-
-    def __len__(self) -> int:
-        return len(self.buffer) // DIGEST_BYTES
-
-    def __iter__(self) -> Iterator[bytes]:
-        view = memoryview(self.buffer)
-        return (view[i : i + DIGEST_BYTES].tobytes() for i in range(0, len(view), DIGEST_BYTES))
-
-    @overload
-    def __getitem__(self, i: int) -> bytes: ...
-    @overload
-    def __getitem__(self, i: slice) -> HashRun: ...
-    def __getitem__(self, i: int | slice) -> bytes | HashRun:
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if step != 1:
-                raise ValueError("a hash run slices with step 1 only")
-            return HashRun(memoryview(self.buffer)[start * DIGEST_BYTES : max(start, stop) * DIGEST_BYTES])
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError("hash run index out of range")
-        i %= n
-        return bytes(self.buffer[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES])
 
 
 def _joined(block_hashes: Sequence[bytes]) -> bytes | memoryview:
