@@ -5,15 +5,18 @@ Both run once per registration, off the model thread.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
-from kvd_client.errors import error_of
+from kvd_client.errors import KvdError, error_of
 from kvd_client.fdpass import GRANT_SHARED, Grant, receive_grant_reply, send_fds, send_grant_request
 
 TOKEN_BYTES = 32
@@ -39,6 +42,32 @@ def fetch_token(socket_path: Path, timeout_s: float, fds: Sequence[int] = ()) ->
         token = _read_token(sock)
         send_fds(sock, fds)
     return token, daemon_pid
+
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+
+async def take_grant(
+    socket_path: Path, session_id: str, session_key: bytes, want: int, timeout_s: float,
+    make: Callable[[Grant], _T], what: str, instead: str,
+) -> _T | None:  # fmt: skip
+    """A grant of the session's shared memory, fetched off the loop, made into `make`'s object (which takes its
+    descriptors); None when the daemon refuses or what came is unusable, logged once: the caller goes on without it
+    (`instead` says how)."""
+    loop = asyncio.get_running_loop()
+    try:
+        grant = await loop.run_in_executor(None, fetch_grant, socket_path, session_id, session_key, want, timeout_s)
+    except (OSError, KvdError) as exc:  # GrantRefused is an OSError
+        log.info("kvd: no %s (%s); %s", what, exc, instead)
+        return None
+    try:
+        return make(grant)
+    except (OSError, ValueError) as exc:
+        log.info("kvd: unusable %s (%s); %s", what, exc, instead)
+        return None
+    finally:
+        grant.close()
 
 
 def fetch_grant(socket_path: Path, session_id: str, session_key: bytes, want: int, timeout_s: float) -> Grant:

@@ -20,8 +20,7 @@ import grpc
 
 from kvd_client import ring as ring_format
 from kvd_client.completions import CompletionReader
-from kvd_client.credentials import fetch_grant
-from kvd_client.errors import KvdError
+from kvd_client.credentials import take_grant
 from kvd_client.fdpass import GRANT_COMPLETION_WAKE, GRANT_COMPLETIONS, GRANT_QUEUE
 from kvd_client.handoff import Finished
 from kvd_client.messages import PendingOp, SessionRef, completion_of_record
@@ -122,19 +121,13 @@ class Delivery:
         if not self.enabled or not ring_format.supported():
             return
         loop = asyncio.get_running_loop()
-        try:
-            grant = await loop.run_in_executor(None, fetch_grant, socket_path, session.id, session.key,
-                                               GRANT_QUEUE, timeout_s)  # fmt: skip
-        except (OSError, KvdError) as exc:  # GrantRefused is an OSError
-            log.info("kvd: no completion queue (%s); completions come on the Watch stream", exc)
+        reader = await take_grant(
+            socket_path, session.id, session.key, GRANT_QUEUE, timeout_s,
+            lambda grant: CompletionReader(grant.take(GRANT_COMPLETIONS), grant.take(GRANT_COMPLETION_WAKE)),
+            "completion queue", "completions come on the Watch stream",
+        )  # fmt: skip
+        if reader is None:
             return
-        try:
-            reader = CompletionReader(grant.take(GRANT_COMPLETIONS), grant.take(GRANT_COMPLETION_WAKE))
-        except (OSError, ValueError) as exc:
-            log.info("kvd: unusable completion queue (%s); completions come on the Watch stream", exc)
-            return
-        finally:
-            grant.close()
 
         def woken() -> None:
             alive = reader.drain_wake()

@@ -118,16 +118,21 @@ def transfer_request(session: SessionRef, op: PendingOp, columnar: bool) -> kvd_
     return request
 
 
-def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> Completion:
-    daemon = notice.stages  # all zero from a daemon that records no stages
-    stages = OperationStages(
+def _stages(op: PendingOp, notice_ns: int, daemon: DaemonStages) -> OperationStages:
+    """The client's own stamps of `op` around the daemon's."""
+    return OperationStages(
         call_ns=op.call_ns,
         loop_ns=op.loop_ns,
         send_ns=op.send_ns,
         accepted_ns=op.accepted_ns,
         notice_ns=notice_ns,
-        daemon=DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)),
+        daemon=daemon,
     )
+
+
+def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) -> Completion:
+    daemon = notice.stages  # all zero from a daemon that records no stages
+    stages = _stages(op, notice_ns, DaemonStages(*(getattr(daemon, f"{name}_ns") for name in DAEMON_STAGES)))
     failed, error = frozenset(notice.failed_block_hashes), notice.error
     if notice.refused_status:  # a ring record refused as the RPC would have been: every block failed, and why
         failed, error = frozenset(h for _, h in op.blocks), refusal(notice.refused_status, notice.error)
@@ -146,14 +151,7 @@ def completion(op: PendingOp, notice: kvd_pb2.CompletionNotice, notice_ns: int) 
 
 def completion_of_record(op: PendingOp, record: Record, notice_ns: int) -> Completion:
     """A successful operation's completion, from its completion-queue record (kvd_client.completions)."""
-    stages = OperationStages(
-        call_ns=op.call_ns,
-        loop_ns=op.loop_ns,
-        send_ns=op.send_ns,
-        accepted_ns=op.accepted_ns,
-        notice_ns=notice_ns,
-        daemon=DaemonStages(*record.stamps),
-    )
+    stages = _stages(op, notice_ns, DaemonStages(*record.stamps))
     return Completion(
         op_id=op.op_id,
         kind=op.kind,

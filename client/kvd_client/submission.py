@@ -8,15 +8,13 @@ machine the ring does not support: every request goes by RPC, as before.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kvd_client import ring as ring_format
-from kvd_client.credentials import fetch_grant
-from kvd_client.errors import KvdError
+from kvd_client.credentials import take_grant
 from kvd_client.fdpass import GRANT_DOORBELL, GRANT_RING
 from kvd_client.messages import PendingOp, SessionRef
 from kvd_client.ring import RingWriter
@@ -58,20 +56,13 @@ class Submissions:
         the client on RPCs, logged once."""
         if not ring_format.supported():
             return
-        want = GRANT_RING | GRANT_DOORBELL
-        loop = asyncio.get_running_loop()
-        try:
-            grant = await loop.run_in_executor(None, fetch_grant, socket_path, session.id, session.key, want, timeout_s)
-        except (OSError, KvdError) as exc:  # GrantRefused is an OSError
-            log.info("kvd: no submission ring (%s); saves and loads go by RPC", exc)
+        writer = await take_grant(
+            socket_path, session.id, session.key, GRANT_RING | GRANT_DOORBELL, timeout_s,
+            lambda grant: RingWriter(grant.take(GRANT_RING), grant.take(GRANT_DOORBELL)),
+            "submission ring", "saves and loads go by RPC",
+        )  # fmt: skip
+        if writer is None:
             return
-        try:
-            writer = RingWriter(grant.take(GRANT_RING), grant.take(GRANT_DOORBELL))
-        except (OSError, ValueError) as exc:
-            log.info("kvd: unusable submission ring (%s); saves and loads go by RPC", exc)
-            return
-        finally:
-            grant.close()
         self.detach()
         self._ring = writer
         self.rings += 1
