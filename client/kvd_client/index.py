@@ -26,7 +26,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,7 +239,7 @@ class IndexReader:
         n = len(block_hashes)
         if n == 0:
             return 0, 0
-        joined = _joined(block_hashes)
+        joined = _joined(block_hashes)  # None: hashes to digest, each only when the probe reaches it
         result = (0, 0)
         for attempt in range(PROBE_ATTEMPTS):
             before = hdr[W_RELOCATIONS]
@@ -253,16 +253,20 @@ class IndexReader:
         return result
 
     def _probe_once(
-        self, block_hashes: Sequence[bytes], joined: bytes | memoryview, n: int, want_host: bool
+        self, block_hashes: Sequence[bytes], joined: bytes | memoryview | None, n: int, want_host: bool
     ) -> tuple[int, int]:
         hdr = self._hdr
         if hdr is None:
             raise IndexUnavailable("index is closed")
         cold = want_host and hdr[W_COLD] != 0  # 0: every published block is in host memory (host == hit)
-        if self._np_words is None or n < NUMPY_MIN_BATCH or not self._has_first(joined):
-            hit, host = self._probe_python(joined, cold)
+        first = joined if joined is not None else index_digest(block_hashes[0])
+        if self._np_words is None or n < NUMPY_MIN_BATCH or not self._has_first(first):
+            # A miss at the first block (a new prefix) digests one hash, not the batch.
+            triples = (_DIGEST_WORDS.iter_unpack(joined) if joined is not None
+                       else (_DIGEST_WORDS.unpack(index_digest(h)) for h in block_hashes))  # fmt: skip
+            hit, host = self._probe_python(triples, cold)
         else:
-            hit, host = self._probe_numpy(joined, n, cold)
+            hit, host = self._probe_numpy(joined or b"".join(map(index_digest, block_hashes)), n, cold)
         if hit < n and hdr[W_STASHED]:
             hit, host = self._extend_with_stash(block_hashes, hit, host, cold)
         if want_host and not cold:
@@ -325,11 +329,11 @@ class IndexReader:
         words, mask = self._words, self._mask
         return words[w0 & mask] == tag or words[w2 & mask] == tag
 
-    def _probe_python(self, joined: bytes | memoryview, want_host: bool) -> tuple[int, int]:
+    def _probe_python(self, triples: Iterable[tuple[int, ...]], want_host: bool) -> tuple[int, int]:
         words, flags, mask = self._words, self._flags, self._mask
         hit = host = 0
         host_run = want_host
-        for w0, tag, w2 in _DIGEST_WORDS.iter_unpack(joined):
+        for w0, tag, w2 in triples:
             slot = w0 & mask
             if words[slot] != tag:
                 slot = w2 & mask
@@ -362,11 +366,14 @@ class IndexReader:
         return hit, (hit if host[first_cold] else first_cold)
 
 
-def _joined(block_hashes: Sequence[bytes]) -> bytes | memoryview:
-    """The batch as consecutive 32-byte digests (what both probes read)."""
+def _joined(block_hashes: Sequence[bytes]) -> bytes | memoryview | None:
+    """The batch as consecutive 32-byte digests (what both probes read), or None when its hashes are not digests
+    already (then each is digested as the probe reaches it)."""
     if type(block_hashes) is HashRun:  # not isinstance: an ABC's check costs more than a list's whole small probe
         return block_hashes.buffer
     joined = b"".join(block_hashes)
-    if len(joined) != DIGEST_BYTES * len(block_hashes):
-        joined = b"".join(map(index_digest, block_hashes))
-    return joined
+    if len(joined) == DIGEST_BYTES * len(block_hashes):
+        return joined
+    if not all(0 < len(h) <= MAX_HASH_BYTES for h in block_hashes):  # refused whole, as the daemon would
+        raise ValueError(f"a block hash must be 1..{MAX_HASH_BYTES} bytes")
+    return None

@@ -117,6 +117,9 @@ def test_hashes_of_other_lengths(index: ShmIndex) -> None:
         assert reader.probe(hashes) == 100
         assert reader.probe(hashes[:3]) == 3
         assert reader.probe([b"x", *hashes]) == 0
+        assert reader.probe_tiers([*hashes[:60], b"x", *hashes]) == (60, 60), "a miss mid-batch, numpy path"
+        with pytest.raises(ValueError):  # refused whole, even behind a miss the probe would stop at
+            reader.probe([b"x", *hashes, b""])
 
 
 def test_a_hash_run_is_its_hashes() -> None:
