@@ -463,6 +463,8 @@ def test_worker_reports_completions_and_exact_load_errors(vllm_config: Any, fake
     assert stats is not None
     reduced = stats.reduce()
     assert reduced["load_failed_blocks"] == 1 and reduced["save_bytes"] == 2 * 16384 and reduced["saves"] == 1
+    # Two steps; the second began with "S" finished and its save in flight (what keeps vLLM stepping).
+    assert reduced["worker_steps"] == 2 and reduced["steps_with_saves_pending"] == 1
     conn.shutdown()
     assert client.closed
 

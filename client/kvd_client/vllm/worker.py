@@ -204,6 +204,9 @@ class KvdWorker:
             self._completed(done, client)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self.stats.stats.add("worker_steps")
+        if self._finishing:
+            self.stats.stats.add("steps_with_saves_pending")
         self._drain()
         # Only requests the scheduler kept (request_finished returned True) may be reported as sent.
         self._finishing.update(r for r in finished_req_ids if r in self._save_reqs)
