@@ -51,57 +51,43 @@ def daemon():
         yield d
 
 
-def test_the_stream_waits_per_layer_and_reads_the_loaded_bytes(daemon: Daemon) -> None:
-    caches, _backing = make_gpu_caches(offset_elements=4096)
-    client = KvdClient(daemon.socket, model_id="cuda-in-step")
-    client.register_kv_caches(caches, block_dim=1, block_size_tokens=SPEC.block_size)
-    client.start()
-    try:
-        assert client.wait_ready(30)
-        page = wait_for(lambda: client.index.page, 10, what="the progress page")
-        waits = StreamProgress(page, current_stream)
-        done = Completions(client)
-        saved = [(i, block_hash(i, "cuda-in-step")) for i in range(32)]
-        write_blocks(caches, saved)
-        torch.cuda.synchronize()
-        assert done.wait(client.save(saved), timeout=60).ok
-        stream_before = torch.cuda.current_stream()
-        targets = [(100 + k, h) for k, (_, h) in enumerate(saved)]
-        warm_up_kernels(list(caches.values()), slice(100, 132))
-        for tensor in caches.values():
-            tensor[:, 100:132].zero_()  # queued on the current stream: the load's ready event comes after it
-        load = page.begin(layers=SPEC.num_layers)
-        assert load is not None
-        op = client.load(targets, in_step=load)
-        copies = []
-        for layer, tensor in enumerate(caches.values()):
-            waits.wait(load, layer)  # this layer's attention would read the blocks now
-            copies.append(tensor[:, 100:132].clone())  # queued after the wait
-        assert torch.cuda.current_stream() == stream_before, "kvd changed the current stream"
-        torch.cuda.synchronize()
-        assert page.finished(load) and page.status(load) == STATUS_OK
-        for layer, tensor in enumerate(caches.values()):
-            assert same_bytes(copies[layer], tensor[:, 100:132]), f"layer {layer} was read before it was loaded"
-        assert mismatched_blocks(caches, targets) == []
-        assert done.wait(op, timeout=30).ok
-        page.end(load)
+def test_the_stream_waits_per_layer_and_reads_the_loaded_bytes(gpu_worker) -> None:
+    client, caches, page, waits = gpu_worker
+    saved = _save(client, caches, "cuda-in-step", 32)
+    done = Completions(client)
+    stream_before = torch.cuda.current_stream()
+    targets = [(100 + k, h) for k, (_, h) in enumerate(saved)]
+    warm_up_kernels(list(caches.values()), slice(100, 132))
+    for tensor in caches.values():
+        tensor[:, 100:132].zero_()  # queued on the current stream: the load's ready event comes after it
+    load = page.begin(layers=SPEC.num_layers)
+    assert load is not None
+    op = client.load(targets, in_step=load)
+    copies = []
+    for layer, tensor in enumerate(caches.values()):
+        waits.wait(load, layer)  # this layer's attention would read the blocks now
+        copies.append(tensor[:, 100:132].clone())  # queued after the wait
+    assert torch.cuda.current_stream() == stream_before, "kvd changed the current stream"
+    torch.cuda.synchronize()
+    assert page.finished(load) and page.status(load) == STATUS_OK
+    for layer, tensor in enumerate(caches.values()):
+        assert same_bytes(copies[layer], tensor[:, 100:132]), f"layer {layer} was read before it was loaded"
+    assert mismatched_blocks(caches, targets) == []
+    assert done.wait(op, timeout=30).ok
+    page.end(load)
 
-        absent = block_hash(999, "cuda-in-step")
-        load = page.begin(layers=SPEC.num_layers)
-        assert load is not None
-        op = client.load([(140, saved[0][1]), (141, absent)], in_step=load)
-        for layer in range(SPEC.num_layers):
-            waits.wait(load, layer)
-        deadline = time.monotonic() + 30
-        while not page.finished(load) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert page.status(load) == STATUS_FAILED
-        completion = done.wait(op, timeout=30)
-        assert not completion.ok and completion.failed_hashes == {absent}
-        torch.cuda.synchronize()
-        waits.close()
-    finally:
-        client.close()
+    absent = block_hash(999, "cuda-in-step")
+    load = page.begin(layers=SPEC.num_layers)
+    assert load is not None
+    op = client.load([(140, saved[0][1]), (141, absent)], in_step=load)
+    for layer in range(SPEC.num_layers):
+        waits.wait(load, layer)
+    deadline = time.monotonic() + 30
+    while not page.finished(load) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert page.status(load) == STATUS_FAILED
+    completion = done.wait(op, timeout=30)
+    assert not completion.ok and completion.failed_hashes == {absent}
 
 
 BIG = 128  # blocks of the large load: 8 MiB per layer, so layer 0 is in place well before the last one
