@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import DaemonFactory
 from tests.helpers.daemon import Daemon, child_env
+from tests.helpers.kvdata import CacheSpec, make_caches
+from tests.helpers.rpc import RawSession, cpu_register_request
 from tests.security.agent import Agent
 from tests.security.kit import NOBODY, OTHER_USERS_ENV
 
 AgentFactory = Callable[..., Agent]
+CPU_SESSION_MODEL = "m-cpu-session"  # the model of cpu_session's namespace
 HOLDER = Path(__file__).with_name("holder.py")
 
 
@@ -121,3 +125,14 @@ def holder_argv(setuid_python: Path, secret: tuple[Path, bytes]) -> Callable[[in
         return [str(setuid_python), "-I", str(HOLDER), str(secret[0]), str(addr), str(nbytes)]
 
     return argv
+
+
+@pytest.fixture
+def cpu_session(daemon: Daemon) -> Iterator[tuple[RawSession, dict[str, torch.Tensor], CacheSpec]]:
+    """A CPU memory session registered by raw RPC (this process's caches), for attacks on what it is granted."""
+    spec = CacheSpec()
+    caches = make_caches(spec)
+    stub = daemon.stub()
+    response = stub.RegisterSession(cpu_register_request(daemon.socket, spec, caches, CPU_SESSION_MODEL), timeout=5)
+    with RawSession(stub, response) as session:
+        yield session, caches, spec

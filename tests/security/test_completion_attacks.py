@@ -9,7 +9,6 @@ import mmap
 import os
 import select
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,19 +20,10 @@ from tests.helpers.clients import Completions
 from tests.helpers.daemon import SERVING, Daemon
 from tests.helpers.kvdata import BLOCK_DIM, CacheSpec, block_hash, fill, make_caches, mismatches
 from tests.helpers.ring import grant, refusal_status
-from tests.helpers.rpc import RawSession, cpu_register_request, lookup_only_request, transfer
+from tests.helpers.rpc import RawSession, lookup_only_request, transfer
+from tests.security.conftest import CPU_SESSION_MODEL
 
 NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION = 5, 7, 9
-
-
-@pytest.fixture
-def cpu_session(daemon: Daemon) -> Iterator[tuple[RawSession, dict[str, torch.Tensor], CacheSpec]]:
-    spec = CacheSpec()
-    caches = make_caches(spec)
-    stub = daemon.stub()
-    response = stub.RegisterSession(cpu_register_request(daemon.socket, spec, caches, "m-cq"), timeout=5)
-    with RawSession(stub, response) as session:
-        yield session, caches, spec
 
 
 def test_a_queue_is_granted_only_with_the_key_to_a_memory_session(
@@ -43,7 +33,7 @@ def test_a_queue_is_granted_only_with_the_key_to_a_memory_session(
     key = session.response.session_key
     assert refusal_status(daemon.socket, session.id, b"\0" * len(key), GRANT_QUEUE) == PERMISSION_DENIED
     assert refusal_status(daemon.socket, "no-such-session", key, GRANT_QUEUE) == NOT_FOUND
-    lookup_only = daemon.stub().RegisterSession(lookup_only_request(daemon.socket, "m-cq", "fp"), timeout=5)
+    lookup_only = daemon.stub().RegisterSession(lookup_only_request(daemon.socket, CPU_SESSION_MODEL, "fp"), timeout=5)
     assert refusal_status(daemon.socket, lookup_only.session_id, lookup_only.session_key, GRANT_QUEUE) == (
         FAILED_PRECONDITION
     )
@@ -140,4 +130,3 @@ def _wait_for_tag(view: mmap.mmap, at: int, tag: int) -> None:
             return
         select.select([], [], [], 0.01)
     raise TimeoutError(f"no record for tag {tag} at {at} (slot of {SLOT_BYTES} bytes)")
-

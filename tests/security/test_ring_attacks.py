@@ -24,19 +24,10 @@ from tests.helpers.daemon import SERVING, Daemon, child_env, wait_for
 from tests.helpers.kvdata import CacheSpec, block_hash, fill, make_caches, mismatches
 from tests.helpers.ring import RawRing, refusal_status
 from tests.helpers.rpc import RawSession, Watcher, cpu_register_request, lookup_only_request
+from tests.security.conftest import CPU_SESSION_MODEL
 from tests.security.kit import NOBODY, requires_root
 
 INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION = 3, 5, 7, 9
-
-
-@pytest.fixture
-def cpu_session(daemon: Daemon) -> Iterator[tuple[RawSession, dict[str, torch.Tensor], CacheSpec]]:
-    spec = CacheSpec()
-    caches = make_caches(spec)
-    stub = daemon.stub()
-    response = stub.RegisterSession(cpu_register_request(daemon.socket, spec, caches, "m-ring"), timeout=5)
-    with RawSession(stub, response) as session:
-        yield session, caches, spec
 
 
 @pytest.fixture
@@ -70,7 +61,7 @@ def test_a_ring_is_granted_only_with_the_key_to_the_sessions_own_process(
         check=True,
     )
     assert thief.stdout.strip() == str(PERMISSION_DENIED), thief.stderr[-2000:]
-    lookup_only = daemon.stub().RegisterSession(lookup_only_request(daemon.socket, "m-ring", "fp"), timeout=5)
+    lookup_only = daemon.stub().RegisterSession(lookup_only_request(daemon.socket, CPU_SESSION_MODEL, "fp"), timeout=5)
     assert refusal_status(daemon.socket, lookup_only.session_id, lookup_only.session_key) == FAILED_PRECONDITION
     assert refusal_status(daemon.socket, session.id, key) == 0  # its own process, its key
     assert daemon.stats().ring_records == 0  # none of that submitted anything
