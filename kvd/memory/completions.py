@@ -12,15 +12,14 @@ record.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 
 from kvd_client.completions import LOAD, SAVE, queue_bytes, write_header, write_record
 
+from kvd.memory.sealed import fixed_size_memfd
 from kvd.types import DaemonStages, Notice, OpKind
 
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _WAKE = b"\x01"
 
 
@@ -28,11 +27,8 @@ class CompletionWriter:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         size = queue_bytes(slots)
-        self._fd = os.memfd_create("kvd-completions", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self._fd = fixed_size_memfd("kvd-completions", size)
         try:
-            os.fchmod(self._fd, 0o600)
-            os.ftruncate(self._fd, size)
-            fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, SEALS)
             self._map: mmap.mmap | None = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             write_header(self._map, slots)
             self._read_end, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -1,4 +1,5 @@
-"""A sealed memfd for shared memory that clients may only read (the published index, kvd.memory.shm_index)."""
+"""Sealed memfds: shared memory that clients may only read (the published index, kvd.memory.shm_index), and shared
+memory of a fixed size (a session's submission ring and completion queue)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from kvd.errors import Unavailable
 # Linux 5.1+: no new writable mapping and no write() on the file, while mappings made before the seal keep working.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def fixed_size_memfd(name: str, nbytes: int) -> int:
+    """A memfd of `nbytes`, mode 0600, that nobody can resize any more: a mapping of it never faults because the
+    other side cut the file short (OSError where the kernel cannot seal)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def create_sealed_memfd(name: str, nbytes: int) -> tuple[int, mmap.mmap]:

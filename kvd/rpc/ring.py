@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import mmap
 import os
@@ -42,6 +41,7 @@ from kvd_client.ring import (
 
 from kvd.errors import FailedPrecondition, InvalidArgument, KvdError, Unimplemented, status_of
 from kvd.logs import Throttled
+from kvd.memory.sealed import fixed_size_memfd
 from kvd.process import PeerProcess
 from kvd.rpc.fd_channel import Granted
 from kvd.rpc.transfer import start_transfer
@@ -51,26 +51,11 @@ from kvd.types import BlockBatch, DaemonStages, Notice, OpKind, SessionRef
 log = logging.getLogger(__name__)
 _refusals = Throttled(log, interval_s=60.0)
 
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-
-def sealed_memfd(nbytes: int) -> int:
-    """A memfd of `nbytes`, mode 0600, that nobody can resize any more (OSError where the kernel cannot seal)."""
-    fd = os.memfd_create("kvd-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, nbytes)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 def rings_supported() -> bool:
     """Whether this kernel gives sealed memfds (without seals the daemon's reads could fault: no rings then)."""
     try:
-        os.close(sealed_memfd(PAGE))
+        os.close(fixed_size_memfd("kvd-ring", PAGE))
         return True
     except (OSError, AttributeError):
         return False
@@ -82,7 +67,7 @@ class SessionRing:
     def __init__(self, service: KvdService, ref: SessionRef, label: str, slots: int, slot_bytes: int) -> None:
         self._service, self._ref, self._label = service, ref, label
         self._slots, self._slot_bytes = slots, slot_bytes
-        self._memfd = sealed_memfd(ring_bytes(slots, slot_bytes))
+        self._memfd = fixed_size_memfd("kvd-ring", ring_bytes(slots, slot_bytes))
         try:
             self._map: mmap.mmap | None = mmap.mmap(self._memfd, ring_bytes(slots, slot_bytes))
             write_header(self._map, slots, slot_bytes)
