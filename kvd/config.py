@@ -225,6 +225,9 @@ class KvdConfig(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_sessions_per_uid: int = Field(default=128, ge=1)
     max_worker_events: int = Field(default=256, ge=1)  # CUDA IPC events one session may have the daemon open
+    # A save or load of more than this many bytes goes in segments of about this size, pipelined (planning the next
+    # segment and committing the last one while others copy: kvd/service/operations.py). 0: never split.
+    segment_bytes: int = Field(default=64 * MiB, ge=0)
     # Submission rings (kvd.rpc.ring): a memory session's saves and loads through shared memory and a pipe doorbell
     # instead of a unary RPC. Slots per session (0: no rings; a full ring sends requests by RPC) and bytes per slot
     # (one request each: a slot of 16 KiB holds 453 blocks with 32-byte hashes; larger requests go by RPC).

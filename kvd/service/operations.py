@@ -1,13 +1,21 @@
 """One save or one load, from the store's prepare verb through the session's copy to the store's complete verb, and
-what its notice will say: which blocks failed and why (a typed FailureReason, with the text for the notice)."""
+what its notice will say: which blocks failed and why (a typed FailureReason, with the text for the notice).
+
+A large operation goes in segments (`Operation.segment_blocks` blocks each), pipelined: every segment is planned and
+handed to its transport at once, one after the other in the same loop iteration, so the first copy starts after one
+segment's planning instead of the whole request's, and each segment's commit (a save's index publication) or unpin
+(a load's) runs while later segments are still copying: only the last one's is left between the last byte and the
+notice. The notice still waits for every segment and speaks for the whole request.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +44,13 @@ class Outcome:
     failure: Failure | None = None  # set whenever `failed` is not empty
     moved: int = 0  # bytes copied
     done_event: bytes = b""  # a CUDA load's event for the worker to wait on
+    done_segment: int = -1  # the segment whose copy done_event follows
+
+    def last_done(self, event: bytes, segment: int) -> None:
+        """A segment's done event, kept if that segment was handed over after every other one seen so far (its
+        copies queue behind theirs on one stream, so its event follows them all)."""
+        if segment > self.done_segment:
+            self.done_event, self.done_segment = event, segment
 
     def fail(self, hashes: Sequence[BlockHash] | set[BlockHash], failure: Failure) -> None:
         self.failed.update(hashes)
@@ -60,20 +75,79 @@ class Operation:
     what: str  # "save 3 of session 1a2b...", for the log
     stamps: DaemonStages  # stamped here: planned, submitted, resumed (the transport stamps its own stages)
     progress: LayerProgress | None = None  # an in-step load: layer by layer, reported in the progress page
+    segment_blocks: int = 0  # more blocks than this go in pipelined segments (0: never; in-step loads never do)
+    segment: int = 0  # this part's place among its operation's segments, in the order they are handed over
 
     def memory(self) -> Attachment:
         if self.attachment is None:
             raise TransferError("session has no memory")
         return self.attachment
 
+    def segments(self) -> list[Operation]:
+        """This operation as its segments (itself when it is small enough), each with stamps of its own."""
+        step, n = self.segment_blocks, len(self.keys)
+        if step <= 0 or n <= step or self.progress is not None:
+            return [self]
+        (indices, hashes), received = (self.blocks.indices, self.blocks.hashes), self.stamps.received_ns
+        return [
+            dataclasses.replace(
+                self,
+                blocks=BlockBatch(indices[start : start + step], hashes[start : start + step]),
+                keys=self.keys[start : start + step],
+                stamps=DaemonStages(received_ns=received),
+                segment=number,
+            )
+            for number, start in enumerate(range(0, n, step))
+        ]
+
 
 async def run_save(op: Operation) -> Outcome:
     """Copy the blocks not stored yet into fresh slots and commit them; wait for other saves of the same blocks."""
+    return await _run_segments(op, _save)
+
+
+async def run_load(op: Operation) -> Outcome:
+    """Copy the stored blocks into the worker; the missing ones fail (the worker recomputes them)."""
+    return await _run_segments(op, _load)
+
+
+Step = Callable[[Operation, Outcome], Coroutine[Any, Any, None]]
+
+
+async def _run_segments(op: Operation, step: Step) -> Outcome:
+    outcome = Outcome()
+    parts = op.segments()
+    if len(parts) == 1:
+        await step(op, outcome)
+        return outcome
+    loop = asyncio.get_running_loop()
+    tasks = [start_task(loop, step(part, outcome), eager=True) for part in parts]  # planned and handed over now
+    results = await asyncio.gather(*tasks, return_exceptions=True)  # every segment ends before the notice
+    merge_stamps(op.stamps, [part.stamps for part in parts])
+    for result in results:
+        if isinstance(result, BaseException):  # planning raised (as a whole request's would): the others are done
+            raise result
+    return outcome
+
+
+def merge_stamps(whole: DaemonStages, parts: Sequence[DaemonStages]) -> None:
+    """A segmented operation's stages: up to its first copy's start, the first segment's; from then on, the last."""
+    first = parts[0]
+    whole.planned_ns, whole.submitted_ns, whole.enqueue_start_ns = (
+        first.planned_ns,
+        first.submitted_ns,
+        first.enqueue_start_ns,
+    )
+    whole.enqueue_end_ns = max(p.enqueue_end_ns for p in parts)
+    whole.copy_done_ns = max(p.copy_done_ns for p in parts)
+    whole.resumed_ns = max(p.resumed_ns for p in parts)
+
+
+async def _save(op: Operation, outcome: Outcome) -> None:
     store, (indices, hashes), layout, stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.layout, op.stamps
     await store.make_room(op.keys, layout.block_bytes)
     plan = store.prepare_save(op.keys, layout.block_bytes)
     stamps.planned_ns = time.monotonic_ns()
-    outcome = Outcome()
     if plan.no_room:
         outcome.fail([hashes[i] for i in plan.no_room], NO_ROOM)
     entries = plan.entries
@@ -83,7 +157,7 @@ async def run_save(op: Operation) -> Outcome:
             stamps.submitted_ns = time.monotonic_ns()
             await memory.save([indices[i] for i in plan.positions], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
-            outcome.moved = len(entries) * layout.block_bytes
+            outcome.moved += len(entries) * layout.block_bytes
         store.complete_save(plan, ok=True)
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)
@@ -91,16 +165,13 @@ async def run_save(op: Operation) -> Outcome:
     for i, waiter in plan.in_flight:
         if not await waiter:
             outcome.fail([hashes[i]], outcome.failure or CONCURRENT_SAVE)
-    return outcome
 
 
-async def run_load(op: Operation) -> Outcome:
-    """Copy the stored blocks into the worker; the missing ones fail (the worker recomputes them)."""
+async def _load(op: Operation, outcome: Outcome) -> None:
     store, (indices, hashes), stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.stamps
     entries = await store.prepare_load(op.keys)
     stamps.planned_ns = time.monotonic_ns()
     present = [i for i, e in enumerate(entries) if e is not None]
-    outcome = Outcome()
     if len(present) < len(entries):
         outcome.fail({h for h, e in zip(hashes, entries, strict=True) if e is None}, NOT_STORED)
     try:
@@ -109,19 +180,19 @@ async def run_load(op: Operation) -> Outcome:
             stamps.submitted_ns = time.monotonic_ns()
             targets, progress = [indices[i] for i in present], op.progress
             if progress is None:
-                outcome.done_event = await memory.load(targets, addresses, op.ready_event, stamps)
+                # Segments queue on one stream in order: the last one's event comes after every earlier copy.
+                done_event = await memory.load(targets, addresses, op.ready_event, stamps)
             else:
-                load = memory.load_layers(targets, addresses, op.ready_event, progress, stamps)
-                outcome.done_event = await load
+                done_event = await memory.load_layers(targets, addresses, op.ready_event, progress, stamps)
+            outcome.last_done(done_event, op.segment)
             stamps.resumed_ns = time.monotonic_ns()
-            outcome.moved = len(present) * op.layout.block_bytes
+            outcome.moved += len(present) * op.layout.block_bytes
     except (Exception, asyncio.CancelledError) as exc:
         outcome.fail([hashes[i] for i in present], failure_of(exc, op.what))
     finally:
         store.complete_load(entries)
         if op.progress is not None:  # status, then the final counter: no wait on it outlives this load
             op.progress.finish(not outcome.failed)
-    return outcome
 
 
 def failure_of(exc: BaseException, what: str) -> Failure:

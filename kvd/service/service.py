@@ -280,7 +280,9 @@ class KvdService:
         keys = block_keys(session.namespace_key, blocks.hashes)
         what = f"{kind} {op_id} of session {session.label}"
         run, memory = (run_save if kind is OpKind.SAVE else run_load), session.attachment
-        outcome = await run(Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress))
+        segment = self.config.segment_bytes and max(1, self.config.segment_bytes // layout.block_bytes)
+        op = Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress, segment)
+        outcome = await run(op)
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit

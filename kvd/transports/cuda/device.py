@@ -1,16 +1,21 @@
-"""One engine thread per GPU. It sets its device before any CUDA call and owns everything of that device: streams,
+"""One engine per GPU. Its thread sets its device before any CUDA call and creates everything of that device: streams,
 events, staging buffers, gather/scatter kernels and the IPC mappings of workers' KV caches. Nothing here is shared
-across devices; besides the engine thread, only its completion waiters (which also set the device first) make CUDA
-calls on it, and they only wait on events.
+across devices. Three kinds of thread make CUDA calls on it, each after setting the device: the engine thread, the
+thread that queues copy jobs (the daemon's event loop; one at a time, under a lock), and the completion waiters,
+which only wait on events.
 
-The engine thread never waits for the GPU: a job (`save_job`, `load_job`, below, next to the resources they use)
-only *enqueues* work (stream waits, a gather kernel, DMA copies, an event record) and returns a pending completion,
-which goes to the waiter of the stream it completes on. A waiter waits for each event in turn (polling with short
-naps, spinning in the driver, or asleep on a blocking-sync event: cuda_completion_wait) and resolves the
+A copy job (copies.save_job and load_job, layered.load_layers_job) never waits for
+the GPU: it only *enqueues* work (stream waits, a gather kernel, DMA copies, an event record) and returns a pending
+completion, which goes to the waiter of the stream it completes on. So it runs right where the operation is planned, in
+the caller's thread (the event loop; `submit`), after setting the device: no hop to another thread and no wait for the
+GIL between a request's planning and its first copy, and a large request's next segment is planned while the GPU copies
+the previous one. The engine thread keeps what may block (`call`): mapping a worker's memory, unmapping it after
+synchronizing the streams, page-locking the pool, and shutting down. A waiter waits for each event in turn (polling with
+short naps, spinning in the driver, or asleep on a blocking-sync event: cuda_completion_wait) and resolves the
 operation's future once its copies are done. So many operations are in flight at once: saves pipeline on one copy
 engine (D2H) while loads use the other (H2D), and small requests keep the link busy instead of queueing behind each
 other. Work is queued through the driver API with the GIL held (driver.Enqueue): each call takes microseconds, and
-dropping the GIL around each would queue this thread behind the event loop once per call.
+dropping the GIL around each would queue for it again once per call.
 
 Data path of a save chunk:  [save stream]  wait(worker's ready event) -> wait(staging slot free) -> gather kernel
                             [d2h stream]   wait(gathered) -> cuMemcpyDtoHAsync runs into pinned host slots -> free slot
@@ -44,7 +49,7 @@ from kvd.transports.cuda.driver import (
     Driver,
     Enqueue,
 )
-from kvd.transports.cuda.kernels import MAX_GRID_Y, Kernels, launch_chunk, load_kernels, slot_runs
+from kvd.transports.cuda.kernels import MAX_GRID_Y, Kernels, load_kernels
 from kvd.transports.cuda.mapping import WorkerMapping
 from kvd.transports.cuda.resources import (
     CompletionWaiter,
@@ -56,7 +61,7 @@ from kvd.transports.cuda.resources import (
     StagingRing,
     WaiterContext,
 )
-from kvd.transports.cuda.trace import NO_TRACE, ChunkTrace, Tracer, traced
+from kvd.transports.cuda.trace import NO_TRACE, ChunkTrace, Tracer
 from kvd.transports.cuda.vmm import VmmMappings
 from kvd.types import CudaAllocation, CudaMemory, DaemonStages
 
@@ -89,6 +94,7 @@ class DeviceEngine:
         self.chunk_bytes = chunk_bytes
         self._staging_bytes = staging_bytes
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._submitting = threading.Lock()  # a copy job in a caller's thread vs the engine starting to stop
         self._thread = threading.Thread(target=self._main, name=f"kvd-cuda{ordinal}", daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -170,6 +176,20 @@ class DeviceEngine:
         self._jobs.put((fn, args, future, stages))
         return future
 
+    def submit(
+        self, job: Callable[..., Any], *args: Any, stages: DaemonStages | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """Run a copy job (one that only queues GPU work) now, in the caller's thread; the future resolves when its
+        GPU work is done (its completion waiter sets it). Jobs submitted from one thread queue in submission order."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if not self._started.is_set() or self._start_error is not None:
+            future.set_exception(CudaError(f"GPU {self.ordinal}: the engine has not started"))
+            return future
+        with self._submitting:
+            self.runtime.setDevice(self.ordinal)  # this thread's device, before any CUDA call of the job
+            self._execute((job, args, future, stages))
+        return future
+
     # -- the engine thread ---------------------------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -218,7 +238,8 @@ class DeviceEngine:
         log.info(ready, self.ordinal, self.uuid, per_direction, per_direction, self.chunk_bytes >> 20)
 
     def _quiesce(self) -> None:
-        self._closing = True
+        with self._submitting:  # no copy job is being queued from another thread, and none will be
+            self._closing = True
         self.runtime.deviceSynchronize()
 
     def _shutdown(self) -> None:
@@ -330,67 +351,13 @@ class DeviceEngine:
         return event
 
     def load_parts(self) -> tuple[StagingRing, DoneEvents, CompletionWaiter]:
-        """What a layer-ordered load (layered.py) shares with load_job: staging, done events, the load waiter."""
+        """What a load (copies.load_job, layered.py) uses: staging, done events, the load waiter."""
         ring, events = self._started_part(self._load_ring), self._started_part(self._done_events)
         return ring, events, self._waiters[self.load_stream]
 
-    def save_job(
-        self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
-    ) -> Pending:
-        gpu, ring, block_bytes = self.gpu, self._started_part(self._save_ring), mapping.block_bytes
-        trace = self._trace("save")
-        if ready_event:
-            gpu.wait(self.save_stream, self.worker_event(mapping, ready_event))
-        step = mapping.chunk_blocks
-        for start in range(0, len(block_indices), step):
-            chunk = block_indices[start : start + step]
-            staging = ring.next()
-            gpu.wait(self.save_stream, staging.free)  # its previous D2H is done
-            trace.mark(self.save_stream)
-            self._launch(self.kernels.gather, self.save_stream, mapping, chunk, staging.address)
-            trace.mark(self.save_stream)
-            gpu.record(staging.filled, self.save_stream)
-            gpu.wait(self.d2h_stream, staging.filled)
-            trace.mark(self.d2h_stream)
-            runs = slot_runs(addresses[start : start + step], block_bytes)
-            for first, host, nbytes in runs:
-                gpu.d2h(host, staging.address + first * block_bytes, nbytes, self.d2h_stream)
-            trace.mark(self.d2h_stream)
-            trace.chunk(len(chunk), len(runs))
-            gpu.record(staging.free, self.d2h_stream)
-        return Pending(self.events.record(self.d2h_stream), self.d2h_stream, b"", True, trace=traced(trace))
+    def save_ring(self) -> StagingRing:
+        return self._started_part(self._save_ring)
 
-    def load_job(
-        self, mapping: WorkerMapping, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes
-    ) -> Pending:
-        gpu, ring, block_bytes = self.gpu, self._started_part(self._load_ring), mapping.block_bytes
-        worker = self.worker_event(mapping, ready_event) if ready_event else 0
-        trace = self._trace("load")
-        step = mapping.chunk_blocks
-        for start in range(0, len(block_indices), step):
-            chunk = block_indices[start : start + step]
-            staging = ring.next()
-            gpu.wait(self.h2d_stream, staging.free)  # its previous scatter is done
-            trace.mark(self.h2d_stream)
-            runs = slot_runs(addresses[start : start + step], block_bytes)
-            for first, host, nbytes in runs:
-                gpu.h2d(staging.address + first * block_bytes, host, nbytes, self.h2d_stream)
-            trace.mark(self.h2d_stream)
-            trace.chunk(len(chunk), len(runs))
-            gpu.record(staging.filled, self.h2d_stream)
-            gpu.wait(self.load_stream, staging.filled)
-            if worker and start == 0:
-                gpu.wait(self.load_stream, worker)  # nothing queued before may still read them
-            trace.mark(self.load_stream)
-            self._launch(self.kernels.scatter, self.load_stream, mapping, chunk, staging.address)
-            trace.mark(self.load_stream)
-            gpu.record(staging.free, self.load_stream)
-        event, handle = self._started_part(self._done_events).next()
-        gpu.record(event, self.load_stream)
-        return Pending(event, self.load_stream, handle, recycle=False, trace=traced(trace))
-
-    def _launch(self, kernel: int, stream: int, mapping: WorkerMapping, chunk: Sequence[int], staging: int) -> None:
-        launch_chunk(self.gpu, self.indices, kernel, stream, mapping, chunk, staging, self.kernel_ctas)
-
-    def _trace(self, kind: str) -> ChunkTrace:
+    def trace(self, kind: str) -> ChunkTrace:
+        """A copy job's chunk trace (a no-op unless transports.cuda_trace_path is set)."""
         return self._tracer.begin(kind) if self._tracer is not None else NO_TRACE

@@ -1,6 +1,6 @@
 """CUDA driver-API bindings (ctypes on libcuda; CuPy's runtime API covers the rest), their constants and errors.
 
-Two kinds of binding: `Enqueue`, the engine thread's hot path, keeps the GIL (ctypes.PyDLL) because each call only
+Two kinds of binding: `Enqueue`, the copy jobs' hot path, keeps the GIL (ctypes.PyDLL) because each call only
 queues work and takes microseconds; `Driver`, for the few calls that may wait or that the runtime API lacks, drops
 it (ctypes.CDLL) so a thread asleep in the driver never holds up the daemon's other threads.
 """
@@ -46,10 +46,10 @@ class Memcpy2D(ctypes.Structure):
 
 
 class Enqueue:
-    """The engine thread's hot path: stream waits, event records, async copies and kernel launches through the
+    """The copy jobs' hot path: stream waits, event records, async copies and kernel launches through the
     driver API with the GIL *held* (ctypes.PyDLL). Each call only queues work and takes microseconds; releasing the
-    GIL around each (as cupy and ctypes.CDLL do) would make this thread queue for the GIL once per call behind the
-    event loop's protobuf work, up to a switch interval each time: a 1 GiB save is ~130 such calls."""
+    GIL around each (as cupy and ctypes.CDLL do) would make the calling thread queue for the GIL once per call behind
+    the daemon's other threads, up to a switch interval each time: a 1 GiB save is ~130 such calls."""
 
     def __init__(self) -> None:
         lib = ctypes.PyDLL("libcuda.so.1")
@@ -68,7 +68,7 @@ class Enqueue:
         self._launch.argtypes = [vp, uint, uint, uint, uint, uint, uint, uint, vp, vp, vp]
         self._copy2d = lib.cuMemcpy2DAsync_v2
         self._copy2d.argtypes = [ctypes.POINTER(Memcpy2D), vp]
-        self._rows = Memcpy2D(srcMemoryType=MEMORY_HOST, dstMemoryType=MEMORY_DEVICE)  # engine thread only
+        self._rows = Memcpy2D(srcMemoryType=MEMORY_HOST, dstMemoryType=MEMORY_DEVICE)  # copy jobs only (one at a time)
         self._write_value = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
         self._write_value.argtypes = [vp, u64, ctypes.c_uint32, uint]
 

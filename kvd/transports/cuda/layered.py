@@ -14,7 +14,8 @@ Per layer i, per chunk of blocks (as many as a staging buffer holds of that laye
                    -> buffer free
     then           [load stream] counter = base + i + 1 (every layer but the last) -> event -> the waiter wakes
 The load's block indices go into the index ring once; every layer's kernels read them there. All of this runs on
-the engine thread (DeviceEngine.call), as load_job does; the plain load path is untouched.
+the caller's thread (DeviceEngine.submit), as load_job does; the plain load path is untouched. Its one-time set-up
+per session (page-locking the progress page, slicing the segment tables) runs there too, on the first in-step load.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_layers_job(
     ready_event: bytes,
     progress: LayerProgress,
 ) -> Pending:
-    """Queue the whole load in layer order (engine thread); the Pending's value is the done event's IPC handle."""
+    """Queue the whole load in layer order; the Pending's value is the done event's IPC handle."""
     counter = progress_counter(engine, mapping, progress)
     parts = layer_parts(engine, mapping)
     indices, start, end = engine.indices.put(block_indices)

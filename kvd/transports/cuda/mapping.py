@@ -1,5 +1,5 @@
 """A worker's KV cache as one device sees it: the allocations a session opened and the segment tables the
-gather/scatter kernels read (engine thread only)."""
+gather/scatter kernels read (the engine thread maps and unmaps it; copy jobs use it in between)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvd.transports.cuda.vmm import VmmRange
 
 @dataclass(eq=False, slots=True)
 class WorkerMapping:
-    """One session's KV cache as this device sees it (engine thread only): its opened allocations, the segment
+    """One session's KV cache as this device sees it: its opened allocations, the segment
     tables the kernels read, and the worker's interprocess events opened so far."""
 
     layout: KvLayout

@@ -1,7 +1,7 @@
 """The GPU engine's chunk trace, a diagnostic (transports.cuda_trace_path; off by default): timing events around every
 chunk's kernel and DMA, written as one JSON line per operation once it completed, so that a benchmark can tell each
 stream's busy time, the gaps between chunks and what they waited for (a staging buffer, the other stream, the
-engine thread) apart. When on, each chunk costs four more event records.
+thread that queues them) apart. When on, each chunk costs four more event records.
 
 GPU times are put on the host's CLOCK_MONOTONIC (time.monotonic_ns, the clock of the operations' stage stamps) by an
 anchor: an event recorded on an idle stream of the tracer's own, between two host clock reads. A new anchor is taken
@@ -9,8 +9,9 @@ when the last is older than ANCHOR_PERIOD_S, so neither clock drift nor cuEventE
 blur a chunk's times by more than a microsecond or so. (Elapsed times come from the runtime's cudaEventElapsedTime,
 through CuPy, as every other call here that is not on the enqueue path.)
 
-Threads: `begin` and the marks run on the engine thread; `finish` on a completion waiter (two of them write the file,
-under a lock). Events taken by the engine thread are given back by the waiters (deque append/pop are atomic).
+Threads: `begin` and the marks run in the copy jobs (DeviceEngine.submit); `finish` on a completion waiter (two of them
+write the file, under a lock). Events taken by the copy jobs are given back by the waiters (deque append/pop are
+atomic).
 """
 
 from __future__ import annotations

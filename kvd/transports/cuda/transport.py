@@ -22,6 +22,7 @@ from kvd.errors import FailureReason, InvalidArgument, TransferError
 from kvd.memory.progress import LayerProgress
 from kvd.memory.region import PinnedRegion
 from kvd.transports.base import Attachment, Transport
+from kvd.transports.cuda.copies import load_job, save_job
 from kvd.transports.cuda.device import DeviceEngine
 from kvd.transports.cuda.driver import CudaError, normalize_uuid
 from kvd.transports.cuda.layered import load_layers_job
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class CudaAttachment(Attachment):
-    """A session's mapping on its GPU; every copy is a job on that GPU's engine thread."""
+    """A session's mapping on its GPU. Copies are queued from the event loop (DeviceEngine.submit) and completed by
+    the engine's waiters; mapping and unmapping run on the engine thread."""
 
     kind = TransportKind.CUDA_IPC
 
@@ -42,19 +44,20 @@ class CudaAttachment(Attachment):
 
     async def _run(self, job: Callable[..., Any], stamps: Stamps, *args: Any) -> Any:
         try:
-            return await asyncio.wrap_future(self._engine.call(job, self._mapping, *args, stages=stamps))
+            return await asyncio.wrap_future(self._engine.submit(job, self._mapping, *args, stages=stamps))
         except (CudaError, RuntimeError, ValueError) as exc:
             raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
     async def save(
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> None:
-        await self._run(self._engine.save_job, stamps, block_indices, addresses, ready_event)
+        await self._run(functools.partial(save_job, self._engine), stamps, block_indices, addresses, ready_event)
 
     async def load(
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
     ) -> bytes:
-        handle: bytes = await self._run(self._engine.load_job, stamps, block_indices, addresses, ready_event)
+        job = functools.partial(load_job, self._engine)
+        handle: bytes = await self._run(job, stamps, block_indices, addresses, ready_event)
         return handle
 
     async def load_layers(
@@ -64,7 +67,7 @@ class CudaAttachment(Attachment):
         """In layer order (layered.py): the load stream stores each layer's counter in the progress page itself, right
         after that layer's last scatter, and the load waiter wakes CPU waiters after each."""
         job = functools.partial(load_layers_job, self._engine)
-        future = self._engine.call(job, self._mapping, block_indices, addresses, ready_event, progress, stages=stamps)
+        future = self._engine.submit(job, self._mapping, block_indices, addresses, ready_event, progress, stages=stamps)
         try:
             handle: bytes = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
