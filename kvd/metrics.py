@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 from collections.abc import Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -78,6 +79,7 @@ class Metrics:
         self._lookup_hit_blocks = Counter(
             "kvd_lookup_hit_blocks_total", "Blocks Lookup reported as loadable (prefix hits)", registry=r
         )
+        self._series: dict[tuple[str, bool], tuple[Any, Any, Any, Any]] = {}  # (kind, ok) -> _operation_series
         self._operations = Counter(
             "kvd_operations_total", "Completed save/load operations", ["kind", "result"], registry=r
         )
@@ -181,16 +183,30 @@ class Metrics:
         "host_pool_full", ...), never free text, or the series count explodes."""
         try:
             kind = str(kind)
-            self._operations.labels(kind, "ok" if ok else "failed").inc()
-            self._bytes.labels(kind).inc(_count(nbytes))
-            self._blocks.labels(kind).inc(_count(blocks))
-            self._seconds.labels(kind).observe(max(float(seconds), 0.0))
+            operations, moved, counted, durations = self._operation_series(kind, ok)
+            operations.inc()
+            moved.inc(_count(nbytes))
+            counted.inc(_count(blocks))
+            durations.observe(max(float(seconds), 0.0))
             if failed_blocks > 0:
                 self._failed_blocks.labels(kind).inc(_count(failed_blocks))
             if not ok or failed_blocks > 0:
                 self._failures.labels(kind, str(reason) or ("partial" if ok else "unknown")).inc()
         except Exception:
             log.debug("metrics: observe_operation failed", exc_info=True)
+
+    def _operation_series(self, kind: str, ok: bool) -> tuple[Any, Any, Any, Any]:
+        """The series every completed operation of `kind` and result updates, looked up once (labels() takes a lock
+        and builds a key each time: four times per operation otherwise)."""
+        series = self._series.get((kind, ok))
+        if series is None:
+            series = self._series[(kind, ok)] = (
+                self._operations.labels(kind, "ok" if ok else "failed"),
+                self._bytes.labels(kind),
+                self._blocks.labels(kind),
+                self._seconds.labels(kind),
+            )
+        return series
 
     def observe_load_blocks(self, hit: int, miss: int) -> None:
         try:
