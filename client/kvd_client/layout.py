@@ -10,7 +10,7 @@ import enum
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvd_client.errors import InvalidArgument
@@ -116,6 +116,9 @@ class LayerLayout:
 class KvLayout:
     layers: tuple[LayerLayout, ...]
     block_size_tokens: int = 0
+    # Bytes of one stored block: every layer's K and V, in layer order. Computed once: every save and load needs it
+    # several times, and summing it over a model's layers took longer than planning the request.
+    block_bytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -126,15 +129,11 @@ class KvLayout:
         counts = {layer.num_blocks for layer in self.layers}
         if len(counts) != 1:
             raise InvalidArgument(f"every layer must hold the same number of blocks, got {sorted(counts)}")
+        object.__setattr__(self, "block_bytes", sum(layer.block_bytes for layer in self.layers))
 
     @property
     def num_blocks(self) -> int:
         return self.layers[0].num_blocks
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one stored block: every layer's K and V, in layer order."""
-        return sum(layer.block_bytes for layer in self.layers)
 
     def fingerprint(self) -> str:
         """A stable digest of everything that shapes a block's bytes (not PYTHONHASHSEED-dependent)."""

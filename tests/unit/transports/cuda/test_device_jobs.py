@@ -150,7 +150,7 @@ async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chun
     # 12 blocks: chunks of 5, 5, 2. Host slots: 0-4 consecutive, then 9 | 11 12 | 20 | 30, then 31 32.
     await attachment.save(list(range(12)), slots([0, 1, 2, 3, 4, 9, 11, 12, 20, 30, 31, 32]), WORKER_EVENT)
     # The job runs in this (the caller's) thread, which sets the device before its first CUDA call.
-    assert [name for name, _ in recorder.calls[start:] if name != "gpu.query"][0] == "setDevice"
+    assert next(name for name, _ in recorder.calls[start:] if name != "gpu.query") == "setDevice"
     calls = enqueued(recorder, start)
     assert calls[0] == ("ipcOpenEventHandle", (WORKER_EVENT,))
     assert calls[1][0] == "gpu.wait" and calls[1][1][0] == engine.save_stream  # before anything reads the blocks
