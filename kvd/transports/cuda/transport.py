@@ -38,13 +38,14 @@ class CudaAttachment(Attachment):
 
     kind = TransportKind.CUDA_IPC
 
-    def __init__(self, engine: DeviceEngine, mapping: WorkerMapping) -> None:
+    def __init__(self, engine: DeviceEngine, mapping: WorkerMapping, on_loop: bool = True) -> None:
         self._engine = engine
         self._mapping = mapping
+        self._queue = engine.submit if on_loop else engine.call  # transports.cuda_queue_on_loop
 
     async def _run(self, job: Callable[..., Any], stamps: Stamps, *args: Any) -> Any:
         try:
-            return await asyncio.wrap_future(self._engine.submit(job, self._mapping, *args, stages=stamps))
+            return await asyncio.wrap_future(self._queue(job, self._mapping, *args, stages=stamps))
         except (CudaError, RuntimeError, ValueError) as exc:
             raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
@@ -67,7 +68,7 @@ class CudaAttachment(Attachment):
         """In layer order (layered.py): the load stream stores each layer's counter in the progress page itself, right
         after that layer's last scatter, and the load waiter wakes CPU waiters after each."""
         job = functools.partial(load_layers_job, self._engine)
-        future = self._engine.submit(job, self._mapping, block_indices, addresses, ready_event, progress, stages=stamps)
+        future = self._queue(job, self._mapping, block_indices, addresses, ready_event, progress, stages=stamps)
         try:
             handle: bytes = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -145,7 +146,7 @@ class CudaTransport(Transport):
             mapping = await asyncio.wrap_future(engine.call(engine.open_worker, memory, layout))
         except Exception as exc:
             raise InvalidArgument(f"cannot map the worker's CUDA memory: {exc}") from exc
-        return CudaAttachment(engine, mapping)
+        return CudaAttachment(engine, mapping, self._config.cuda_queue_on_loop)
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -170,6 +170,22 @@ async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chun
     await transport.stop()
 
 
+async def test_the_engine_thread_queues_the_same_work_when_told_to(recorder: Recorder) -> None:
+    """transports.cuda_queue_on_loop = false: the jobs go back to the engine thread, which queues exactly what the
+    event loop would have, call for call, and the loop's thread makes no CUDA call for them."""
+    sequences = []
+    for on_loop in (True, False):
+        transport, attachment = await attached(recorder, cuda_queue_on_loop=on_loop)
+        start = len(recorder.calls)
+        await attachment.save(list(range(12)), slots([0, 1, 2, 3, 4, 9, 11, 12, 20, 30, 31, 32]), WORKER_EVENT)
+        await attachment.load([7, 3, 5, 1, 0, 2, 4], slots(list(range(7))), WORKER_EVENT)
+        sequences.append([name for name, _ in enqueued(recorder, start)])
+        assert ("setDevice" in [name for name, _ in recorder.calls[start:]]) is on_loop
+        await attachment.close()
+        await transport.stop()
+    assert sequences[0] == sequences[1] and "gpu.launch" in sequences[0]
+
+
 async def test_a_load_copies_in_then_waits_for_the_worker_once_before_scattering(recorder: Recorder) -> None:
     transport, attachment = await attached(recorder)
     engine = next(iter(transport._engines.values()))
