@@ -177,9 +177,10 @@ class TransportsConfig(_Section):
     # At most this many CTAs per gather/scatter launch (0: one per block and layer segment, every SM it can get), so
     # one direction's kernel leaves SMs to the other's and to the model's; the kernels stride over the rest.
     cuda_kernel_ctas: int = Field(default=0, ge=0)
-    # Where a save's or load's GPU work is queued: on the event loop, right where it was planned (no thread hop, no
-    # wait for the GIL in between), or (False) on the GPU's engine thread, as before 2026-12.
-    cuda_queue_on_loop: bool = True
+    # Where a save's or load's GPU work is queued: on the GPU's engine thread (the default, the path the CUDA tests
+    # and benchmarks have measured), or (True) on the event loop, right where it was planned: no thread hop and no
+    # wait for the GIL in between. Not yet run on a GPU: off until the CUDA tests and the benchmark have.
+    cuda_queue_on_loop: bool = False
     # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
     # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
     # more event records per chunk.

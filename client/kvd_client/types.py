@@ -37,7 +37,7 @@ class DaemonStages:
     received_ns: int = 0  # the Save/Load handler began
     planned_ns: int = 0  # the block store planned it
     submitted_ns: int = 0  # handed to the transport
-    enqueue_start_ns: int = 0  # its copy job began (CUDA: queueing GPU work, on the event loop; CPU: a copy thread)
+    enqueue_start_ns: int = 0  # its copy job began (CUDA: queueing GPU work; CPU: the first copy call)
     enqueue_end_ns: int = 0  # CUDA: all of it queued; CPU: the first copy call began
     copy_done_ns: int = 0  # the bytes were in place (CUDA: the completion waiter saw the last event)
     resumed_ns: int = 0  # the event loop took the operation back

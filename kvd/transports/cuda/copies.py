@@ -1,6 +1,6 @@
-"""The two copy jobs of a plain (not layer-ordered) save and load: queued on one GPU's streams by the thread that
-submits them (DeviceEngine.submit), never waiting for the GPU. The data paths are drawn in device.py; layered.py
-holds the layer-ordered load of in-step loads.
+"""The two copy jobs of a plain (not layer-ordered) save and load: queued on one GPU's streams by whichever thread
+queues them (the engine thread, or the event loop: DeviceEngine.call / submit), never waiting for the GPU. The data
+paths are drawn in device.py; layered.py holds the layer-ordered load of in-step loads.
 
 A job takes a whole request or one segment of a large one (kvd/service/operations.py), cut into chunks of as many
 blocks as a staging buffer holds. Each chunk's host side is one DMA per run of consecutive host slots

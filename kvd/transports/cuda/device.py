@@ -1,20 +1,19 @@
 """One engine per GPU. Its thread sets its device before any CUDA call and creates everything of that device: streams,
 events, staging buffers, gather/scatter kernels and the IPC mappings of workers' KV caches. Nothing here is shared
-across devices. Three kinds of thread make CUDA calls on it, each after setting the device: the engine thread, the
-thread that queues copy jobs (the daemon's event loop; one at a time, under a lock), and the completion waiters,
-which only wait on events.
+across devices. Besides the engine thread, its completion waiters make CUDA calls on it (they only wait on events), and,
+with transports.cuda_queue_on_loop, the thread that queues copy jobs (the daemon's event loop, one job at a time under a
+lock); each sets the device first.
 
-A copy job (copies.save_job and load_job, layered.load_layers_job) never waits for
-the GPU: it only *enqueues* work (stream waits, a gather kernel, DMA copies, an event record) and returns a pending
-completion, which goes to the waiter of the stream it completes on. So it runs right where the operation is planned, in
-the caller's thread (the event loop; `submit`), after setting the device: no hop to another thread and no wait for the
-GIL between a request's planning and its first copy, and a large request's next segment is planned while the GPU copies
-the previous one. The engine thread keeps what may block (`call`): mapping a worker's memory, unmapping it after
-synchronizing the streams, page-locking the pool, and shutting down. A waiter waits for each event in turn (polling with
-short naps, spinning in the driver, or asleep on a blocking-sync event: cuda_completion_wait) and resolves the
-operation's future once its copies are done. So many operations are in flight at once: saves pipeline on one copy
-engine (D2H) while loads use the other (H2D), and small requests keep the link busy instead of queueing behind each
-other. Work is queued through the driver API with the GIL held (driver.Enqueue): each call takes microseconds, and
+A copy job (copies.save_job and load_job, layered.load_layers_job) never waits for the GPU: it only *enqueues* work
+(stream waits, a gather kernel, DMA copies, an event record) and returns a pending completion, which goes to the waiter
+of the stream it completes on. By default it runs on the engine thread (`call`), as do the calls that may block (mapping
+a worker's memory, unmapping it after synchronizing the streams, page-locking the pool, shutting down). With
+transports.cuda_queue_on_loop it runs where the operation was planned instead, in the caller's thread (`submit`): no hop
+to another thread and no wait for the GIL between a request's planning and its first copy. A waiter waits for each event
+in turn (polling with short naps, spinning in the driver, or asleep on a blocking-sync event: cuda_completion_wait) and
+resolves the operation's future once its copies are done. So many operations are in flight at once: saves pipeline on
+one copy engine (D2H) while loads use the other (H2D), and small requests keep the link busy instead of queueing behind
+each other. Work is queued through the driver API with the GIL held (driver.Enqueue): each call takes microseconds, and
 dropping the GIL around each would queue for it again once per call.
 
 Data path of a save chunk:  [save stream]  wait(worker's ready event) -> wait(staging slot free) -> gather kernel

@@ -13,9 +13,10 @@ Per layer i, per chunk of blocks (as many as a staging buffer holds of that laye
     [load stream]  wait(filled) -> (first chunk only: wait(worker's ready event)) -> scatter of layer i's segments
                    -> buffer free
     then           [load stream] counter = base + i + 1 (every layer but the last) -> event -> the waiter wakes
-The load's block indices go into the index ring once; every layer's kernels read them there. All of this runs on
-the caller's thread (DeviceEngine.submit), as load_job does; the plain load path is untouched. Its one-time set-up
-per session (page-locking the progress page, slicing the segment tables) runs there too, on the first in-step load.
+The load's block indices go into the index ring once; every layer's kernels read them there. All of this is one
+copy job, queued where load_job is (the engine thread, or the event loop: transports.cuda_queue_on_loop); the plain
+load path is untouched. Its one-time set-up per session (page-locking the progress page, slicing the segment tables)
+runs there too, on the first in-step load.
 """
 
 from __future__ import annotations

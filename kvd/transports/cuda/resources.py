@@ -2,7 +2,7 @@
 kernels read from mapped pinned memory, the staging buffers, the interprocess done events handed to workers, the IPC
 mappings of workers' allocations, and the completion waiters that resolve operations once their events complete.
 
-Everything here is used by copy jobs (queued one at a time: DeviceEngine.submit) and by the engine thread while no
+Everything here is used by copy jobs (one at a time: DeviceEngine.call or submit) and by the engine thread while no
 copy job can run (start-up, shutdown), except `EventPool.give` (waiters hand events back; deque append/pop are
 atomic) and `CompletionWaiter.put`.
 """

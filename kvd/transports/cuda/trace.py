@@ -9,9 +9,9 @@ when the last is older than ANCHOR_PERIOD_S, so neither clock drift nor cuEventE
 blur a chunk's times by more than a microsecond or so. (Elapsed times come from the runtime's cudaEventElapsedTime,
 through CuPy, as every other call here that is not on the enqueue path.)
 
-Threads: `begin` and the marks run in the copy jobs (DeviceEngine.submit); `finish` on a completion waiter (two of them
-write the file, under a lock). Events taken by the copy jobs are given back by the waiters (deque append/pop are
-atomic).
+Threads: `begin` and the marks run in the copy jobs (DeviceEngine.call or submit); `finish` on a completion waiter
+(two of them write the file, under a lock). Events taken by the copy jobs are given back by the waiters (deque
+append/pop are atomic).
 """
 
 from __future__ import annotations

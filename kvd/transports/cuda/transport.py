@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 
 
 class CudaAttachment(Attachment):
-    """A session's mapping on its GPU. Copies are queued from the event loop (DeviceEngine.submit) and completed by
-    the engine's waiters; mapping and unmapping run on the engine thread."""
+    """A session's mapping on its GPU. Copies are queued on the engine thread (DeviceEngine.call) or, with
+    transports.cuda_queue_on_loop, from the event loop (DeviceEngine.submit), and completed by the engine's waiters;
+    mapping and unmapping run on the engine thread."""
 
     kind = TransportKind.CUDA_IPC
 
-    def __init__(self, engine: DeviceEngine, mapping: WorkerMapping, on_loop: bool = True) -> None:
+    def __init__(self, engine: DeviceEngine, mapping: WorkerMapping, on_loop: bool = False) -> None:
         self._engine = engine
         self._mapping = mapping
         self._queue = engine.submit if on_loop else engine.call  # transports.cuda_queue_on_loop

@@ -144,7 +144,7 @@ def enqueued(recorder: Recorder, start: int) -> list[tuple[str, tuple[Any, ...]]
 
 
 async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chunk(recorder: Recorder) -> None:
-    transport, attachment = await attached(recorder)
+    transport, attachment = await attached(recorder, cuda_queue_on_loop=True)
     engine = next(iter(transport._engines.values()))
     start = len(recorder.calls)
     # 12 blocks: chunks of 5, 5, 2. Host slots: 0-4 consecutive, then 9 | 11 12 | 20 | 30, then 31 32.
@@ -171,8 +171,8 @@ async def test_a_save_waits_for_the_worker_then_gathers_and_copies_chunk_by_chun
 
 
 async def test_the_engine_thread_queues_the_same_work_when_told_to(recorder: Recorder) -> None:
-    """transports.cuda_queue_on_loop = false: the jobs go back to the engine thread, which queues exactly what the
-    event loop would have, call for call, and the loop's thread makes no CUDA call for them."""
+    """transports.cuda_queue_on_loop: the event loop queues exactly what the engine thread would have, call for
+    call, after setting its device; without it the loop's thread makes no CUDA call for them."""
     sequences = []
     for on_loop in (True, False):
         transport, attachment = await attached(recorder, cuda_queue_on_loop=on_loop)
