@@ -5,6 +5,8 @@
 # configuration variants) and OUTDIR/env.txt. The benchmark prints its summary table last. Optional stages:
 #   KVD_COMPARE="KVD_X=V ..."  bench/event_wait.py (OUTDIR/event_wait.json), and the benchmark again with the
 #                   daemon configured so (OUTDIR/gpu_bench_compare.json)
+#   KVD_TESTS_AGAIN_WITH="KVD_X=V ..."  the CUDA tests again with every test daemon configured so (e.g.
+#                   KVD_TRANSPORTS__CUDA_QUEUE_ON_LOOP=true), logged to OUTDIR/cuda_tests_again.log
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
 #                   racecheck; KVD_SANITIZE_TOOLS="memcheck" for one); logs in OUTDIR/sanitizer.txt
 #   KVD_IN_STEP=1   bench/gpu_in_step.py (OUTDIR/in_step.json, at most 90 s): TTFT on a hit with in-step vs async
@@ -37,6 +39,15 @@ if [[ "${KVD_SKIP_MAIN:-0}" != 1 ]]; then  # KVD_SKIP_MAIN=1: only the optional 
         > "$out/gpu_bench.json" 2> "$out/gpu_bench.err"
     echo "bench rc $?"
     tail -40 "$out/gpu_bench.err"  # ends with the benchmark's summary table
+fi
+
+if [[ -n "${KVD_TESTS_AGAIN_WITH:-}" ]]; then
+    for file in $(grep -l "mark.cuda" tests/kvd/test_*.py tests/security/test_*.py); do
+        KVD_TEST_DAEMON_ENV="$KVD_TESTS_AGAIN_WITH" timeout "${KVD_TEST_TIMEOUT:-150}" python3 -m pytest -q \
+            -p no:cacheprovider --tb=short -rfE -o faulthandler_timeout=90 -m cuda "$file" 2>&1 \
+            | tee -a "$out/cuda_tests_again.log"
+        echo "$file rc ${PIPESTATUS[0]} ($KVD_TESTS_AGAIN_WITH)" | tee -a "$out/cuda_tests_again.log"
+    done
 fi
 
 if [[ "${KVD_IN_STEP:-0}" == 1 ]]; then

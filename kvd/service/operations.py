@@ -77,6 +77,10 @@ class Operation:
     progress: LayerProgress | None = None  # an in-step load: layer by layer, reported in the progress page
     segment_blocks: int = 0  # more blocks than this go in pipelined segments (0: never; in-step loads never do)
     segment: int = 0  # this part's place among its operation's segments, in the order they are handed over
+    # A save's segments commit in block order (so a request's blocks age in the LRU in that order, segmented or not):
+    # each waits for the one before it (`commit_after`) and releases the one after it (`committed`).
+    commit_after: asyncio.Future[None] | None = None
+    committed: asyncio.Future[None] | None = None
 
     def memory(self) -> Attachment:
         if self.attachment is None:
@@ -89,6 +93,8 @@ class Operation:
         if step <= 0 or n <= step or self.progress is not None:
             return [self]
         (indices, hashes), received = (self.blocks.indices, self.blocks.hashes), self.stamps.received_ns
+        loop = asyncio.get_running_loop()
+        turns = [loop.create_future() for _ in range(0, n, step)]
         return [
             dataclasses.replace(
                 self,
@@ -96,6 +102,8 @@ class Operation:
                 keys=self.keys[start : start + step],
                 stamps=DaemonStages(received_ns=received),
                 segment=number,
+                commit_after=turns[number - 1] if number else None,
+                committed=turns[number],
             )
             for number, start in enumerate(range(0, n, step))
         ]
@@ -144,6 +152,14 @@ def merge_stamps(whole: DaemonStages, parts: Sequence[DaemonStages]) -> None:
 
 
 async def _save(op: Operation, outcome: Outcome) -> None:
+    try:
+        await _save_blocks(op, outcome)
+    finally:
+        if op.committed is not None and not op.committed.done():
+            op.committed.set_result(None)  # the next segment's turn, whatever became of this one
+
+
+async def _save_blocks(op: Operation, outcome: Outcome) -> None:
     store, (indices, hashes), layout, stamps = op.store, (op.blocks.indices, op.blocks.hashes), op.layout, op.stamps
     await store.make_room(op.keys, layout.block_bytes)
     plan = store.prepare_save(op.keys, layout.block_bytes)
@@ -158,6 +174,8 @@ async def _save(op: Operation, outcome: Outcome) -> None:
             await memory.save([indices[i] for i in plan.positions], addresses, op.ready_event, stamps)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved += len(entries) * layout.block_bytes
+        if op.commit_after is not None:
+            await asyncio.shield(op.commit_after)  # (the GPU finishes a stream's segments in order anyway)
         store.complete_save(plan, ok=True)
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)

@@ -46,6 +46,9 @@ CHANNEL_OPTIONS = [
 # A tool the daemon runs under (e.g. compute-sanitizer); such tools slow its start a lot.
 WRAPPER = shlex.split(os.environ.get("KVD_TEST_DAEMON_WRAPPER", ""))
 START_SLOWDOWN = 10.0 if WRAPPER else 1.0
+# Settings every daemon of a run gets on top of its test's ("KVD_X=V KVD_Y=W"): to run a suite again in another mode
+# (bench/run_on_gpu.sh: KVD_TESTS_AGAIN_WITH). A test's own settings win.
+EXTRA_ENV = dict(kv.split("=", 1) for kv in shlex.split(os.environ.get("KVD_TEST_DAEMON_ENV", "")))
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -140,6 +143,7 @@ class Daemon:
         self.socket = self.workdir / "kvd.sock"
         self.lease_ms = lease_ms
         self.env = {
+            **EXTRA_ENV,
             "KVD_HOST_POOL__CAPACITY_BYTES": str(capacity_bytes),
             "KVD_HOST_POOL__SLAB_BYTES": str(slab_bytes),
             "KVD_LEASE_MS": str(lease_ms),

@@ -81,10 +81,15 @@ def test_load_of_missing_blocks_reports_exactly_those(daemon: Daemon, worker_fac
     assert w.verify([(10, stored[0][1]), (12, stored[3][1])]) == []
 
 
-def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory) -> None:
+@pytest.mark.parametrize("segment_bytes", [None, 64 * 1024], ids=["whole", "one-block-segments"])
+def test_lru_eviction_at_capacity(daemon_factory: DaemonFactory, segment_bytes: int | None) -> None:
     # 4 slabs of 1 MiB, 64 KiB blocks: exactly 64 blocks fit. Plain LRU: slots reused the moment their block is
-    # evicted (no grace period, which would retire a few blocks ahead of need).
-    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB, env={"KVD_HOST_POOL__REUSE_GRACE_MS": "0"})
+    # evicted (no grace period, which would retire a few blocks ahead of need). Split into one-block segments, a
+    # request's blocks still age in block order (its segments commit in order, whichever copy ends first).
+    env = {"KVD_HOST_POOL__REUSE_GRACE_MS": "0"}
+    if segment_bytes is not None:
+        env["KVD_SEGMENT_BYTES"] = str(segment_bytes)
+    daemon = daemon_factory(capacity_bytes=4 * MiB, slab_bytes=1 * MiB, env=env)
     spec = CacheSpec(num_layers=2, num_blocks=128, block_size=16, kv_heads=8, head_dim=64)
     assert spec.block_bytes == 64 * 1024
     caches = make_caches(spec)
