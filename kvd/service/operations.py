@@ -155,8 +155,12 @@ async def _save(op: Operation, outcome: Outcome) -> None:
     try:
         await _save_blocks(op, outcome)
     finally:
-        if op.committed is not None and not op.committed.done():
-            op.committed.set_result(None)  # the next segment's turn, whatever became of this one
+        _pass_turn(op)  # whatever became of this segment, the next one may commit
+
+
+def _pass_turn(op: Operation) -> None:
+    if op.committed is not None and not op.committed.done():
+        op.committed.set_result(None)
 
 
 async def _save_blocks(op: Operation, outcome: Outcome) -> None:
@@ -180,6 +184,7 @@ async def _save_blocks(op: Operation, outcome: Outcome) -> None:
     except (Exception, asyncio.CancelledError) as exc:
         store.complete_save(plan, ok=False)
         outcome.fail([hashes[i] for i in plan.positions], failure_of(exc, op.what))
+    _pass_turn(op)  # before waiting for other saves: the next segment's commit does not depend on them
     for i, waiter in plan.in_flight:
         if not await waiter:
             outcome.fail([hashes[i]], outcome.failure or CONCURRENT_SAVE)
