@@ -7,22 +7,28 @@ from __future__ import annotations
 from kvd_client import OperationStages
 
 from tests.conftest import DaemonFactory, WorkerFactory
+from tests.helpers.daemon import Daemon
 from tests.helpers.kvdata import CacheSpec, block_hash
+from tests.helpers.worker import WorkerProcess
 
 SEGMENT_BLOCKS = 4
 
 
-def _daemon_env(spec: CacheSpec) -> dict[str, str]:
-    return {"KVD_SEGMENT_BYTES": str(SEGMENT_BLOCKS * spec.block_bytes)}
+def _segmenting(
+    daemon_factory: DaemonFactory, worker_factory: WorkerFactory, spec: CacheSpec, model: str
+) -> tuple[Daemon, WorkerProcess]:
+    """A daemon that splits requests into SEGMENT_BLOCKS-block segments, and a ready worker of `spec` on it."""
+    daemon = daemon_factory(env={"KVD_SEGMENT_BYTES": str(SEGMENT_BLOCKS * spec.block_bytes)})
+    worker = worker_factory(daemon.socket, spec, model)
+    worker.wait_ready()
+    return daemon, worker
 
 
 def test_segmented_save_and_load_move_every_block_once(
     daemon_factory: DaemonFactory, worker_factory: WorkerFactory
 ) -> None:
     spec = CacheSpec(num_blocks=96)
-    daemon = daemon_factory(env=_daemon_env(spec))
-    w = worker_factory(daemon.socket, spec, "model-segments")
-    w.wait_ready()
+    daemon, w = _segmenting(daemon_factory, worker_factory, spec, "model-segments")
     early = [(40 + i, block_hash(i, "seg")) for i in (2, 9)]  # stored before: their segments copy the rest only
     w.fill(early)
     assert w.save(early)["ok"]
@@ -49,10 +55,7 @@ def test_segmented_operations_are_stamped_in_path_order(
     daemon_factory: DaemonFactory, worker_factory: WorkerFactory
 ) -> None:
     """A segmented operation's stages run from its first segment's planning to its last segment's copy."""
-    spec = CacheSpec(num_blocks=64)
-    daemon = daemon_factory(env=_daemon_env(spec))
-    w = worker_factory(daemon.socket, spec, "model-segment-stages")
-    w.wait_ready()
+    _, w = _segmenting(daemon_factory, worker_factory, CacheSpec(num_blocks=64), "model-segment-stages")
     pairs = [(i, block_hash(i, "seg-stages")) for i in range(3 * SEGMENT_BLOCKS + 1)]
     w.fill(pairs)
     for result in (w.save(pairs), w.load([(32 + i, h) for i, h in pairs])):
