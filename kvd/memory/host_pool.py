@@ -300,18 +300,8 @@ class HostPool(Retiring):
         free.append(entry.slot)
         slab.entries -= 1
         self.used_bytes -= entry.nbytes
-        if slab.entries == 0:
-            # An empty slab goes back to the shared free list, so another block size can use it.
-            size_class.slabs.discard(slab.index)
-            size_class.open.pop(slab.index, None)
-            size_class.free -= len(free) - 1
-            slab.block_bytes = 0
-            free.clear()
-            slab.sorted = True
-            self._free_slabs.append(slab.index)
-        else:
-            size_class.free += 1
-            size_class.open[slab.index] = None
+        size_class.free += 1
+        self._settle_slab(size_class, slab)
 
     def _evict_slab(self, exclude: int) -> bool:
         """Empty the least-recently-used slab of another block size whose blocks are all evictable."""

@@ -80,19 +80,23 @@ class Retiring:
             slab.entries -= 1
         self.used_bytes -= size_class.block_bytes * len(victims)
         size_class.free += len(victims)
-        for index, slab in touched.items():
+        for slab in touched.values():
             slab.sorted = False
-            if slab.entries:
-                size_class.open[index] = None
-                continue
-            # An empty slab goes back to the shared free list, so another block size can use it.
-            size_class.slabs.discard(index)
-            size_class.open.pop(index, None)
-            size_class.free -= len(slab.free_slots)
-            slab.block_bytes = 0
-            slab.free_slots.clear()
-            slab.sorted = True
-            self._free_slabs.append(index)
+            self._settle_slab(size_class, slab)
+
+    def _settle_slab(self, size_class: SizeClass, slab: Slab) -> None:
+        """After slots of `slab` were freed (and counted in `size_class.free`): it is open for reservations, or, now
+        empty, back on the shared free list, so another block size can use it."""
+        if slab.entries:
+            size_class.open[slab.index] = None
+            return
+        size_class.slabs.discard(slab.index)
+        size_class.open.pop(slab.index, None)
+        size_class.free -= len(slab.free_slots)
+        slab.block_bytes = 0
+        slab.free_slots.clear()
+        slab.sorted = True
+        self._free_slabs.append(slab.index)
 
     def _retire_ahead(self, size_class: SizeClass, reserved: int) -> None:
         """While the size class is full, keep one grace period's worth of its reserves retired ahead of need."""
