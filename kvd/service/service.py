@@ -288,22 +288,19 @@ class KvdService:
             self.counters.load_miss_blocks += len(outcome.failed)
             if self.metrics is not None:
                 self.metrics.observe_load_blocks(hit, len(outcome.failed))
-        self._finish(session, Notice(op_id, kind, not outcome.failed, client_tag=client_tag, stages=stamps), outcome,
-                     start, len(blocks))  # fmt: skip
-
-    def _finish(self, session: Session, head: Notice, outcome: Outcome, start: float, nblocks: int) -> None:
-        """Queue the operation's notice (`head` carries its id, kind, result, tag and stages; the rest comes from
-        `outcome`), then count it: counters, metrics and the log are nobody's to wait for (the loop runs nothing in
-        between, so a Stats call after the notice still sees them)."""
         seconds = time.monotonic() - start
-        failure = outcome.failure
-        error = failure.message if failure is not None else ""
-        if head.stages is not None:
-            head.stages.queued_ns = time.monotonic_ns()
-        notice = Notice(  # built whole, positionally: dataclasses.replace costs several times as much
-            head.operation_id, head.kind, head.ok, tuple(outcome.failed), error, head.client_tag, outcome.moved,
-            int(seconds * 1e6), outcome.done_event, head.stages,
+        error = outcome.failure.message if outcome.failure is not None else ""
+        stamps.queued_ns = time.monotonic_ns()
+        notice = Notice(  # once, positionally: dataclasses.replace of a partial notice cost several times as much
+            op_id, kind, not outcome.failed, tuple(outcome.failed), error, client_tag, outcome.moved,
+            int(seconds * 1e6), outcome.done_event, stamps,
         )  # fmt: skip
+        self._finish(session, notice, outcome, seconds, len(blocks))
+
+    def _finish(self, session: Session, notice: Notice, outcome: Outcome, seconds: float, nblocks: int) -> None:
+        """Queue the operation's notice, then count it: counters, metrics and the log are nobody's to wait for (the
+        loop runs nothing in between, so a Stats call after the notice still sees them)."""
+        failure, error = outcome.failure, notice.error
         session.end_operation(notice)
         self.counters.count_operation(notice.kind, notice.ok, outcome.moved)
         if self.metrics is not None:
