@@ -196,12 +196,15 @@ class HostPool(Retiring):
             raise ResourceExhausted("host pool is full and every block in it is in use")
         return entries[0]
 
-    def reserve_many(self, keys: Sequence[BlockKey], nbytes: int, *, checked: bool = False) -> list[Entry]:
+    def reserve_many(
+        self, keys: Sequence[BlockKey], nbytes: int, *, checked: bool = False, retire_ahead: bool = True
+    ) -> list[Entry]:
         """RESERVED slots for `keys` (distinct, none of them stored), in order, evicting LRU blocks as needed; fewer
         than asked when the pool has no room left (every other block in use): the first len(result) keys got theirs.
         One call per request, not per block: a large save reserves hundreds, as runs of consecutive slots where the
         free space allows (kvd.memory.placement). `checked`: the caller found the keys distinct and none of them
-        held (HostStore.prepare_save's fast path), so they are not checked twice."""
+        held (HostStore.prepare_save's fast path), so they are not checked twice. `retire_ahead=False`: the caller
+        calls `retire_ahead` itself, later (HostStore does once the copy is queued: it is not on a save's path)."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
         entries, slabs = self._entries, self._slabs
@@ -223,9 +226,16 @@ class HostPool(Retiring):
             slab.entries += taken
             slab.last_use = now
         self.used_bytes += nbytes * len(out)
-        if out:
+        if out and retire_ahead:
             self._retire_ahead(size_class, len(out))
         return out
+
+    def retire_ahead(self, nbytes: int, reserved: int) -> None:
+        """The upkeep after `reserved` slots of `nbytes` were reserved with `reserve_many(..., retire_ahead=False)`:
+        while that size class is full, keep blocks retired ahead of need (kvd.memory.retire)."""
+        size_class = self._classes.get(nbytes)
+        if size_class is not None and reserved > 0:
+            self._retire_ahead(size_class, reserved)
 
     def _release_retired(self, keys: Sequence[BlockKey]) -> None:
         """New bytes for retired blocks: their old slots are not needed. A key stored or being stored is refused."""

@@ -163,8 +163,12 @@ class HostStore(BlockStore):
         pool, writing = self.pool, self._writing
         if pool.holds_none(keys) and writing.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             # Every block new (the common save): set operations at C speed instead of four lookups a block.
-            entries = pool.reserve_many(keys, nbytes, checked=True)
-            writing.update(dict.fromkeys(keys[: len(entries)], asyncio.get_running_loop().create_future()))
+            loop = asyncio.get_running_loop()
+            entries = pool.reserve_many(keys, nbytes, checked=True, retire_ahead=False)
+            # Retiring blocks ahead of need (an index update per block) is upkeep, not this save's: it runs on the
+            # loop's next turn, once the save's copy is queued, instead of between the request and its copy.
+            loop.call_soon(pool.retire_ahead, nbytes, len(entries))
+            writing.update(dict.fromkeys(keys[: len(entries)], loop.create_future()))
             return SavePlan(list(range(len(entries))), entries, no_room=list(range(len(entries), len(keys))))
         return self._prepare_mixed(keys, nbytes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -65,3 +66,28 @@ async def test_close_releases_saves_still_waiting(pool: HostPool) -> None:
     waiting = store.prepare_save([key(1)], BLOCK).in_flight[0][1]
     await store.close()
     assert waiting.done() and waiting.result() is False
+
+
+async def test_a_save_on_a_full_pool_retires_ahead_after_it_is_planned_not_before() -> None:
+    """Retiring blocks ahead of need is upkeep: it runs on the loop's next turn, once the save that reserved is
+    planned (and its copy queued), not between the request and its copy."""
+    config = HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=256 << 10, populate_threads=1, reuse_grace_ms=60_000)
+    pool = HostPool(config)
+    try:
+        store = HostStore(pool)
+        per_pool = (1 << 20) // BLOCK
+        for i in range(per_pool):  # full, every block in the index
+            store.complete_save(store.prepare_save([("ns", i.to_bytes(4, "big"))], BLOCK), ok=True)
+            await asyncio.sleep(0)
+        retired_later = 0
+        for i in range(per_pool // 2):  # saves on the full pool: each takes a slot retired ahead
+            evictions, new = pool.evictions, ("ns", b"new" + i.to_bytes(4, "big"))
+            plan = store.prepare_save([new], BLOCK)
+            assert pool.evictions == evictions, "nothing retired while the save is planned"
+            await asyncio.sleep(0)  # the loop's next turn
+            retired_later += pool.evictions - evictions
+            store.complete_save(plan, ok=True)
+            assert new in pool
+        assert retired_later > 0, "the upkeep retired blocks ahead of the next saves"
+    finally:
+        pool.close()
