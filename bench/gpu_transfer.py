@@ -47,7 +47,8 @@ MiB = 1 << 20
 # first-touched by one thread instead of eight, or by the GPU's node's CPUs.
 DEFAULT_VARIANTS = (  # in the order they matter: those past --budget-s are skipped
     "trace:",
-    "ctas_264:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=264",
+    "ctas_64:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=64",
+    "ctas_32:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=32",
     "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
     "lazy_start:KVD_RUNTIME__EAGER_OPERATIONS=false",
     "staging_1g:KVD_TRANSPORTS__CUDA_STAGING_BYTES=1073741824",

@@ -174,12 +174,13 @@ class TransportsConfig(_Section):
     # the event with 20 µs naps (little CPU, ~40 µs late), SPIN spins a core per waiter while copies are in flight
     # (~5 µs late), BLOCK sleeps in the driver on an interrupt (no CPU, ~100 µs late).
     cuda_completion_wait: CompletionWait = CompletionWait.POLL
-    # At most this many CTAs per gather/scatter launch (0: one per block and layer segment, every SM it can get), so
-    # one direction's kernel leaves SMs to the other's and to the model's; the kernels stride over the rest.
+    # At most this many CTAs per gather/scatter launch (0: one per block and layer segment, every SM it can get); the
+    # kernels stride over the rest. On an H100, 32 made the DMAs 4-9 % faster (an uncapped kernel saturates device
+    # memory while the copy engines read it) but a model's matmul 0.5-0.9 points slower (longer kernels): off.
     cuda_kernel_ctas: int = Field(default=0, ge=0)
-    # Where a save's or load's GPU work is queued: on the GPU's engine thread (the default, the path the CUDA tests
-    # and benchmarks have measured), or (True) on the event loop, right where it was planned: no thread hop and no
-    # wait for the GIL in between. Not yet run on a GPU: off until the CUDA tests and the benchmark have.
+    # Where a save's or load's GPU work is queued: on the GPU's engine thread (the default), or (True) on the event
+    # loop, right where it was planned: no thread hop and no wait for the GIL in between. The CUDA tests pass either
+    # way; on an H100 it measured no consistent gain, so it stays off.
     cuda_queue_on_loop: bool = False
     # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
     # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four

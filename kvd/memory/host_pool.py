@@ -204,7 +204,7 @@ class HostPool(Retiring):
         One call per request, not per block: a large save reserves hundreds, as runs of consecutive slots where the
         free space allows (kvd.memory.placement). `checked`: the caller found the keys distinct and none of them
         held (HostStore.prepare_save's fast path), so they are not checked twice. `retire_ahead=False`: the caller
-        calls `retire_ahead` itself, later (HostStore does once the copy is queued: it is not on a save's path)."""
+        calls `retire_ahead` itself, later (HostStore: once the save is committed, off that save's path)."""
         if nbytes <= 0 or nbytes > self.slab_bytes:
             raise InvalidArgument(f"a block of {nbytes} bytes does not fit a {self.slab_bytes}-byte slab")
         entries, slabs = self._entries, self._slabs

@@ -33,6 +33,8 @@ class SavePlan:
     entries: list[Entry] = field(default_factory=list)  # those slots, in the same order
     in_flight: list[tuple[int, asyncio.Future[bool]]] = field(default_factory=list)  # another save is writing it
     no_room: list[int] = field(default_factory=list)
+    # (block bytes, blocks) reserved without retiring blocks ahead of need: complete_save schedules that upkeep
+    retire_ahead: tuple[int, int] | None = None
 
     @property
     def to_write(self) -> list[tuple[int, Entry]]:
@@ -163,13 +165,13 @@ class HostStore(BlockStore):
         pool, writing = self.pool, self._writing
         if pool.holds_none(keys) and writing.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             # Every block new (the common save): set operations at C speed instead of four lookups a block.
-            loop = asyncio.get_running_loop()
+            # Retiring blocks ahead of need (an index update per block) is upkeep for later saves, not this one's:
+            # complete_save leaves it to the loop's next turn, after this save's notice, instead of running it
+            # between the request and its copy (or, on the next turn, while the copy waits for the GIL to be queued).
             entries = pool.reserve_many(keys, nbytes, checked=True, retire_ahead=False)
-            # Retiring blocks ahead of need (an index update per block) is upkeep, not this save's: it runs on the
-            # loop's next turn, once the save's copy is queued, instead of between the request and its copy.
-            loop.call_soon(pool.retire_ahead, nbytes, len(entries))
-            writing.update(dict.fromkeys(keys[: len(entries)], loop.create_future()))
-            return SavePlan(list(range(len(entries))), entries, no_room=list(range(len(entries), len(keys))))
+            writing.update(dict.fromkeys(keys[: len(entries)], asyncio.get_running_loop().create_future()))
+            positions, no_room = list(range(len(entries))), list(range(len(entries), len(keys)))
+            return SavePlan(positions, entries, no_room=no_room, retire_ahead=(nbytes, len(entries)))
         return self._prepare_mixed(keys, nbytes)
 
     def _prepare_mixed(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
@@ -200,6 +202,8 @@ class HostStore(BlockStore):
 
     def complete_save(self, plan: SavePlan, ok: bool) -> None:
         self.finish_writes(plan.entries, ok)
+        if plan.retire_ahead is not None:
+            asyncio.get_running_loop().call_soon(self.pool.retire_ahead, *plan.retire_ahead)
 
     def reserve(self, key: BlockKey, nbytes: int) -> Entry:
         """A RESERVED slot for `key`, registered as being written (raises ResourceExhausted, InvalidArgument)."""

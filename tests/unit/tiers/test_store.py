@@ -68,9 +68,9 @@ async def test_close_releases_saves_still_waiting(pool: HostPool) -> None:
     assert waiting.done() and waiting.result() is False
 
 
-async def test_a_save_on_a_full_pool_retires_ahead_after_it_is_planned_not_before() -> None:
-    """Retiring blocks ahead of need is upkeep: it runs on the loop's next turn, once the save that reserved is
-    planned (and its copy queued), not between the request and its copy."""
+async def test_a_save_on_a_full_pool_retires_blocks_ahead_only_after_it_is_committed() -> None:
+    """Retiring blocks ahead of need is upkeep for later saves: it runs on the loop's turn after the save that
+    reserved is committed, never between its request and its copy (nor while its copy waits to be queued)."""
     config = HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=256 << 10, populate_threads=1, reuse_grace_ms=60_000)
     pool = HostPool(config)
     try:
@@ -83,11 +83,12 @@ async def test_a_save_on_a_full_pool_retires_ahead_after_it_is_planned_not_befor
         for i in range(per_pool // 2):  # saves on the full pool: each takes a slot retired ahead
             evictions, new = pool.evictions, ("ns", b"new" + i.to_bytes(4, "big"))
             plan = store.prepare_save([new], BLOCK)
-            assert pool.evictions == evictions, "nothing retired while the save is planned"
-            await asyncio.sleep(0)  # the loop's next turn
-            retired_later += pool.evictions - evictions
+            await asyncio.sleep(0)  # the loop's turns while the copy is queued and runs
+            assert pool.evictions == evictions, "nothing retired while the save is planned and copied"
             store.complete_save(plan, ok=True)
             assert new in pool
+            await asyncio.sleep(0)  # the turn after the commit
+            retired_later += pool.evictions - evictions
         assert retired_later > 0, "the upkeep retired blocks ahead of the next saves"
     finally:
         pool.close()
