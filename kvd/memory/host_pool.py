@@ -60,6 +60,7 @@ class HostPool(Retiring):
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.base_address = ctypes.addressof(self._anchor)
         self.view = memoryview(self._map)
+        self._closed = False
         self._populate_threads = config.populate_threads
         self._numa_node = config.numa_node
         self._slabs = [Slab(i) for i in range(self.num_slabs)]
@@ -110,6 +111,7 @@ class HostPool(Retiring):
         return cpus
 
     def close(self) -> None:
+        self._closed = True  # a retire_ahead still scheduled on the loop finds nothing to do
         self.view.release()
         del self._anchor
         self._map.close()
@@ -234,7 +236,7 @@ class HostPool(Retiring):
         """The upkeep after `reserved` slots of `nbytes` were reserved with `reserve_many(..., retire_ahead=False)`:
         while that size class is full, keep blocks retired ahead of need (kvd.memory.retire)."""
         size_class = self._classes.get(nbytes)
-        if size_class is not None and reserved > 0:
+        if size_class is not None and reserved > 0 and not self._closed:
             self._retire_ahead(size_class, reserved)
 
     def _release_retired(self, keys: Sequence[BlockKey]) -> None:

@@ -92,3 +92,18 @@ async def test_a_save_on_a_full_pool_retires_blocks_ahead_only_after_it_is_commi
         assert retired_later > 0, "the upkeep retired blocks ahead of the next saves"
     finally:
         pool.close()
+
+
+async def test_retire_ahead_left_on_the_loop_does_nothing_once_the_pool_is_closed() -> None:
+    """Saves committed just before shutdown leave their upkeep on the loop; it must not touch the released pool."""
+    config = HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=256 << 10, populate_threads=1, reuse_grace_ms=60_000)
+    pool = HostPool(config)
+    store = HostStore(pool)
+    pool.evict_hooks.append(lambda entry, view: view[0])  # a write-on-evict hook reads the retiring block's bytes
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    for i in range((1 << 20) // BLOCK):  # the pool filled without a turn of the loop: every upkeep still scheduled
+        store.complete_save(store.prepare_save([("ns", i.to_bytes(4, "big"))], BLOCK), ok=True)
+    pool.close()
+    await asyncio.sleep(0)  # the upkeeps' turn: no-ops now, not reads of a released pool
+    assert not errors and pool.evictions == 0
