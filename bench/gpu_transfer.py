@@ -42,12 +42,12 @@ from trace_report import TraceFile, summarize
 from tests.helpers.daemon import Daemon
 
 MiB = 1 << 20
-# One configuration change each (besides the trace): a cap on the kernels' CTAs, the completion waiters' wake-up,
-# staging depth and chunk size for both directions at once, and (on a host of several NUMA nodes) a pool
-# first-touched by one thread instead of eight, or by the GPU's node's CPUs.
+# One configuration change each (besides the trace): the kernels' CTA cap (off, or tighter), the completion
+# waiters' wake-up, staging depth and chunk size for both directions at once, and (on a host of several NUMA nodes)
+# a pool first-touched by one thread instead of eight, or by the GPU's node's CPUs.
 DEFAULT_VARIANTS = (  # in the order they matter: those past --budget-s are skipped
     "trace:",
-    "ctas_64:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=64",
+    "uncapped:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=0",
     "ctas_32:KVD_TRANSPORTS__CUDA_KERNEL_CTAS=32",
     "spin:KVD_TRANSPORTS__CUDA_COMPLETION_WAIT=spin",
     "lazy_start:KVD_RUNTIME__EAGER_OPERATIONS=false",

@@ -1,11 +1,14 @@
 """One save or one load, from the store's prepare verb through the session's copy to the store's complete verb, and
 what its notice will say: which blocks failed and why (a typed FailureReason, with the text for the notice).
 
-A large operation goes in segments (`Operation.segment_blocks` blocks each), pipelined: every segment is planned and
-handed to its transport at once, one after the other in the same loop iteration, so the first copy starts after one
-segment's planning instead of the whole request's, and each segment's commit (a save's index publication) or unpin
-(a load's) runs while later segments are still copying: only the last one's is left between the last byte and the
-notice. The notice still waits for every segment and speaks for the whole request.
+A large operation goes in segments (`Operation.segment_blocks` blocks each), pipelined: the first segment is planned
+and handed to its transport at once, inside the request's handler, and every later one as a task of its own on the
+loop's next turns, so the first copy starts after one segment's planning instead of the whole request's, and requests
+that arrive together start their first copies together: a save that arrives right behind two large loads starts
+copying after their first segments, not after all 32 (the link would run one way only meanwhile). Each segment's
+commit (a save's index publication) or unpin (a load's) runs while later segments are still copying: only the last
+one's is left between the last byte and the notice. The notice still waits for every segment and speaks for the
+whole request.
 """
 
 from __future__ import annotations
@@ -129,7 +132,8 @@ async def _run_segments(op: Operation, step: Step) -> Outcome:
         await step(op, outcome)
         return outcome
     loop = asyncio.get_running_loop()
-    tasks = [start_task(loop, step(part, outcome), eager=True) for part in parts]  # planned and handed over now
+    # The first segment now, the others on the loop's next turns, in order, behind what else is ready to run there.
+    tasks = [start_task(loop, step(part, outcome), eager=not number) for number, part in enumerate(parts)]
     results = await asyncio.gather(*tasks, return_exceptions=True)  # every segment ends before the notice
     merge_stamps(op.stamps, [part.stamps for part in parts])
     for result in results:

@@ -38,12 +38,11 @@ def save_job(
     step = mapping.chunk_blocks
     for start in range(0, len(block_indices), step):
         chunk = block_indices[start : start + step]
+        ctas = engine.chunk_ctas(ring)  # this gather runs beside an earlier chunk's D2H, if one is in flight
         staging = ring.next()
         gpu.wait(save, staging.free)  # its previous D2H is done
         trace.mark(save)
-        launch_chunk(
-            gpu, engine.indices, engine.kernels.gather, save, mapping, chunk, staging.address, engine.kernel_ctas
-        )
+        launch_chunk(gpu, engine.indices, engine.kernels.gather, save, mapping, chunk, staging.address, ctas)
         trace.mark(save)
         gpu.record(staging.filled, save)
         gpu.wait(d2h, staging.filled)
@@ -74,6 +73,8 @@ def load_job(
     step = mapping.chunk_blocks
     for start in range(0, len(block_indices), step):
         chunk = block_indices[start : start + step]
+        # This scatter runs beside the next chunk's H2D (of this job, or of a later one if an earlier one is in flight).
+        ctas = engine.chunk_ctas(ring, more_follow=start + step < len(block_indices))
         staging = ring.next()
         gpu.wait(h2d, staging.free)  # its previous scatter is done
         trace.mark(h2d)
@@ -87,9 +88,7 @@ def load_job(
         if worker and start == 0:
             gpu.wait(load, worker)  # nothing queued before may still read them
         trace.mark(load)
-        launch_chunk(
-            gpu, engine.indices, engine.kernels.scatter, load, mapping, chunk, staging.address, engine.kernel_ctas
-        )
+        launch_chunk(gpu, engine.indices, engine.kernels.scatter, load, mapping, chunk, staging.address, ctas)
         trace.mark(load)
         gpu.record(staging.free, load)
     event, handle = done_events.next()

@@ -85,7 +85,7 @@ class DeviceEngine:
         kernel_ctas: int = 0,
     ) -> None:
         self.ordinal = ordinal
-        self.kernel_ctas = kernel_ctas  # a cap on each gather/scatter launch's CTAs (0: none)
+        self.kernel_ctas = kernel_ctas  # a cap on a gather/scatter launch's CTAs beside DMA (0: none): chunk_ctas
         self._trace_path = trace_path  # the chunk trace's file (a diagnostic; see trace.py), or None: off
         self.completion_wait = wait
         # Completion events: blocking-sync ones let a BLOCK waiter sleep in the driver; others spin in it.
@@ -353,6 +353,16 @@ class DeviceEngine:
         """What a load (copies.load_job, layered.py) uses: staging, done events, the load waiter."""
         ring, events = self._started_part(self._load_ring), self._started_part(self._done_events)
         return ring, events, self._waiters[self.load_stream]
+
+    def chunk_ctas(self, ring: StagingRing, more_follow: bool = False) -> int:
+        """The CTA cap for the kernel of the chunk about to take a buffer of `ring`: `kernel_ctas` while DMA of the
+        same direction runs beside it (an earlier chunk still in flight, or, `more_follow`, later chunks of the same
+        job), where an uncapped kernel would take device memory's bandwidth from the copy engine; none for a chunk
+        alone, whose kernel is on the request's critical path and finishes soonest on every SM."""
+        cap = self.kernel_ctas
+        if cap <= 0:
+            return 0
+        return cap if more_follow or ring.busy(self.gpu) else 0
 
     def save_ring(self) -> StagingRing:
         return self._started_part(self._save_ring)

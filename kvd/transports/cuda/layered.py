@@ -113,6 +113,7 @@ def _copy_layer(
     ring, _, _ = engine.load_parts()
     width, pitch = part.block_bytes, mapping.block_bytes
     for first, count, runs in chunks:
+        ctas = engine.chunk_ctas(ring)
         staging = ring.next()
         gpu.wait(h2d, staging.free)  # its previous scatter is done
         for position, host, slots in runs:
@@ -123,7 +124,7 @@ def _copy_layer(
             gpu.wait(load, worker)  # nothing the worker queued before may still read these blocks
             worker = 0
         scatter = engine.kernels.scatter
-        launch_indexed(gpu, scatter, load, part, indices + 8 * first, count, staging.address, engine.kernel_ctas)
+        launch_indexed(gpu, scatter, load, part, indices + 8 * first, count, staging.address, ctas)
         gpu.record(staging.free, load)
 
 

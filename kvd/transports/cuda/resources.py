@@ -79,6 +79,10 @@ class StagingRing:
         ]
         self._next = 0
 
+    def busy(self, gpu: Enqueue) -> bool:
+        """Whether the chunk that took a buffer last is still in flight (that buffer's `free` not reached yet)."""
+        return gpu.query(self.buffers[self._next - 1].free) == NOT_READY
+
     def next(self) -> Staging:
         staging = self.buffers[self._next]
         self._next = (self._next + 1) % len(self.buffers)

@@ -42,6 +42,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.pending: set[int] = set()  # events a query finds not reached yet (every other one is complete)
         self._handles = itertools.count(0x1000, 0x10)
         self._buffers: list[Any] = []
 
@@ -93,7 +94,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
         def __getattr__(self, name: str) -> Any:
             def call(*args: Any) -> int:
                 rec.calls.append((f"gpu.{name}", tuple(getattr(a, "value", a) for a in args)))
-                return 0  # every event already complete
+                return 600 if name == "query" and args[0] in rec.pending else 0  # CUDA_ERROR_NOT_READY, or done
 
             return call
 
@@ -213,10 +214,18 @@ async def test_a_load_copies_in_then_waits_for_the_worker_once_before_scattering
     await transport.stop()
 
 
+def staging_in_flight(recorder: Recorder, transport: Any) -> None:
+    """Every staging buffer's `free` event not reached: each chunk queued now runs beside another one's DMA."""
+    engine = next(iter(transport._engines.values()))
+    recorder.pending.update(buffer.free for ring in (engine._save_ring, engine._load_ring) for buffer in ring.buffers)
+
+
 async def test_a_cap_on_ctas_shrinks_each_launch_grid_not_its_bounds(recorder: Recorder) -> None:
-    """transports.cuda_kernel_ctas = 4: every gather and scatter launch has at most 4 CTAs (here 4 x 1) and strides
-    over its chunk's 6 segments x 5 blocks (the bounds it is passed)."""
+    """transports.cuda_kernel_ctas = 4, with earlier chunks in flight in both directions: every gather and scatter
+    launch has at most 4 CTAs (here 4 x 1) and strides over its chunk's 6 segments x 5 blocks (the bounds it is
+    passed)."""
     transport, attachment = await attached(recorder, cuda_kernel_ctas=4)
+    staging_in_flight(recorder, transport)
     start = len(recorder.calls)
     await attachment.save(list(range(12)), slots(list(range(12))), WORKER_EVENT)
     await attachment.load(list(range(5)), slots(list(range(5))), WORKER_EVENT)
@@ -226,6 +235,28 @@ async def test_a_cap_on_ctas_shrinks_each_launch_grid_not_its_bounds(recorder: R
         (0xA, (4, 1), (6, 5)),
         (0xA, (4, 1), (6, 2)),
         (0xB, (4, 1), (6, 5)),
+    ]
+    await attachment.close()
+    await transport.stop()
+
+
+async def test_the_cap_leaves_a_kernel_alone_with_no_dma_beside_it_every_sm(recorder: Recorder) -> None:
+    """The cap is for kernels that share device memory with DMA of their direction. Nothing else in flight: a
+    save's gathers each run before their chunk's D2H (the recorder's events are all reached, so no earlier chunk is
+    in flight when the next is queued) and go uncapped; a load's scatters run beside the H2D of the job's next chunk,
+    so all but its last one are capped. With earlier chunks in flight, the first ones are capped too."""
+    transport, attachment = await attached(recorder, cuda_kernel_ctas=4)
+    start = len(recorder.calls)
+    await attachment.save(list(range(12)), slots(list(range(12))), WORKER_EVENT)
+    await attachment.load(list(range(12)), slots(list(range(12))), WORKER_EVENT)
+    staging_in_flight(recorder, transport)
+    await attachment.save([0], slots([20]), WORKER_EVENT)
+    await attachment.load([1], slots([20]), WORKER_EVENT)
+    launches = [(args[0], args[1]) for name, args in enqueued(recorder, start) if name == "gpu.launch"]
+    assert launches == [
+        *((0xA, (6, 5)), (0xA, (6, 5)), (0xA, (6, 2))),  # the save alone: every chunk's gather uncapped
+        *((0xB, (4, 1)), (0xB, (4, 1)), (0xB, (6, 2))),  # the load: capped but for the last chunk
+        *((0xA, (4, 1)), (0xB, (4, 1))),  # behind chunks in flight
     ]
     await attachment.close()
     await transport.stop()
