@@ -44,7 +44,7 @@ async def main() -> dict[str, object]:
     for blocks, reps in ((BIG, 30), (16, 300)):
         prepare, commit, runs = [], [], []
         for _ in range(reps):
-            keys = [(ns_key, os.urandom(16)) for _ in range(blocks)]
+            keys = [(ns_key, os.urandom(32)) for _ in range(blocks)]  # the connector's key size
             start = time.perf_counter_ns()
             plan = store.prepare_save(keys, BLOCK)
             planned = time.perf_counter_ns()
