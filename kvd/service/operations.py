@@ -2,13 +2,13 @@
 what its notice will say: which blocks failed and why (a typed FailureReason, with the text for the notice).
 
 A large operation goes in segments (`Operation.segment_blocks` blocks each), pipelined: the first segment is planned
-and handed to its transport at once, inside the request's handler, and every later one as a task of its own on the
-loop's next turns, so the first copy starts after one segment's planning instead of the whole request's, and requests
-that arrive together start their first copies together: a save that arrives right behind two large loads starts
-copying after their first segments, not after all 32 (the link would run one way only meanwhile). Each segment's
-commit (a save's index publication) or unpin (a load's) runs while later segments are still copying: only the last
-one's is left between the last byte and the notice. The notice still waits for every segment and speaks for the
-whole request.
+and handed to its transport at once, inside the request's handler, and each later one on the loop's next turn after
+the one before it, so the first copy starts after one segment's planning instead of the whole request's, and the loop
+takes in other requests between a request's segments: requests that arrive together start their first copies
+together (a save right behind two large loads does not wait for their 32 segments' planning, while the link runs one
+way only). Each segment's commit (a save's index publication) or unpin (a load's) runs while later segments are still
+copying: only the last one's is left between the last byte and the notice. The notice still waits for every segment
+and speaks for the whole request.
 """
 
 from __future__ import annotations
@@ -132,9 +132,28 @@ async def _run_segments(op: Operation, step: Step) -> Outcome:
         await step(op, outcome)
         return outcome
     loop = asyncio.get_running_loop()
-    # The first segment now, the others on the loop's next turns, in order, behind what else is ready to run there.
-    tasks = [start_task(loop, step(part, outcome), eager=not number) for number, part in enumerate(parts)]
-    results = await asyncio.gather(*tasks, return_exceptions=True)  # every segment ends before the notice
+    tasks: list[asyncio.Task[None]] = []
+    begun = loop.create_future()  # done once the last segment has begun (or cancelled: begin no more)
+
+    def begin(number: int) -> None:
+        """Segment `number` planned and handed over now; the next one on the loop's next turn, after whatever else
+        became ready meanwhile (another request's arrival, a completion): one segment per request per turn."""
+        if begun.done():
+            return
+        if number + 1 < len(parts):
+            loop.call_soon(begin, number + 1)
+        else:
+            begun.set_result(None)
+        tasks.append(start_task(loop, step(parts[number], outcome), eager=True))
+
+    begin(0)
+    try:
+        await begun
+        results = await asyncio.gather(*tasks, return_exceptions=True)  # every segment ends before the notice
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        raise
     merge_stamps(op.stamps, [part.stamps for part in parts])
     for result in results:
         if isinstance(result, BaseException):  # planning raised (as a whole request's would): the others are done
