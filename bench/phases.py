@@ -84,9 +84,15 @@ class Workload:
     block_bytes: int
     call_us: list[float] = field(default_factory=list)
 
-    def issue(self, spec: Spec) -> int:
-        kind, tag, n, first = spec
-        pairs = [(first + i, h) for i, h in enumerate(hashes(tag, n))]
+    @staticmethod
+    def pairs(spec: Spec) -> list[tuple[int, bytes]]:
+        """The (block index, key) pairs `spec` saves or loads."""
+        _, tag, n, first = spec
+        return [(first + i, h) for i, h in enumerate(hashes(tag, n))]
+
+    def issue(self, spec: Spec, pairs: list[tuple[int, bytes]] | None = None) -> int:
+        kind = spec[0]
+        pairs = self.pairs(spec) if pairs is None else pairs
         start = time.perf_counter()
         op = self.client.save(pairs) if kind == "save" else self.client.load(pairs)
         self.call_us.append((time.perf_counter() - start) * 1e6)
@@ -101,9 +107,12 @@ class Workload:
         return sorted(done, key=lambda c: c.op_id)
 
     def run(self, specs: Sequence[Spec]) -> tuple[list[Completion], float]:
-        """Issue every spec at once, wait for all; (completions, wall seconds)."""
+        """Issue every spec at once, wait for all; (completions, wall seconds). The keys are computed before the clock
+        starts, as a connector has them before it saves or loads (its block hasher keeps them as tokens arrive):
+        hashing a 1 GiB request's 512 keys here (0.3-0.5 ms) held back the requests issued after it."""
+        keyed = [(spec, self.pairs(spec)) for spec in specs]
         start = time.perf_counter()
-        done = self.wait({self.issue(spec) for spec in specs})
+        done = self.wait({self.issue(spec, pairs) for spec, pairs in keyed})
         return done, time.perf_counter() - start
 
 
