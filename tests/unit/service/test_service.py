@@ -274,3 +274,40 @@ async def test_draining_refuses_new_work_and_closes_sessions(parts) -> None:
     with pytest.raises(Unavailable):
         await service.register(registration(pid=8))
     assert service.tier_health() == (("host", True),)
+
+
+class RecordingAttachment(MemoryAttachment):
+    """Also keeps the block indices of every save, in the order the copies were handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[list[int]] = []
+
+    async def save(
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
+    ) -> None:
+        self.saved.append(list(block_indices))
+        await super().save(block_indices, addresses, ready_event, stamps)
+
+
+async def test_a_request_arriving_during_a_large_one_is_planned_between_its_segments() -> None:
+    """A large save goes in segments, one planned per turn of the loop: a request that arrives meanwhile is planned
+    and handed over before the large one's last segment, not behind all of them (the two start copying together)."""
+    config = KvdConfig(host_pool=HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=64 << 10), segment_bytes=2 * BLOCK)
+    pool = HostPool(config.host_pool)
+    store, attachment = HostStore(pool), RecordingAttachment()
+    service = KvdService(config, OneAttachment(attachment), store, Metrics(process_metrics=False))  # type: ignore[arg-type]
+    await service.start()
+    try:
+        session = ref(await service.register(registration()))
+        service.save(session, batch((b, h(b)) for b in range(12)), b"", client_tag=1)  # six segments of two blocks
+        await asyncio.sleep(0)  # the request below arrives on the loop's next turn
+        service.save(session, batch([(15, h(15))]), b"", client_tag=2)
+        notices = [await next_notice(service, session) for _ in range(2)]
+        assert all(n.ok for n in notices) and {n.client_tag for n in notices} == {1, 2}
+        assert sorted(attachment.saved) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [15]]
+        assert attachment.saved.index([15]) < attachment.saved.index([10, 11]), attachment.saved
+    finally:
+        await service.drain(1.0)
+        await store.close()
+        pool.close()
