@@ -63,6 +63,7 @@ class Outcome:
 NOT_STORED = Failure(FailureReason.NOT_STORED, "not stored")
 NO_ROOM = Failure(FailureReason.NO_ROOM, "host pool full")
 CONCURRENT_SAVE = Failure(FailureReason.CONCURRENT_SAVE, "a concurrent save of the same block failed")
+DRAINED = Failure(FailureReason.CANCELLED, "the daemon stopped before this operation finished")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,7 @@ async def _run_segments(op: Operation, step: Step) -> Outcome:
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each begun segment gives back its slots first
         raise
     merge_stamps(op.stamps, [part.stamps for part in parts])
     for result in results:
@@ -239,6 +241,13 @@ async def _load(op: Operation, outcome: Outcome) -> None:
         store.complete_load(entries)
         if op.progress is not None:  # status, then the final counter: no wait on it outlives this load
             op.progress.finish(not outcome.failed)
+
+
+def drained(hashes: Sequence[BlockHash]) -> Outcome:
+    """The outcome of an operation that draining gave up on (cancelled): every block failed."""
+    outcome = Outcome()
+    outcome.fail(hashes, DRAINED)
+    return outcome
 
 
 def failure_of(exc: BaseException, what: str) -> Failure:

@@ -43,7 +43,7 @@ from kvd.service.checks import (
     namespace_key,
     rank_namespace_key,
 )
-from kvd.service.operations import Operation, Outcome, run_load, run_save, start_task
+from kvd.service.operations import Operation, Outcome, drained, run_load, run_save, start_task
 from kvd.service.published import in_step_progress, publish_namespace
 from kvd.service.reports import stats_snapshot, update_session_gauges
 from kvd.service.sessions import Session, SessionTable, watch_exit
@@ -281,7 +281,15 @@ class KvdService:
         run, memory = (run_save if kind is OpKind.SAVE else run_load), session.attachment
         segment = self.config.segment_bytes and max(1, self.config.segment_bytes // layout.block_bytes)
         op = Operation(self.store, memory, layout, blocks, keys, ready_event, what, stamps, progress, segment)
-        outcome = await run(op)
+        try:
+            outcome = await run(op)
+        except asyncio.CancelledError:  # drained past its timeout: it still ends, or closing its session waits forever
+            self._conclude(kind, session, op_id, blocks, client_tag, stamps, drained(blocks.hashes), start)
+            raise
+        self._conclude(kind, session, op_id, blocks, client_tag, stamps, outcome, start)
+
+    def _conclude(self, kind: OpKind, session: Session, op_id: int, blocks: BlockBatch, client_tag: int,
+                  stamps: DaemonStages, outcome: Outcome, start: float) -> None:  # fmt: skip
         if kind is OpKind.LOAD:
             hit = len(blocks) - len(outcome.failed)
             self.counters.load_hit_blocks += hit

@@ -311,3 +311,29 @@ async def test_a_request_arriving_during_a_large_one_is_planned_between_its_segm
         await service.drain(1.0)
         await store.close()
         pool.close()
+
+
+async def test_a_large_save_cut_short_by_a_drain_begins_no_more_segments_and_keeps_no_slots() -> None:
+    """Draining past its timeout cancels a large save whose segments are still being begun, one per loop turn: the
+    drain ends (the save ends too, failed), no segment begins after that, and the slots of those that had begun are
+    given back (nothing stays reserved)."""
+    config = KvdConfig(host_pool=HostPoolConfig(capacity_bytes=1 << 20, slab_bytes=64 << 10), segment_bytes=2 * BLOCK)
+    pool = HostPool(config.host_pool)
+    store, attachment = HostStore(pool), RecordingAttachment()
+    attachment.gate = asyncio.Event()  # every copy waits: the save is in flight when the drain gives up on it
+    service = KvdService(config, OneAttachment(attachment), store, Metrics(process_metrics=False))  # type: ignore[arg-type]
+    await service.start()
+    try:
+        session = ref(await service.register(registration()))
+        service.save(session, batch((b, h(b)) for b in range(16)), b"", client_tag=1)  # eight segments
+        while not attachment.saved:  # its first segment handed over (in the handler on 3.12, a turn later on 3.11)
+            await asyncio.sleep(0)
+        await asyncio.wait_for(service.drain(0.0), 5)  # gives up on the save at once; it must not wait for it
+        begun = len(attachment.saved)
+        for _ in range(10):  # the turns on which the remaining segments would have begun
+            await asyncio.sleep(0)
+        assert 0 < begun < 8 and len(attachment.saved) == begun, attachment.saved
+        assert pool.used_bytes == 0 and len(pool) == 0 and service.stats().counters.saves_ok == 0
+    finally:
+        await store.close()
+        pool.close()
