@@ -324,7 +324,8 @@ async def test_a_large_save_cut_short_by_a_drain_begins_no_more_segments_and_kee
     service = KvdService(config, OneAttachment(attachment), store, Metrics(process_metrics=False))  # type: ignore[arg-type]
     await service.start()
     try:
-        session = ref(await service.register(registration()))
+        registered = await service.register(registration())
+        session = ref(registered)
         service.save(session, batch((b, h(b)) for b in range(16)), b"", client_tag=1)  # eight segments
         while not attachment.saved:  # its first segment handed over (in the handler on 3.12, a turn later on 3.11)
             await asyncio.sleep(0)
@@ -333,7 +334,13 @@ async def test_a_large_save_cut_short_by_a_drain_begins_no_more_segments_and_kee
         for _ in range(10):  # the turns on which the remaining segments would have begun
             await asyncio.sleep(0)
         assert 0 < begun < 8 and len(attachment.saved) == begun, attachment.saved
-        assert pool.used_bytes == 0 and len(pool) == 0 and service.stats().counters.saves_ok == 0
+        assert pool.used_bytes == 0 and len(pool) == 0
+        notices = [notice async for notice in registered.notices()]  # queued before its Watch stream ended
+        assert [(n.client_tag, n.ok, n.error) for n in notices] == [
+            (1, False, "the daemon stopped before this operation finished")
+        ]
+        assert set(notices[0].failed_hashes) == {h(b) for b in range(16)}
+        assert (service.stats().counters.saves_ok, service.stats().counters.saves_failed) == (0, 1)
     finally:
         await store.close()
         pool.close()
