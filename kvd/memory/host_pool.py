@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kvd.config import HostPoolConfig, human_bytes
 from kvd.errors import InvalidArgument, ResourceExhausted, StartupError
-from kvd.memory.index_registry import BlockListener
+from kvd.memory.index_registry import BlockListener, StagedSave
 from kvd.memory.placement import Placer
 from kvd.memory.region import PinnedRegion, node_cpus
 from kvd.memory.retire import Retiring
@@ -268,14 +268,22 @@ class HostPool(Retiring):
         if self.listener is not None:  # before the save's notice goes out: read-your-writes through the index
             self.listener.stored(entry.key, Source.HOST)
 
-    def commit_many(self, entries: Sequence[Entry]) -> None:
-        """`commit` for a whole save: one clock read, one index update."""
+    def staging(self, keys: Sequence[BlockKey]) -> StagedSave | None:
+        """The index publication of a save of `keys` (reserved), to stage while its bytes are copied; commit_many
+        reveals it."""
+        return self.listener.staging(keys) if self.listener is not None and keys else None
+
+    def commit_many(self, entries: Sequence[Entry], staged: StagedSave | None = None) -> None:
+        """`commit` for a whole save: one clock read, one index update (`staged`: the save's publication, staged
+        during its copy, only revealed now)."""
         now, ready, classes = time.monotonic(), SlotState.READY, self._classes
         for entry in entries:
             entry.state = ready
             entry.last_use = now
             classes[entry.nbytes].lru[entry.key] = entry
-        if self.listener is not None and entries:  # before the save's notice goes out: read-your-writes
+        if staged is not None:  # before the save's notice goes out: read-your-writes
+            staged.reveal()
+        elif self.listener is not None and entries:
             self.listener.stored_many([entry.key for entry in entries], Source.HOST)
 
     def discard(self, entry: Entry) -> None:

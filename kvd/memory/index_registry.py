@@ -2,14 +2,17 @@
 
 The host pool, the write-down queue and the disk tier report each block a rank's copy of which arrives in them
 (`stored`) or leaves them (`dropped`, before the space may be reused) through the BlockListener protocol; the
-registry routes the report to its namespace group's index. A group's index is created when its first session with
-KV memory registers (its block size fixes the sizing); blocks of namespaces without an index are not published.
+registry routes the report to its namespace group's index. A save into host memory may instead stage its blocks
+while they are copied and reveal them once complete (`staging`: kvd.memory.index_batches). A group's index is
+created when its first session with KV memory registers (its block size fixes the sizing); blocks of namespaces
+without an index are not published.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Protocol
 
@@ -17,14 +20,39 @@ from kvd_client.index import DAEMON_REMOTE_TIER, group_key
 from kvd_client.layout import Namespace
 
 from kvd.config import IndexConfig
-from kvd.memory.shm_index import ShmIndex, Source
+from kvd.memory.shm_index import ShmIndex, Source, Staged
 from kvd.types import BlockKey, namespace_key
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class StagedSave:
+    """A save's blocks in the indexes that publish them, placed while the copy runs and revealed once it is complete
+    (each part: one index, one rank's share; the index's lock orders the three verbs, from whichever threads)."""
+
+    parts: tuple[tuple[ShmIndex, Staged], ...]
+
+    def stage(self) -> None:
+        """Place the blocks, invisible (any thread: the copy's, once it is queued)."""
+        for index, token in self.parts:
+            index.stage(token)
+
+    def reveal(self) -> None:
+        """The bytes are complete: publish (before the save's notice)."""
+        for index, token in self.parts:
+            index.reveal(token)
+
+    def unstage(self) -> None:
+        """The copy failed: take back whatever was placed."""
+        for index, token in self.parts:
+            index.unstage(token)
+
+
 class BlockListener(Protocol):
     def stored(self, key: BlockKey, source: Source) -> None: ...
+
+    def staging(self, keys: Sequence[BlockKey]) -> StagedSave | None: ...
 
     def stored_many(self, keys: Sequence[BlockKey], source: Source) -> None: ...
 
@@ -89,6 +117,12 @@ class IndexRegistry:
         """`stored` for a whole save: one index update per namespace, not one per block."""
         for (index, rank), hashes in self._by_index(keys).items():
             index.add_many(hashes, rank, source)
+
+    def staging(self, keys: Sequence[BlockKey]) -> StagedSave | None:
+        """The publication of a save into host memory, to stage while its bytes are copied (None: no index covers
+        its blocks); `StagedSave.reveal` stands for `stored_many(keys, Source.HOST)`."""
+        parts = tuple((index, Staged(hashes, rank)) for (index, rank), hashes in self._by_index(keys).items())
+        return StagedSave(parts) if parts else None
 
     def dropped_many(self, keys: Sequence[BlockKey], source: Source) -> None:
         for (index, rank), hashes in self._by_index(keys).items():

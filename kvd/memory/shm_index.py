@@ -3,7 +3,9 @@
 The layout and the reader live in kvd_client.index (clients need them without the daemon). Here: creating and
 sealing the file, and keeping it equal to the store's contents. The store calls `add` once a rank's copy of a block
 is complete in a local tier (before the save's completion notice goes out: read-your-writes) and `discard` before
-the copy's slot may be reused. A block is published once every tensor-parallel rank has it in some local tier.
+the copy's slot may be reused. A block is published once every tensor-parallel rank has it in some local tier. A save
+into host memory may place its blocks while their bytes are still being copied, invisible until revealed
+(kvd.memory.index_batches: `stage`, `reveal`, `unstage`), so little of the publication is left after the copy.
 
 One writer: every mutation takes `_lock`, and only this object writes the mapping. Slot words and flags are written
 with single stores; relocations (cuckoo kicks) are bracketed by the `relocations` header counter so readers retry.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -43,6 +44,7 @@ from kvd_client.index import (
 )
 
 from kvd.errors import InvalidArgument, Unavailable
+from kvd.memory.index_batches import HostBatches, Staged
 from kvd.memory.index_blocks import DEFAULT_MAX_BYTES, MIN_SLOTS, SLOTS_PER_BLOCK, Source, slots_for
 from kvd.memory.index_blocks import IndexBlock as _Block
 from kvd.memory.index_keys import DigestMemo, find_path, stash_state_word
@@ -52,10 +54,10 @@ log = logging.getLogger(__name__)
 
 RETRY_UNPLACED = 8  # unpublished blocks tried for each slot that frees up
 
-__all__ = ["DEFAULT_MAX_BYTES", "MIN_SLOTS", "ShmIndex", "Source", "slots_for"]
+__all__ = ["DEFAULT_MAX_BYTES", "MIN_SLOTS", "ShmIndex", "Source", "Staged", "slots_for"]
 
 
-class ShmIndex:
+class ShmIndex(HostBatches):
     """One namespace group's published index."""
 
     def __init__(
@@ -139,12 +141,16 @@ class ShmIndex:
         bit = self._rank_bit(rank)
         hashes = block_hashes if isinstance(block_hashes, Sequence) else list(block_hashes)
         with self._lock:
-            digests = self._digests.arriving(hashes) if present else self._digests.leaving(hashes)
-            if bit == self._full and source is Source.HOST:  # one rank's host copies: the common case, batched
-                digests = self._added(digests, bit) if present else self._dropped(digests, bit)
-            for digest in digests:
-                self._update_one(digest, bit, source, present)
-            self._count_changes()
+            self._apply(hashes, bit, source, present)
+
+    def _apply(self, hashes: Sequence[bytes], bit: int, source: Source, present: bool) -> None:
+        """`_update` under the lock."""
+        digests = self._digests.arriving(hashes) if present else self._digests.leaving(hashes)
+        if bit == self._full and source is Source.HOST:  # one rank's host copies: the common case, batched
+            digests = self._added(digests) if present else self._dropped(digests, bit)
+        for digest in digests:
+            self._update_one(digest, bit, source, present)
+        self._count_changes()
 
     def _update_one(self, digest: bytes, bit: int, source: Source, present: bool) -> None:
         blocks = self._blocks
@@ -163,54 +169,6 @@ class ShmIndex:
             self._hdr[W_COLD] += cold - was_cold
         if not any(masks):
             del blocks[digest]
-
-    def _added(self, digests: list[bytes], bit: int) -> list[bytes]:
-        """New blocks in host memory whose home slot is free, published at once (the words of every key unpacked in
-        one call); the rest (known blocks, both homes taken) are returned for the general path."""
-        blocks, owner, mask, flags, words = self._blocks, self._owner, self._mask, self._flags, self._words
-        unpacked = struct.unpack(f"<{4 * len(digests)}Q", b"".join(digests))
-        rest = []
-        for digest, first, tag, second in zip(digests, unpacked[0::4], unpacked[1::4], unpacked[2::4], strict=True):
-            slot = first & mask
-            if slot in owner:
-                slot = second & mask
-                if slot in owner:
-                    rest.append(digest)
-                    continue
-            if not tag or digest in blocks:
-                rest.append(digest)
-                continue
-            blocks[digest] = slot
-            flags[slot] = FLAG_HOST
-            words[slot] = tag
-            owner[slot] = digest
-        self._changes += len(digests) - len(rest)
-        return rest
-
-    def _dropped(self, digests: list[bytes], bit: int) -> list[bytes]:
-        """Blocks held only in host memory leave it, unpublished from their table slots; the rest are returned for
-        the general path."""
-        blocks, owner, flags, words = self._blocks, self._owner, self._flags, self._words
-        rest = []
-        for digest in digests:
-            held = blocks.get(digest)
-            if held is None:
-                continue  # not held anywhere: nothing to drop (the general path would do the same)
-            if isinstance(held, int):
-                slot = held
-            elif held.slot < 0 or held.masks[0] != bit or held.masks[1] or held.masks[2]:
-                rest.append(digest)
-                continue
-            else:
-                slot = held.slot
-            words[slot] = 0
-            flags[slot] = 0
-            del owner[slot]
-            del blocks[digest]
-            self._changes += 1
-            if self._stashed or self._unplaced:
-                self._refill()
-        return rest
 
     def _cold(self, block: _Block) -> int:
         """1 if the block is published with some rank's copy outside host memory."""

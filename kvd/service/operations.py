@@ -200,7 +200,8 @@ async def _save_blocks(op: Operation, outcome: Outcome) -> None:
         if entries:
             memory, addresses = op.memory(), [e.address for e in entries]  # one int per block, no object
             stamps.submitted_ns = time.monotonic_ns()
-            await memory.save([indices[i] for i in plan.positions], addresses, op.ready_event, stamps)
+            targets = [indices[i] for i in plan.positions]
+            await memory.save(targets, addresses, op.ready_event, stamps, plan.while_copying)
             stamps.resumed_ns = time.monotonic_ns()
             outcome.moved += len(entries) * layout.block_bytes
         if op.commit_after is not None:

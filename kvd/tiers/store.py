@@ -9,6 +9,7 @@ A save and a load are each two verbs around the copy the service runs in between
     await store.make_room(keys, nbytes)        (may wait, bounded)
     plan = store.prepare_save(keys, nbytes)    reserve L1 slots       entries = await store.prepare_load(keys)
     ... copy worker blocks into plan.entries ...                      ... copy entries into the worker ...
+        (plan.while_copying, once it is queued)
     store.complete_save(plan, ok)              commit, or drop        store.complete_load(entries)   unpin
 """
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvd.memory.host_pool import Entry, HostPool
-from kvd.memory.index_registry import BlockListener
+from kvd.memory.index_registry import BlockListener, StagedSave
 from kvd.memory.shm_index import Source
 from kvd.types import BlockKey, Tier, TierSnapshot
 
@@ -35,6 +36,13 @@ class SavePlan:
     no_room: list[int] = field(default_factory=list)
     # (block bytes, blocks) reserved without retiring blocks ahead of need: complete_save schedules that upkeep
     retire_ahead: tuple[int, int] | None = None
+    staged: StagedSave | None = None  # the index publication of `entries`, placed while they are copied
+
+    @property
+    def while_copying(self) -> Callable[[], None] | None:
+        """What to run once the copy into `entries` is queued (any thread): placing their index entries, invisible
+        until complete_save reveals them, so only the reveal is left between the last byte and the notice."""
+        return self.staged.stage if self.staged is not None else None
 
     @property
     def to_write(self) -> list[tuple[int, Entry]]:
@@ -169,9 +177,12 @@ class HostStore(BlockStore):
             # complete_save leaves it to the loop's next turn, after this save's notice, instead of running it
             # between the request and its copy (or, on the next turn, while the copy waits for the GIL to be queued).
             entries = pool.reserve_many(keys, nbytes, checked=True, retire_ahead=False)
-            writing.update(dict.fromkeys(keys[: len(entries)], asyncio.get_running_loop().create_future()))
+            reserved = keys[: len(entries)]
+            writing.update(dict.fromkeys(reserved, asyncio.get_running_loop().create_future()))
             positions, no_room = list(range(len(entries))), list(range(len(entries), len(keys)))
-            return SavePlan(positions, entries, no_room=no_room, retire_ahead=(nbytes, len(entries)))
+            plan = SavePlan(positions, entries, no_room=no_room, retire_ahead=(nbytes, len(entries)))
+            plan.staged = pool.staging(reserved)
+            return plan
         return self._prepare_mixed(keys, nbytes)
 
     def _prepare_mixed(self, keys: Sequence[BlockKey], nbytes: int) -> SavePlan:
@@ -201,7 +212,7 @@ class HostStore(BlockStore):
         return plan
 
     def complete_save(self, plan: SavePlan, ok: bool) -> None:
-        self.finish_writes(plan.entries, ok)
+        self.finish_writes(plan.entries, ok, plan.staged)
         if plan.retire_ahead is not None:
             asyncio.get_running_loop().call_soon(self.pool.retire_ahead, *plan.retire_ahead)
 
@@ -215,11 +226,14 @@ class HostStore(BlockStore):
         """The write in flight for `key`, if any: resolves True once committed, False if dropped."""
         return self._writing.get(key)
 
-    def finish_writes(self, entries: Sequence[Entry], ok: bool) -> None:
-        """Commit (bytes complete) or drop reserved slots, and wake saves waiting on them."""
+    def finish_writes(self, entries: Sequence[Entry], ok: bool, staged: StagedSave | None = None) -> None:
+        """Commit (bytes complete) or drop reserved slots, and wake saves waiting on them. `staged`: their index
+        publication, staged during the copy (revealed, or taken back)."""
         if ok:
-            self.pool.commit_many(entries)
+            self.pool.commit_many(entries, staged)
         else:
+            if staged is not None:
+                staged.unstage()
             for entry in entries:
                 self.pool.discard(entry)
         writing = self._writing

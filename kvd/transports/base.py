@@ -10,12 +10,16 @@ own memory against the layout once, in `attach`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 from kvd_client.layout import KvLayout
 
+from kvd.logs import Throttled
 from kvd.memory.progress import LayerProgress
 from kvd.types import PeerIdentity, Stamps, TransportKind, WorkerMemory
+
+_throttled = Throttled(logging.getLogger(__name__))
 
 
 class Attachment(abc.ABC):
@@ -25,10 +29,14 @@ class Attachment(abc.ABC):
 
     @abc.abstractmethod
     async def save(
-        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
-    ) -> None:
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None,
+        while_copying: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         """Copy worker blocks into the slots at `addresses`, after the worker's `ready_event` (if any). Raises
-        TransferError. Stamps the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given."""
+        TransferError. Stamps the transport's stages (enqueue_start, enqueue_end, copy_done) on `stamps`, if given.
+        `while_copying` runs once the copy is queued, on whichever thread queued it (so it must not touch what only
+        the event loop may), at most once: bookkeeping that overlaps the copy instead of following it. An exception
+        it raises is logged; the copy goes on."""
 
     @abc.abstractmethod
     async def load(
@@ -83,3 +91,12 @@ def block_segments(layout: KvLayout) -> list[tuple[int, int, int, int]]:
             out.append((li, seg * layer.segment_stride, layer.segment_bytes, stored))
             stored += layer.segment_bytes
     return out
+
+
+def call_guarded(callback: Callable[[], None], kind: str) -> None:
+    """A callback a transport runs beside a copy (`while_copying`, a waiter's `on_done`) never stops the thread it
+    runs on nor fails that copy; its failure is logged, once a minute per kind."""
+    try:
+        callback()
+    except Exception:
+        _throttled.exception(kind, "%s callback", kind)

@@ -39,7 +39,7 @@ from kvd_client.layout import KvLayout
 from kvd.errors import FailureReason, InvalidArgument, PermissionDenied, TransferError
 from kvd.memory.progress import LayerProgress
 from kvd.process import PeerProcess, no_more_privileged_than
-from kvd.transports.base import Attachment, Transport, block_segments
+from kvd.transports.base import Attachment, Transport, block_segments, call_guarded
 from kvd.types import CpuMemory, PeerIdentity, Stamps, TransportKind, WorkerMemory
 
 IOV_MAX = 1024
@@ -216,11 +216,15 @@ class CpuAttachment(Attachment):
             stamps.copy_done_ns = max(ended for _, ended in spans)
 
     async def save(
-        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
-    ) -> None:
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None,
+        while_copying: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         # Checked as the save was accepted (Attachment.check); checked again after the copy, which decides.
         try:
-            await self._gather(self._vm_jobs(False, block_indices, addresses), stamps)
+            jobs = self._vm_jobs(False, block_indices, addresses)
+            if while_copying is not None:
+                call_guarded(while_copying, "while-copying")  # here, on the loop, while the copy threads run
+            await self._gather(jobs, stamps)
         finally:
             self._checked()  # after the copy: bytes read from anything but the registered peer are never kept
 

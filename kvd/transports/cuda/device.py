@@ -39,6 +39,7 @@ from kvd_client.fdpass import close_fds
 from kvd_client.layout import KvLayout
 
 from kvd.config import CompletionWait
+from kvd.transports.base import call_guarded
 from kvd.transports.cuda.driver import (
     EVENT_BLOCKING_SYNC,
     EVENT_DISABLE_TIMING,
@@ -69,7 +70,10 @@ _T = TypeVar("_T")
 
 DONE_EVENT_RING = 128  # interprocess events handed to workers; reuse only makes a late waiter wait longer
 INDEX_RING_ENTRIES = 1 << 20  # block indices in flight to the kernels (8 MiB of mapped pinned memory)
-Job = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], DaemonStages | None]
+# (job, its arguments, its future, the operation's stamps, what to run once its copies are queued)
+Job = tuple[
+    Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any], DaemonStages | None, Callable[[], None] | None
+]
 
 
 class DeviceEngine:
@@ -163,21 +167,24 @@ class DeviceEngine:
             waiter.stop()
         self.call(self._shutdown).result(timeout=30)
         self._stopping = True
-        self._jobs.put((lambda: None, (), concurrent.futures.Future(), None))
+        self._jobs.put((lambda: None, (), concurrent.futures.Future(), None, None))
         self._thread.join(timeout=30)
 
     def call(
-        self, fn: Callable[..., Any], *args: Any, stages: DaemonStages | None = None
-    ) -> concurrent.futures.Future[Any]:
+        self, fn: Callable[..., Any], *args: Any, stages: DaemonStages | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> concurrent.futures.Future[Any]:  # fmt: skip
         """Run fn(*args) on the engine thread. `stages`: an operation's stamps; the engine stamps when its job began
-        and ended (enqueue_start, enqueue_end) and the completion waiter when its GPU work was done (copy_done)."""
+        and ended (enqueue_start, enqueue_end) and the completion waiter when its GPU work was done (copy_done).
+        `then`: for a copy job, run on the same thread once its GPU work is queued (while it runs)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((fn, args, future, stages))
+        self._jobs.put((fn, args, future, stages, then))
         return future
 
     def submit(
-        self, job: Callable[..., Any], *args: Any, stages: DaemonStages | None = None
-    ) -> concurrent.futures.Future[Any]:
+        self, job: Callable[..., Any], *args: Any, stages: DaemonStages | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> concurrent.futures.Future[Any]:  # fmt: skip
         """Run a copy job (one that only queues GPU work) now, in the caller's thread; the future resolves when its
         GPU work is done (its completion waiter sets it). Jobs submitted from one thread queue in submission order."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -186,7 +193,7 @@ class DeviceEngine:
             return future
         with self._submitting:
             self.runtime.setDevice(self.ordinal)  # this thread's device, before any CUDA call of the job
-            self._execute((job, args, future, stages))
+            self._execute((job, args, future, stages, then))
         return future
 
     # -- the engine thread ---------------------------------------------------------------------------------------
@@ -262,7 +269,7 @@ class DeviceEngine:
             runtime.streamDestroy(stream)
 
     def _execute(self, job: Job) -> None:
-        fn, args, future, stages = job
+        fn, args, future, stages, then = job
         if not future.set_running_or_notify_cancel():
             return
         if self._closing and fn != self._shutdown:
@@ -286,6 +293,8 @@ class DeviceEngine:
             future.set_exception(CudaError(f"no completion waiter for stream {result.stream:#x}"))
             return
         waiter.put(result, future)
+        if then is not None:
+            call_guarded(then, "while-copying")  # never fails the copy, which is under way
 
     # -- host memory (engine thread) -----------------------------------------------------------------------------
 

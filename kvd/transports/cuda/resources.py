@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvd.logs import Throttled
+from kvd.transports.base import call_guarded
 from kvd.transports.cuda.driver import (
     EVENT_DISABLE_TIMING,
     EVENT_INTERPROCESS,
@@ -276,7 +277,7 @@ class CompletionWaiter:
             if pending.recycle:
                 events.give(pending.event)
             if pending.on_done is not None and status == 0:
-                self._call(pending.on_done)
+                call_guarded(pending.on_done, "on-done")
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # resolved elsewhere already
                 if status == 0:
                     future.set_result(pending.value)
@@ -284,14 +285,6 @@ class CompletionWaiter:
                     future.set_exception(CudaError(f"GPU {context.ordinal}: copy failed with CUresult {status}"))
             if pending.trace is not None and context.tracer is not None and status == 0:
                 self._trace(context.tracer, pending.trace, pending.stages)  # after: it never delays the operation
-
-    @staticmethod
-    def _call(on_done: Callable[[], None]) -> None:
-        """A notification never stops the waiter (the operation's own future still resolves)."""
-        try:
-            on_done()
-        except Exception:
-            _throttled.exception("on-done", "completion callback")
 
     @staticmethod
     def _trace(tracer: Tracer, trace: OpTrace, stages: DaemonStages | None) -> None:

@@ -44,16 +44,20 @@ class CudaAttachment(Attachment):
         self._mapping = mapping
         self._queue = engine.submit if on_loop else engine.call  # transports.cuda_queue_on_loop
 
-    async def _run(self, job: Callable[..., Any], stamps: Stamps, *args: Any) -> Any:
+    async def _run(
+        self, job: Callable[..., Any], stamps: Stamps, *args: Any, then: Callable[[], None] | None = None
+    ) -> Any:
         try:
-            return await asyncio.wrap_future(self._queue(job, self._mapping, *args, stages=stamps))
+            return await asyncio.wrap_future(self._queue(job, self._mapping, *args, stages=stamps, then=then))
         except (CudaError, RuntimeError, ValueError) as exc:
             raise TransferError(f"CUDA: {exc}", FailureReason.CUDA) from exc
 
     async def save(
-        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
-    ) -> None:
-        await self._run(functools.partial(save_job, self._engine), stamps, block_indices, addresses, ready_event)
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None,
+        while_copying: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        job = functools.partial(save_job, self._engine)
+        await self._run(job, stamps, block_indices, addresses, ready_event, then=while_copying)
 
     async def load(
         self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None

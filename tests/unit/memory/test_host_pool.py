@@ -145,6 +145,9 @@ class Listener:
     def stored_many(self, keys: Sequence[BlockKey], source: object) -> None:
         self.published.update(keys)
 
+    def staging(self, keys: Sequence[BlockKey]) -> None:
+        return None  # published at commit, through stored_many
+
     def dropped_many(self, keys: Sequence[BlockKey], source: object) -> None:
         self.published.difference_update(keys)
 

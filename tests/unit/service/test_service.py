@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import pytest
 from kvd_client.layout import DType, KvLayout, LayerLayout, Namespace
@@ -71,8 +71,11 @@ class MemoryAttachment(Attachment):
             ctypes.memmove(dst, src, BLOCK)
 
     async def save(
-        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
-    ) -> None:
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None,
+        while_copying: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        if while_copying is not None:
+            while_copying()
         await self._copy(block_indices, addresses, to_worker=False)
 
     async def load(
@@ -284,10 +287,11 @@ class RecordingAttachment(MemoryAttachment):
         self.saved: list[list[int]] = []
 
     async def save(
-        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None
-    ) -> None:
+        self, block_indices: Sequence[int], addresses: Sequence[int], ready_event: bytes, stamps: Stamps = None,
+        while_copying: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
         self.saved.append(list(block_indices))
-        await super().save(block_indices, addresses, ready_event, stamps)
+        await super().save(block_indices, addresses, ready_event, stamps, while_copying)
 
 
 async def test_a_request_arriving_during_a_large_one_is_planned_between_its_segments() -> None:
