@@ -14,14 +14,11 @@ from typing import TYPE_CHECKING
 
 from kvd.transports.cuda.kernels import launch_chunk, slot_runs
 from kvd.transports.cuda.mapping import WorkerMapping
-from kvd.transports.cuda.resources import GATHER_PARTS, Pending
-from kvd.transports.cuda.trace import ChunkTrace, traced
+from kvd.transports.cuda.resources import Pending
+from kvd.transports.cuda.trace import traced
 
 if TYPE_CHECKING:
     from kvd.transports.cuda.device import DeviceEngine
-
-
-MIN_PART_BYTES = 4 << 20  # no smaller part: its DMA would run short of the link's rate
 
 
 def save_job(
@@ -33,64 +30,30 @@ def save_job(
 ) -> Pending:
     """Gather each chunk of the worker's blocks into staging (after the worker's ready event), then DMA it to its host
     slots; the Pending completes on the D2H stream once every chunk is in host memory."""
-    gpu, ring, d2h = engine.gpu, engine.save_ring(), engine.d2h_stream
-    trace = engine.trace("save")
-    if ready_event:
-        gpu.wait(engine.save_stream, engine.worker_event(mapping, ready_event))
-    step = mapping.chunk_blocks
-    for start in range(0, len(block_indices), step):
-        beside_dma = ring.busy(gpu)  # DMA of this direction in flight (an earlier chunk's) covers this one's gather
-        chunk, hosts = block_indices[start : start + step], addresses[start : start + step]
-        _save_chunk(engine, mapping, chunk, hosts, beside_dma, trace)
-    return Pending(engine.events.record(d2h), d2h, b"", True, trace=traced(trace))
-
-
-def _save_chunk(
-    engine: DeviceEngine,
-    mapping: WorkerMapping,
-    chunk: Sequence[int],
-    hosts: Sequence[int],
-    beside_dma: bool,
-    trace: ChunkTrace,
-) -> None:
-    """One staging buffer's worth: gathered in parts (`gather_parts`), each part's DMA queued right behind its
-    gather, so the copy engine starts after the first part's gather instead of the whole chunk's. The trace's four
-    marks, in the order recorded: gather start, DMA start, gather end, DMA end."""
     gpu, ring, block_bytes = engine.gpu, engine.save_ring(), mapping.block_bytes
     save, d2h = engine.save_stream, engine.d2h_stream
-    staging = ring.next()
-    gpu.wait(save, staging.free)  # its previous D2H is done
-    runs = 0
-    parts = gather_parts(len(chunk), block_bytes, alone=not beside_dma)
-    for number, (first, end) in enumerate(parts):
-        if number == 0:
-            trace.mark(save)
-        ctas = engine.ctas_beside_dma(beside_dma or number > 0)  # a later part runs beside the earlier parts' DMA
-        address = staging.address + first * block_bytes
-        launch_chunk(gpu, engine.indices, engine.kernels.gather, save, mapping, chunk[first:end], address, ctas)
-        filled = staging.filled if end == len(chunk) else ring.parted[number]
-        gpu.record(filled, save)
-        gpu.wait(d2h, filled)  # (a part's event is recorded again only after this wait is queued: safe to reuse)
-        if number == 0:
-            trace.mark(d2h)
-        for position, host, nbytes in slot_runs(hosts[first:end], block_bytes):
-            gpu.d2h(host, address + position * block_bytes, nbytes, d2h)
-            runs += 1
-    trace.mark(save)
-    trace.mark(d2h)
-    trace.chunk(len(chunk), runs)
-    gpu.record(staging.free, d2h)
-
-
-def gather_parts(blocks: int, block_bytes: int, alone: bool) -> list[tuple[int, int]]:
-    """(first, end) block positions of a save chunk's gather kernels: one where DMA of its direction is already in
-    flight (that DMA covers the gather), else up to GATHER_PARTS of at least MIN_PART_BYTES each (a small request's
-    gather is on its critical path: a 32 MiB one takes tens of microseconds before its DMA could start)."""
-    parts = min(GATHER_PARTS, blocks * block_bytes // MIN_PART_BYTES) if alone else 1
-    if parts <= 1:
-        return [(0, blocks)]
-    size = -(-blocks // parts)
-    return [(first, min(first + size, blocks)) for first in range(0, blocks, size)]
+    trace = engine.trace("save")
+    if ready_event:
+        gpu.wait(save, engine.worker_event(mapping, ready_event))
+    step = mapping.chunk_blocks
+    for start in range(0, len(block_indices), step):
+        chunk = block_indices[start : start + step]
+        ctas = engine.chunk_ctas(ring)  # this gather runs beside an earlier chunk's D2H, if one is in flight
+        staging = ring.next()
+        gpu.wait(save, staging.free)  # its previous D2H is done
+        trace.mark(save)
+        launch_chunk(gpu, engine.indices, engine.kernels.gather, save, mapping, chunk, staging.address, ctas)
+        trace.mark(save)
+        gpu.record(staging.filled, save)
+        gpu.wait(d2h, staging.filled)
+        trace.mark(d2h)
+        runs = slot_runs(addresses[start : start + step], block_bytes)
+        for first, host, nbytes in runs:
+            gpu.d2h(host, staging.address + first * block_bytes, nbytes, d2h)
+        trace.mark(d2h)
+        trace.chunk(len(chunk), len(runs))
+        gpu.record(staging.free, d2h)
+    return Pending(engine.events.record(d2h), d2h, b"", True, trace=traced(trace))
 
 
 def load_job(

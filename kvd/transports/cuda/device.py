@@ -18,8 +18,6 @@ dropping the GIL around each would queue for it again once per call.
 
 Data path of a save chunk:  [save stream]  wait(worker's ready event) -> wait(staging slot free) -> gather kernel
                             [d2h stream]   wait(gathered) -> cuMemcpyDtoHAsync runs into pinned host slots -> free slot
-                            (a chunk with no D2H in flight beside it, a small request's, is gathered in parts of at
-                            least 4 MiB, each part's DMA waiting only for its own part: copies.gather_parts)
 Load chunk:                 [h2d stream]   wait(slot free) -> cuMemcpyHtoDAsync runs from pinned slots -> loaded
                             [load stream]  wait(loaded) -> wait(worker's ready event) -> scatter kernel -> free slot
 The kernels read their block indices straight from mapped pinned memory: no index upload queues on a copy engine
@@ -370,13 +368,10 @@ class DeviceEngine:
         same direction runs beside it (an earlier chunk still in flight, or, `more_follow`, later chunks of the same
         job), where an uncapped kernel would take device memory's bandwidth from the copy engine; none for a chunk
         alone, whose kernel is on the request's critical path and finishes soonest on every SM."""
-        if self.kernel_ctas <= 0:
+        cap = self.kernel_ctas
+        if cap <= 0:
             return 0
-        return self.ctas_beside_dma(more_follow or ring.busy(self.gpu))
-
-    def ctas_beside_dma(self, beside: bool) -> int:
-        """The cap for a kernel with (`beside`) or without DMA of its direction running beside it (chunk_ctas)."""
-        return self.kernel_ctas if beside and self.kernel_ctas > 0 else 0
+        return cap if more_follow or ring.busy(self.gpu) else 0
 
     def save_ring(self) -> StagingRing:
         return self._started_part(self._save_ring)

@@ -64,9 +64,6 @@ class Staging:
     filled: int  # event: recorded when the buffer holds a chunk ready for its next stage
 
 
-GATHER_PARTS = 4  # a save chunk alone is gathered in up to this many kernels (kvd.transports.cuda.copies.gather_parts)
-
-
 class StagingRing:
     """Device buffers of one direction, used round-robin; a chunk waits on a buffer's `free` event before reuse."""
 
@@ -81,9 +78,6 @@ class StagingRing:
             )
             for i in range(count)
         ]
-        # A save chunk gathered in parts (copies.gather_parts): each part but the last marks its end with one of these
-        # (the last with its buffer's `filled`); recorded again only after the DMA stream's wait on it was queued.
-        self.parted = [runtime.eventCreateWithFlags(EVENT_DISABLE_TIMING) for _ in range(GATHER_PARTS - 1)]
         self._next = 0
 
     def busy(self, gpu: Enqueue) -> bool:
@@ -99,8 +93,6 @@ class StagingRing:
         for staging in self.buffers:
             self._runtime.eventDestroy(staging.free)
             self._runtime.eventDestroy(staging.filled)
-        for event in self.parted:
-            self._runtime.eventDestroy(event)
 
 
 class DoneEvents:

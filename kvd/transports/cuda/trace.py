@@ -27,9 +27,6 @@ from kvd.transports.cuda.driver import STREAM_NON_BLOCKING, Enqueue
 from kvd.types import DaemonStages
 
 ANCHOR_PERIOD_S = 0.5
-# Where a chunk's marks are among its four: save (copies._save_chunk) gather start, DMA start, gather end, DMA end;
-# load: DMA start, DMA end, scatter start, scatter end.
-MARK_ORDER = {"save": ((0, 2), (1, 3)), "load": ((2, 3), (0, 1))}
 TIMING_EVENT = 0  # cudaEventDefault: timestamps on, no blocking sync
 
 
@@ -117,10 +114,9 @@ class Tracer:
         elapsed = self._runtime.eventElapsedTime  # float ms
         marks = [anchor_ns + round(elapsed(anchor_event, event) * 1e6) for event in op.events]
         self._spare.extend(op.events)
-        # Each chunk's four marks in the order its job recorded them: (kernel start, end), (DMA start, end) positions.
-        (k0, k1), (d0, d1) = MARK_ORDER[op.kind]
+        kernel, dma = ((0, 2), (2, 0))[op.kind == "load"]
         chunks = [
-            {"kernel": [marks[i + k0], marks[i + k1]], "dma": [marks[i + d0], marks[i + d1]], "blocks": n, "runs": r}
+            {"kernel": marks[i + kernel : i + kernel + 2], "dma": marks[i + dma : i + dma + 2], "blocks": n, "runs": r}
             for i, (n, r) in zip(range(0, len(marks), 4), op.chunks, strict=True)
         ]
         record: dict[str, Any] = {"kind": op.kind, "chunks": chunks}

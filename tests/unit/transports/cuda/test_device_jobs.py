@@ -134,17 +134,6 @@ async def attached(recorder: Recorder, **config: Any) -> tuple[Any, Any]:
     return transport, attachment
 
 
-async def attached_with_chunk(recorder: Recorder, chunk_bytes: int) -> tuple[Any, Any]:
-    """Chunks of `chunk_bytes`, one staging buffer a direction, and a cap of 4 CTAs beside DMA."""
-    transport = CudaTransport(
-        TransportsConfig(cuda_chunk_bytes=chunk_bytes, cuda_staging_bytes=2 * chunk_bytes, cuda_kernel_ctas=4),
-        PinnedRegion(0x7000_0000, 64 * MiB),
-    )
-    await transport.start()
-    attachment = await transport.attach(memory(), LAYOUT, PeerIdentity(PeerProcess(1, 0, 0, None, None), "uid:0"))
-    return transport, attachment
-
-
 def slots(positions: list[int]) -> list[int]:
     """The addresses of these slots of the pinned pool."""
     return [0x7000_0000 + p * LAYOUT.block_bytes for p in positions]
@@ -269,42 +258,6 @@ async def test_the_cap_leaves_a_kernel_alone_with_no_dma_beside_it_every_sm(reco
         *((0xB, (4, 1)), (0xB, (4, 1)), (0xB, (6, 2))),  # the load: capped but for the last chunk
         *((0xA, (4, 1)), (0xB, (4, 1))),  # behind chunks in flight
     ]
-    await attachment.close()
-    await transport.stop()
-
-
-async def test_a_save_alone_is_gathered_in_parts_each_followed_by_its_dma(recorder: Recorder) -> None:
-    """A chunk with no DMA of its direction in flight (a small request's) is gathered in parts of at least 4 MiB, and
-    each part's D2H is queued right behind its gather: the copy engine starts once the first part is gathered. Only
-    the first part's kernel runs without DMA beside it: the later ones are capped. Behind a chunk in flight, one
-    gather as before (that chunk's DMA covers it)."""
-    transport, attachment = await attached_with_chunk(recorder, 16 * MiB)
-    engine = next(iter(transport._engines.values()))
-    start = len(recorder.calls)
-    # 84 blocks of 192 KiB (15.75 MiB): three parts of 28. Host slots: 0-49, then 60-93.
-    await attachment.save(list(range(84)), slots([*range(50), *range(60, 94)]), WORKER_EVENT)
-    calls = enqueued(recorder, start)
-    ring, staging = engine._save_ring, engine._save_ring.buffers[0]
-    marks = {*ring.parted, staging.filled, staging.free}  # the events that order the parts (not the index ring's)
-    flow = [
-        (name, args[1] if name == "gpu.launch" else args[2] // LAYOUT.block_bytes if name == "gpu.d2h" else args[0])
-        for name, args in calls
-        if name in ("gpu.launch", "gpu.d2h")
-        or (name == "gpu.wait" and args[0] == engine.d2h_stream)
-        or (name == "gpu.record" and args[0] in marks)
-    ]
-    assert flow[:-1] == [
-        ("gpu.launch", (6, 28)), ("gpu.record", ring.parted[0]), ("gpu.wait", engine.d2h_stream), ("gpu.d2h", 28),
-        ("gpu.launch", (4, 1)), ("gpu.record", ring.parted[1]), ("gpu.wait", engine.d2h_stream),
-        ("gpu.d2h", 22), ("gpu.d2h", 6),  # the part's slots are two runs
-        ("gpu.launch", (4, 1)), ("gpu.record", staging.filled), ("gpu.wait", engine.d2h_stream), ("gpu.d2h", 28),
-    ]  # fmt: skip
-    assert flow[-1] == ("gpu.record", staging.free)
-    staging_in_flight(recorder, transport)
-    start = len(recorder.calls)
-    await attachment.save(list(range(84)), slots(list(range(84))), WORKER_EVENT)
-    launches = [args[1] for name, args in enqueued(recorder, start) if name == "gpu.launch"]
-    assert launches == [(4, 1)], "behind a chunk in flight: one gather, capped"
     await attachment.close()
     await transport.stop()
 
