@@ -1,20 +1,20 @@
 """One engine per GPU. Its thread sets its device before any CUDA call and creates everything of that device: streams,
 events, staging buffers, gather/scatter kernels and the IPC mappings of workers' KV caches. Nothing here is shared
 across devices. Besides the engine thread, its completion waiters make CUDA calls on it (they only wait on events), and,
-with transports.cuda_queue_on_loop, the thread that queues copy jobs (the daemon's event loop, one job at a time under a
-lock); each sets the device first.
+with transports.cuda_queue_on_loop (the default), the thread that queues copy jobs (the daemon's event loop, one job at
+a time under a lock); each sets the device first.
 
 A copy job (copies.save_job and load_job, layered.load_layers_job) never waits for the GPU: it only *enqueues* work
 (stream waits, a gather kernel, DMA copies, an event record) and returns a pending completion, which goes to the waiter
-of the stream it completes on. By default it runs on the engine thread (`call`), as do the calls that may block (mapping
-a worker's memory, unmapping it after synchronizing the streams, page-locking the pool, shutting down). With
-transports.cuda_queue_on_loop it runs where the operation was planned instead, in the caller's thread (`submit`): no hop
-to another thread and no wait for the GIL between a request's planning and its first copy. A waiter waits for each event
-in turn (polling with short naps, spinning in the driver, or asleep on a blocking-sync event: cuda_completion_wait) and
-resolves the operation's future once its copies are done. So many operations are in flight at once: saves pipeline on
-one copy engine (D2H) while loads use the other (H2D), and small requests keep the link busy instead of queueing behind
-each other. Work is queued through the driver API with the GIL held (driver.Enqueue): each call takes microseconds, and
-dropping the GIL around each would queue for it again once per call.
+of the stream it completes on. With transports.cuda_queue_on_loop (the default) it runs where the operation was
+planned, in the caller's thread (`submit`): no hop to another thread and no wait for the GIL between a request's
+planning and its first copy; without it, on the engine thread (`call`), where the calls that may block always run
+(mapping a worker's memory, unmapping it after synchronizing the streams, page-locking the pool, shutting down).
+A waiter waits for each event in turn (polling with short naps, spinning in the driver, or asleep on a blocking-sync
+event: cuda_completion_wait) and resolves the operation's future once its copies are done. So many operations are in
+flight at once: saves pipeline on one copy engine (D2H) while loads use the other (H2D), and small requests keep the
+link busy instead of queueing behind each other. Work is queued through the driver API with the GIL held
+(driver.Enqueue): each call takes microseconds, and dropping the GIL around each would queue for it again once per call.
 
 Data path of a save chunk:  [save stream]  wait(worker's ready event) -> wait(staging slot free) -> gather kernel
                             [d2h stream]   wait(gathered) -> cuMemcpyDtoHAsync runs into pinned host slots -> free slot

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class CudaAttachment(Attachment):
-    """A session's mapping on its GPU. Copies are queued on the engine thread (DeviceEngine.call) or, with
-    transports.cuda_queue_on_loop, from the event loop (DeviceEngine.submit), and completed by the engine's waiters;
-    mapping and unmapping run on the engine thread."""
+    """A session's mapping on its GPU. Copies are queued from the event loop (DeviceEngine.submit; with
+    transports.cuda_queue_on_loop off, on the engine thread: DeviceEngine.call), and completed by the engine's
+    waiters; mapping and unmapping run on the engine thread."""
 
     kind = TransportKind.CUDA_IPC
 
