@@ -181,8 +181,8 @@ class TransportsConfig(_Section):
     cuda_kernel_ctas: int = Field(default=64, ge=0)
     # Where a save's or load's GPU work is queued: on the event loop, right where it was planned (the default: no
     # thread hop and no wait for the GIL in between, and the loop is free again while the copy runs), or (False) on
-    # the GPU's engine thread. On an H100, on the loop: a 16-block save 1.03-1.14 ms instead of 1.11-1.13, a load
-    # 0.94-1.01 instead of 0.99-1.04, both directions at once 0.95-1.06 x the raw rate instead of 0.93-1.00.
+    # the GPU's engine thread. On an H100, on the loop: a 16-block save 1.03-1.14 ms instead of 1.16-1.39, a load
+    # 0.94-1.01 instead of 1.04-1.19, both directions at once 91.4 GB/s instead of 87.1 (medians of 8 and 9 runs).
     cuda_queue_on_loop: bool = True
     # Diagnostics: append one JSON line per CUDA operation to this file, with GPU timestamps around every chunk's
     # kernel and DMA (kvd/transports/cuda/trace.py; bench/gpu_transfer.py reads it). Off (None) in production: four
