@@ -4,15 +4,12 @@ the same whichever of staging and revealing comes first (the copy's thread stage
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
 
 import pytest
-from kvd_client.index import IndexReader
 from kvd_client.layout import Namespace
 
 from kvd.config import HostPoolConfig, IndexConfig
@@ -22,16 +19,9 @@ from kvd.memory.index_registry import IndexRegistry
 from kvd.memory.shm_index import ShmIndex, Source, Staged
 from kvd.tiers.store import HostStore
 from kvd.types import namespace_key
+from tests.helpers.shm_index import key, make_index, readers
 
 HOST = Source.HOST
-
-
-def key(kind: str, i: int, size: int = 32) -> bytes:
-    return hashlib.blake2b(f"{kind}/{i}".encode(), digest_size=size).digest()
-
-
-def make_index(capacity: int = 1024, world: int = 1) -> ShmIndex:
-    return ShmIndex(capacity_blocks=capacity, tp_world_size=world, boot_id="boot-1", group_key=f"staging|{world}")
 
 
 @pytest.fixture
@@ -39,14 +29,6 @@ def index() -> Iterator[ShmIndex]:
     made = make_index()
     yield made
     made.close()
-
-
-def readers(index: ShmIndex) -> list[IndexReader]:
-    fd = index.open_reader_fd()
-    try:
-        return [IndexReader(fd, use_numpy=True), IndexReader(fd, use_numpy=False)]
-    finally:
-        os.close(fd)
 
 
 def found(index: ShmIndex, hashes: Sequence[bytes]) -> list[int]:

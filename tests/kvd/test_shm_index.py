@@ -4,7 +4,6 @@ that tries to write it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,17 +20,10 @@ from kvd_client.hashing import BlockHasher
 from kvd_client.index import STASH_SLOTS, HashRun, IndexReader, IndexUnavailable, layout_for
 
 from kvd.memory.shm_index import MIN_SLOTS, ShmIndex, Source, slots_for
+from tests.helpers.shm_index import key, make_index, readers
 
 HOST, DISK = Source.HOST, Source.DISK
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def key(kind: str, i: int, size: int = 32) -> bytes:
-    return hashlib.blake2b(f"{kind}/{i}".encode(), digest_size=size).digest()
-
-
-def make_index(capacity: int = 1024, world: int = 1) -> ShmIndex:
-    return ShmIndex(capacity_blocks=capacity, tp_world_size=world, boot_id="boot-1", group_key=f"test|{world}")
 
 
 @pytest.fixture
@@ -39,14 +31,6 @@ def index() -> Iterator[ShmIndex]:
     made = make_index()
     yield made
     made.close()
-
-
-def readers(index: ShmIndex) -> list[IndexReader]:
-    fd = index.open_reader_fd()
-    try:
-        return [IndexReader(fd, use_numpy=True), IndexReader(fd, use_numpy=False)]
-    finally:
-        os.close(fd)
 
 
 def prefix(stored: set[bytes], hashes: Sequence[bytes]) -> int:
