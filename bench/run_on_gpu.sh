@@ -6,7 +6,7 @@
 #   KVD_COMPARE="KVD_X=V ..."  bench/event_wait.py (OUTDIR/event_wait.json), and the benchmark again with the
 #                   daemon configured so (OUTDIR/gpu_bench_compare.json)
 #   KVD_TESTS_AGAIN_WITH="KVD_X=V ..."  the CUDA tests again with every test daemon configured so (e.g.
-#                   KVD_TRANSPORTS__CUDA_QUEUE_ON_LOOP=true), logged to OUTDIR/cuda_tests_again.log
+#                   KVD_TRANSPORTS__CUDA_QUEUE_ON_LOOP=false), logged to OUTDIR/cuda_tests_again.log
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
 #                   racecheck; KVD_SANITIZE_TOOLS="memcheck" for one); logs in OUTDIR/sanitizer.txt
 #   KVD_IN_STEP=1   bench/gpu_in_step.py (OUTDIR/in_step.json, at most 90 s): TTFT on a hit with in-step vs async
