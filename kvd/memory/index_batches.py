@@ -25,7 +25,7 @@ from kvd.memory.index_keys import DigestMemo
 
 
 class StageState(enum.Enum):
-    PENDING = "pending"  # the copy is in flight and its blocks are not placed yet
+    PENDING = "pending"  # not placed (yet, or at all: several ranks' tokens are published the general way)
     STAGED = "staged"  # placed, invisible
     DONE = "done"  # revealed, or taken out: nothing more to do
 
@@ -80,12 +80,9 @@ class HostBatches:
         A token already revealed or dropped, a closed index, or a block outside the common case is left alone: that
         block (or the whole token) is published the ordinary way at `reveal`."""
         with self._lock:
-            if token.state is not StageState.PENDING or self._closed:
-                return
+            if token.state is not StageState.PENDING or self._closed or self._rank_bit(token.rank) != self._full:
+                return  # (several ranks: each one's copy counts toward publication, the general way, at reveal)
             token.state = StageState.STAGED
-            if self._rank_bit(token.rank) != self._full:
-                token.rest = self._digests.arriving(token.hashes)  # several ranks: each one's copy, the general way
-                return
             token.rest = self._added(self._digests.arriving(token.hashes), token.placed)
             self._count_changes()
 
@@ -95,7 +92,7 @@ class HostBatches:
             if token.state is StageState.DONE or self._closed:
                 return
             bit = self._rank_bit(token.rank)
-            if token.state is StageState.PENDING:  # the copy finished before its thread staged it
+            if token.state is StageState.PENDING:  # not staged: the copy was faster than its thread, or several ranks
                 token.state = StageState.DONE
                 self._apply(token.hashes, bit, Source.HOST, True)
                 return
