@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_interference import interference
 from kvd_client import KvdClient
-from phases import PhaseHook, Shape, Workload, both_paths, floors, hashes, model_thread, standard
+from phases import PhaseHook, Shape, Workload, both_paths, floors, model_thread, standard
 from trace_report import TraceFile, summarize
 
 from tests.helpers.daemon import Daemon
@@ -209,60 +209,6 @@ def trace_hook(trace: TraceFile, block_bytes: int) -> PhaseHook:
         return {"trace": summarize(records, trace.header, block_bytes)} if records else None
 
     return hook
-
-
-def interference(client: KvdClient, big: int) -> dict[str, Any]:
-    """bf16 matmul throughput on the model stream alone, then while 1 GiB saves run back to back for the whole loop.
-
-    The loop only queues its matmuls (a few milliseconds of CPU for half a second of GPU work), so the saves come from
-    a thread of their own that keeps two in flight until the GPU has run the last matmul: saves issued from the loop
-    itself would cover only its first tens of milliseconds."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    iters = 300
-    counter = [0]
-
-    def keep_saving(stop: threading.Event, started: threading.Event, saved: list[int]) -> None:
-        in_flight: set[int] = set()
-        while not stop.is_set():
-            while len(in_flight) < 2:
-                in_flight.add(client.save(list(enumerate(hashes(f"mm{counter[0]}", big)))))
-                counter[0] += 1
-                started.set()
-            for c in client.wait(in_flight, 0.002):
-                in_flight.discard(c.op_id)
-                saved[0] += 1
-        if in_flight:
-            client.wait(in_flight, 60)
-
-    def loop(saving: bool) -> tuple[float, int]:
-        stop, started, saved = threading.Event(), threading.Event(), [0]
-        saver = threading.Thread(target=keep_saving, args=(stop, started, saved)) if saving else None
-        if saver is not None:
-            saver.start()
-            started.wait(10)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            torch.mm(a, b)
-        end.record()
-        end.synchronize()
-        stop.set()
-        if saver is not None:
-            saver.join(60)
-        return start.elapsed_time(end) / 1000, saved[0]
-
-    loop(False)
-    alone = min(loop(False)[0] for _ in range(3))
-    runs = [loop(True) for _ in range(3)]
-    busy, saved = min(runs)
-    tflops = 2 * 8192**3 * iters / 1e12
-    return {
-        "matmul_tflops_alone": round(tflops / alone, 1),
-        "matmul_tflops_while_saving": round(tflops / busy, 1),
-        "model_stream_slowdown_pct": round(100 * (busy / alone - 1), 2),
-        "saved_gbps_during_matmul": round(saved * big * client.block_bytes / busy / 1e9, 1),
-    }
 
 
 def summary(out: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,9 @@
 #                   KVD_TRANSPORTS__CUDA_QUEUE_ON_LOOP=false), logged to OUTDIR/cuda_tests_again.log
 #   KVD_SANITIZE=1  the round-trip and ordering tests again with the daemon under compute-sanitizer (memcheck, then
 #                   racecheck; KVD_SANITIZE_TOOLS="memcheck" for one); logs in OUTDIR/sanitizer.txt
+#   KVD_INTERFERENCE="NAME:KVD_X=V,... NAME:tree=DIR ..."  bench/gpu_interference.py (OUTDIR/interference.json):
+#                   the matmul's slowdown while saving, the default configuration against each one named (`tree=DIR`:
+#                   a daemon run from another checkout), interleaved over three rounds
 #   KVD_IN_STEP=1   bench/gpu_in_step.py (OUTDIR/in_step.json, at most 90 s): TTFT on a hit with in-step vs async
 #                   loads vs recompute, model-like GPU loop (with KVD_SKIP_MAIN=1 it runs alone)
 #   KVD_PROFILE=1   the benchmark again (gpu_bench_profiled.json) with py-spy sampling the daemon and the benchmark process (collapsed
@@ -48,6 +51,15 @@ if [[ -n "${KVD_TESTS_AGAIN_WITH:-}" ]]; then
             | tee -a "$out/cuda_tests_again.log"
         echo "$file rc ${PIPESTATUS[0]} ($KVD_TESTS_AGAIN_WITH)" | tee -a "$out/cuda_tests_again.log"
     done
+fi
+
+if [[ -n "${KVD_INTERFERENCE:-}" ]]; then
+    configs=(--config default:)
+    for spec in $KVD_INTERFERENCE; do configs+=(--config "$spec"); done
+    timeout "${KVD_INTERFERENCE_TIMEOUT:-300}" python3 bench/gpu_interference.py "${configs[@]}" \
+        > "$out/interference.json" 2> "$out/interference.err"
+    echo "interference bench rc $?"
+    tail -8 "$out/interference.err"
 fi
 
 if [[ "${KVD_IN_STEP:-0}" == 1 ]]; then
