@@ -153,8 +153,10 @@ def daemon_env(spec: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def one_pass(args: argparse.Namespace, caches: list[torch.Tensor], env: dict[str, str], tag: str) -> dict[str, Any]:
-    block_bytes = args.layers * 2 * 16 * args.kv_heads * 128 * 2
+def one_pass(
+    args: argparse.Namespace, caches: list[torch.Tensor], block_bytes: int, env: dict[str, str], tag: str
+) -> dict[str, Any]:
+    """A fresh daemon configured by `env` (its pool holds four saves), the cache registered, `interference`."""
     pool = 4 * args.big * block_bytes
     with Daemon(capacity_bytes=pool, slab_bytes=32 * block_bytes, lease_ms=10_000, log_level="WARNING", env=env) as d:
         client = KvdClient(d.socket, model_id="bench")
@@ -174,17 +176,17 @@ def main() -> int:
     device = "cpu" if args.cpu_dry_run else "cuda"
     layer = (2, args.blocks, 16, args.kv_heads, 128)
     caches = [torch.randn(layer, device=device).to(torch.bfloat16) for _ in range(args.layers)]
+    block_bytes = args.layers * 2 * 16 * args.kv_heads * 128 * 2
     configs = [daemon_env(spec) for spec in (args.config or DEFAULT_CONFIGS)]
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"}
     if device == "cuda":
         from gpu_raw import raw_copies
 
-        block_bytes = args.layers * 2 * 16 * args.kv_heads * 128 * 2
         out["raw_d2h_gbps"] = raw_copies(args.big * block_bytes, block_bytes)["raw_d2h_gbps"]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
     for n in range(args.rounds):
         for name, env in configs:  # interleaved: every configuration once per round
-            rounds[name].append(one_pass(args, caches, env, tag=f"{name}-{n}-"))
+            rounds[name].append(one_pass(args, caches, block_bytes, env, tag=f"{name}-{n}-"))
     out["configs"] = {name: {"env": env, **aggregate(rounds[name])} for name, env in configs}
     out["bench_s"] = round(time.monotonic() - began, 1)
     print(json.dumps(out, indent=1))
