@@ -92,11 +92,10 @@ class HostBatches:
             if token.state is StageState.DONE or self._closed:
                 return
             bit = self._rank_bit(token.rank)
-            if token.state is StageState.PENDING:  # not staged: the copy was faster than its thread, or several ranks
-                token.state = StageState.DONE
+            state, token.state = token.state, StageState.DONE
+            if state is StageState.PENDING:  # not staged: the copy was faster than its thread, or several ranks
                 self._apply(token.hashes, bit, Source.HOST, True)
                 return
-            token.state = StageState.DONE
             blocks, owner, words = self._blocks, self._owner, self._words
             for digest, tag in token.placed:
                 held = blocks.get(digest)  # its slot now: a kick since staging may have moved it to its other home
